@@ -1,0 +1,173 @@
+"""The OPT decoder in plain single-device PyTorch.
+
+Nothing here imports torch.distributed: tensor, pipeline and data parallelism are applied
+from outside (opt/parallel). Two properties make that possible:
+- blocks live in an ``nn.ModuleDict`` keyed by layer id, and ``forward`` walks whatever is
+  left, so a pipeline stage is this model with blocks (and the embedding or head) removed;
+- modules can be built on the meta device and filled later by ``init_weights``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt.errors import OptError
+from opt.models.sizes import ModelArgs
+
+# OPT's learned positions start at index 2 (fairseq reserved 0 and 1 for padding).
+POSITION_OFFSET = 2
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.attn_dropout = args.attn_dropout
+        d = args.d_model
+        # Separate q/k/v (not one fused qkv) so a column-parallel plan shards each by heads.
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds only its heads.
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
+        )  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, D)
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.fc1 = nn.Linear(args.d_model, args.ffn_dim)
+        self.fc2 = nn.Linear(args.ffn_dim, args.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """One decoder layer; pre-LN for every OPT size but 350M, which is post-LN."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.pre_norm = args.pre_norm
+        self.dropout = args.dropout
+        self.attn_norm = nn.LayerNorm(args.d_model)
+        self.attn = Attention(args)
+        self.ffn_norm = nn.LayerNorm(args.d_model)
+        self.ffn = FeedForward(args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        drop = self.dropout if self.training else 0.0
+        if self.pre_norm:
+            x = x + F.dropout(self.attn(self.attn_norm(x)), drop, self.training)
+            return x + F.dropout(self.ffn(self.ffn_norm(x)), drop, self.training)
+        x = self.attn_norm(x + F.dropout(self.attn(x), drop, self.training))
+        return self.ffn_norm(x + F.dropout(self.ffn(x), drop, self.training))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        for norm in (self.attn_norm, self.ffn_norm):
+            norm.reset_parameters()
+        for linear in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.ffn.fc1):
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+        # The projections that write into the residual stream are scaled down with depth.
+        for linear in (self.attn.out_proj, self.ffn.fc2):
+            nn.init.normal_(linear.weight, std=out_std)
+            nn.init.zeros_(linear.bias)
+
+
+class OPTModel(nn.Module):
+    """OPT decoder with tied input/output embeddings; ``forward`` maps tokens to logits.
+
+    A pipeline stage is this module with parts set to None or deleted: without
+    ``embed_positions`` the input is taken as hidden states, and with ``emit_logits`` False
+    the hidden states are returned instead of logits.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.emit_logits = True
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_dim)
+        self.embed_positions = nn.Embedding(args.max_positions + POSITION_OFFSET, args.d_model)
+        self.project_in = (
+            nn.Linear(args.word_embed_dim, args.d_model, bias=False)
+            if args.projects_embeddings
+            else None
+        )
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layers)})
+        self.final_norm = nn.LayerNorm(args.d_model) if args.pre_norm else None
+        self.project_out = (
+            nn.Linear(args.d_model, args.word_embed_dim, bias=False)
+            if args.projects_embeddings
+            else None
+        )
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) int -> (B, T, D)
+        seq = tokens.shape[1]
+        if seq > self.args.max_positions:
+            raise OptError(
+                f"sequence length {seq} exceeds the model's max_positions={self.args.max_positions}"
+            )
+        h = self.embed_tokens(tokens)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        positions = torch.arange(POSITION_OFFSET, seq + POSITION_OFFSET, device=tokens.device)
+        return h + self.embed_positions(positions)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, V)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        # Tied output: reuse the embedding matrix instead of a separate lm_head parameter.
+        return F.linear(h, self.embed_tokens.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) if self.embed_positions is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h)
+        return self.head(h) if self.emit_logits else h
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """OPT's init: normal(0, 0.006), residual-output projections scaled by 1/sqrt(2L)."""
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        for module in (self.embed_tokens, self.embed_positions, self.project_in, self.project_out):
+            if module is not None:
+                nn.init.normal_(module.weight, std=std)
+        for layer in self.layers.values():
+            layer.init_weights(std, out_std)
+        if self.final_norm is not None:
+            self.final_norm.reset_parameters()
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:
+    """Build on meta, then allocate on ``device`` and initialise: the path parallel code takes."""
+    with torch.device("meta"):
+        model = OPTModel(args)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def count_parameters(args: ModelArgs) -> int:
+    """Exact parameter count (tied embedding counted once), computed on the meta device."""
+    with torch.device("meta"):
+        model = OPTModel(args)
+    return sum(p.numel() for p in model.parameters())

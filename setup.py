@@ -1,0 +1,29 @@
+"""Packaging for opt. Install torch==2.13.0 first on CPU-only machines (see README)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="opt",
+    version="0.1.0",
+    description="Pretraining OPT-style decoder-only language models, 125M to 175B, with a divergence supervisor.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["opt", "opt.*"]),
+    install_requires=[
+        # A range that the on-disk CPU wheel satisfies; the install commands pin torch first.
+        "torch>=2.6",
+        "numpy",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff",
+            "transformers>=4.40",
+        ],
+    },
+    entry_points={"console_scripts": ["opt=opt.cli:main"]},
+)
