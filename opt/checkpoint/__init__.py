@@ -1,0 +1,21 @@
+from opt.checkpoint.checkpointer import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_args,
+    load_model_weights,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from opt.checkpoint.manifest import verify_checkpoint
+
+__all__ = [
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model_args",
+    "load_model_weights",
+    "load_training_state",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "verify_checkpoint",
+]

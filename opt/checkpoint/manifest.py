@@ -1,0 +1,118 @@
+"""Atomic checkpoint directories and the manifest that proves one is complete.
+
+A checkpoint is written into a hidden temporary directory, every file is fsynced, a manifest
+listing every file with its size and SHA-256 is written last, and only then is the directory
+renamed into place. A crash at any point leaves either the previous set of checkpoints or a
+temporary directory that nothing will load. Completeness is judged by the manifest, never by
+"the newest directory".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from opt.errors import OptError
+
+MANIFEST = "manifest.json"
+FORMAT = "opt-checkpoint-v1"
+
+
+def temporary_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp"
+
+
+def begin(final: Path) -> Path:
+    """Create an empty temporary directory for ``final``, clearing one a crash left behind."""
+    tmp = temporary_path(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, final: Path, meta: dict) -> Path:
+    """fsync every file, write the manifest, and rename ``tmp`` to ``final`` atomically."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        files[str(path.relative_to(tmp))] = {
+            "bytes": path.stat().st_size,
+            "sha256": _sha256(path),
+        }
+    manifest = {"format": FORMAT, **meta, "files": files}
+    _write_json_durably(tmp / MANIFEST, manifest)
+    _fsync_dir(tmp)
+    if final.exists():
+        # Re-saving the same step (e.g. after a rollback); the old copy goes only after
+        # the new one is complete.
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not Path(path).is_dir():
+        raise OptError(f"checkpoint not found: {path}")
+    if not manifest_path.is_file():
+        raise OptError(f"not a complete checkpoint (no {MANIFEST}): {path}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OptError(f"corrupt checkpoint: unreadable {manifest_path}") from None
+    if manifest.get("format") != FORMAT or "files" not in manifest:
+        raise OptError(f"corrupt checkpoint: {manifest_path} is not an {FORMAT} manifest")
+    return manifest
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict:
+    """Check every file the manifest lists: present, same size and (optionally) same hash."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name, entry in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise OptError(f"corrupt checkpoint {path}: missing file {name}")
+        if file.stat().st_size != entry["bytes"]:
+            raise OptError(f"corrupt checkpoint {path}: {name} has the wrong size")
+        if checksums and _sha256(file) != entry["sha256"]:
+            raise OptError(f"corrupt checkpoint {path}: {name} fails its checksum")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_durably(path: Path, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())

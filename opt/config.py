@@ -1,0 +1,294 @@
+"""The run configuration: one dataclass tree, loaded from TOML, then command-line overrides.
+
+Precedence, lowest to highest: the defaults below, the TOML file, ``--section.key value``
+overrides. The resolved tree is written to the run directory as ``config.toml`` so that a
+run can always be reproduced from what it saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from opt.errors import OptError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name: names the run directory, the checkpoint directory and the logbook."""
+    dir: str = "runs"
+    """Root of run directories; this run writes config and TensorBoard logs to dir/name."""
+    seed: int = 0
+    """Seed for weight init, dropout and data order."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "opt-tiny"
+    """Size from the table in opt/models/sizes.py (see `opt configs`)."""
+    dropout: float = -1.0
+    """Override of the size's dropout; negative keeps the size's value (0.1)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prefix of the token files written by `opt data prepare` (PREFIX.bin/.idx/.json)."""
+    builtin: str = ""
+    """'pydoc' builds the embedded CPython-docs corpus at `path` when it is missing."""
+    tokenizer: str = ""
+    """Tokenizer file or directory; empty means tokenizer.json beside the token files."""
+    seq_len: int = 2048
+    """Tokens per training sequence."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (OPT: 0.9, 0.95)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings but not biases or norms."""
+    grad_clip: float = 1.0
+    """Clip the global L2 gradient norm to this; 0 disables clipping."""
+    fused: bool = True
+    """Use torch's fused AdamW kernel."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_tokens: int = 375_000_000
+    """Linear warmup length in tokens (OPT: 375M; 175B used 2000 steps)."""
+    decay_tokens: int = 300_000_000_000
+    """Tokens over which the LR decays linearly to min_lr_ratio * lr (OPT: 300B)."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak."""
+
+
+@dataclass
+class TrainConfig:
+    batch_tokens: int = 524_288
+    """Global batch in tokens; must equal micro_batch_size * seq_len * grad_accum * dp."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on each data-parallel rank."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means decay_tokens / batch_tokens."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast with dynamic loss scaling, OPT's setting)."""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when available)."""
+
+
+@dataclass
+class LossScaleConfig:
+    init_scale: float = 2.0**15
+    """Starting fp16 loss scale."""
+    growth_interval: int = 1000
+    """Double the scale after this many steps without overflow."""
+    min_scale: float = 2.0**-5
+    """The floor; the supervisor treats reaching it as a divergence signal."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    """Root of checkpoint directories; this run writes dir/<run.name>/step_NNNNNNNN."""
+    every: int = 1000
+    """Save every this many steps (and at the end of training)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint, if any), none, or a checkpoint directory."""
+    init_from: str = ""
+    """Start a fresh run from the weights of this checkpoint (e.g. `opt convert from-hf`)."""
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    """Console and TensorBoard logging interval in steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run dir>/tensorboard."""
+    peak_tflops: float = 0.0
+    """Per-device peak for MFU in the training dtype; 0 measures a matmul peak at start."""
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """TOML file (optional) plus ``--section.key value`` overrides -> validated JobConfig."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise OptError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise OptError(f"config file {path} is not valid TOML: {err}") from None
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    config = _build(JobConfig, raw, prefix="")
+    validate(config)
+    return config
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
+    """``["--optim.lr", "3e-4", "--train.precision=bf16"]`` -> ``[("optim.lr", 3e-4), ...]``."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise OptError(f"expected a --section.key override, got {arg!r}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise OptError(f"override {arg} has no value")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, _parse_value(text)))
+    return pairs
+
+
+def _parse_value(text: str) -> object:
+    # TOML syntax for numbers, booleans and lists; anything else is a bare string.
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value: object) -> None:
+    *sections, leaf = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise OptError(f"config key {key!r}: {section!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise OptError(f"config section {prefix.rstrip('.') or '<root>'} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise OptError(f"unknown config key {prefix}{key!r}{hint}")
+    values = {}
+    for name in fields & raw.keys():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    for name in fields - raw.keys():
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], {}, f"{prefix}{name}.")
+    return cls(**values)
+
+
+def _coerce(value: object, hint: object, key: str) -> object:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise OptError(f"config key {key} must be a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if isinstance(hint, types.UnionType):
+        raise TypeError(f"unsupported config type for {key}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 3e8 in TOML is a float; token counts are ints
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise OptError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def validate(config: JobConfig) -> None:
+    """Checks that need no model or data; the trainer checks the rest before allocating."""
+    if config.train.precision not in PRECISIONS:
+        raise OptError(
+            f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}"
+        )
+    if config.train.device not in ("auto", "cpu", "cuda"):
+        raise OptError(f"train.device must be auto, cpu or cuda, got {config.train.device!r}")
+    positive = {
+        "data.seq_len": config.data.seq_len,
+        "train.micro_batch_size": config.train.micro_batch_size,
+        "train.batch_tokens": config.train.batch_tokens,
+        "optim.lr": config.optim.lr,
+        "metrics.log_every": config.metrics.log_every,
+        "checkpoint.every": config.checkpoint.every,
+        "schedule.decay_tokens": config.schedule.decay_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise OptError(f"{key} must be positive, got {value}")
+    if len(config.optim.betas) != 2:
+        raise OptError(f"optim.betas must have two values, got {config.optim.betas}")
+    if not 0.0 <= config.schedule.min_lr_ratio <= 1.0:
+        raise OptError("schedule.min_lr_ratio must be within [0, 1]")
+    if config.checkpoint.keep_last < 0 or config.train.max_steps < 0:
+        raise OptError("checkpoint.keep_last and train.max_steps must not be negative")
+
+
+def to_toml(config: JobConfig) -> str:
+    """Serialise the resolved tree; tomllib reads it back to an equal JobConfig."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
