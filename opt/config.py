@@ -31,10 +31,18 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "opt-tiny"
+    name: str = "opt-125m"
     """Size from the table in opt/models/sizes.py (see `opt configs`)."""
     dropout: float = -1.0
     """Override of the size's dropout; negative keeps the size's value (0.1)."""
+    n_layers: int = 0
+    """Custom shape: override the size's layer count (0 keeps it)."""
+    n_heads: int = 0
+    """Custom shape: override the size's head count (0 keeps it)."""
+    d_model: int = 0
+    """Custom shape: override the size's width (0 keeps it; ffn_dim follows as 4x)."""
+    vocab_size: int = 0
+    """Custom shape: override the vocabulary size (0 keeps it)."""
 
 
 @dataclass
@@ -214,7 +222,7 @@ def _build(cls: type, raw: dict, prefix: str):
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise OptError(f"unknown config key {prefix}{key!r}{hint}")
+            raise OptError(f"unknown config key '{prefix}{key}'{hint}")
     values = {}
     for name in fields & raw.keys():
         hint = hints[name]

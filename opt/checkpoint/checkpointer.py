@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
 from opt.checkpoint import manifest
 from opt.errors import OptError
 from opt.models.sizes import ModelArgs
+
+# DCP warns on every call without a process group; one process is a supported layout here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MODEL_ARGS_FILE = "model.json"

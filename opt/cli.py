@@ -1,0 +1,142 @@
+"""The `opt` command line: configs, data, train, convert, score."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from opt.errors import OptError
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from opt.models.model import count_parameters
+    from opt.models.sizes import MODEL_SIZES
+
+    rows = []
+    for name, shape in MODEL_SIZES.items():
+        rows.append(
+            {
+                "name": name,
+                "layers": shape.n_layers,
+                "heads": shape.n_heads,
+                "d_model": shape.d_model,
+                "ffn_dim": shape.ffn_dim,
+                "vocab": shape.vocab_size,
+                "layernorm": "pre" if shape.pre_norm else "post",
+                "params": count_parameters(shape),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    header = f"{'name':<10} {'layers':>6} {'heads':>5} {'d_model':>7} {'ffn':>6} {'vocab':>6} {'LN':>4} {'parameters':>16}"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['name']:<10} {r['layers']:>6} {r['heads']:>5} {r['d_model']:>7} {r['ffn_dim']:>6} "
+            f"{r['vocab']:>6} {r['layernorm']:>4} {r['params']:>16,}"
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from opt.config import load_config
+    from opt.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    latest = trainer.cfg.checkpoint_dir
+    print(f"done: step {trainer.step}, {trainer.tokens_seen:,} tokens")
+    print(f"checkpoints: {latest}/ (newest: {_newest(latest)})")
+    if cfg.metrics.tensorboard:
+        print(f"TensorBoard: tensorboard --logdir {cfg.run_dir / 'tensorboard'}")
+    print(f"resolved config: {cfg.run_dir / 'config.toml'}")
+    return 0
+
+
+def _newest(root: Path) -> str:
+    from opt.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(root)
+    return newest.name if newest else "none"
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from opt.score import score_text
+
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise OptError(f"file not found: {path}")
+        text = path.read_text()
+    else:
+        text = args.text
+    print(json.dumps(score_text(args.checkpoint, text, args.tokenizer)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from opt.convert import cli as convert_cli
+    from opt.data import cli as data_cli
+
+    parser = argparse.ArgumentParser(
+        prog="opt",
+        description="Pretrain OPT-style decoder-only language models (125M to 175B).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    configs = sub.add_parser("configs", help="list the model sizes with exact parameter counts")
+    configs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    configs.set_defaults(func=cmd_configs)
+
+    data_cli.register(sub)
+
+    train = sub.add_parser(
+        "train",
+        help="train from a TOML config",
+        description="Train from a TOML config. Any config key can be overridden after the "
+        "file, e.g. `opt train configs/demo.toml --optim.lr 3e-4 --train.precision bf16`. "
+        "Precedence: defaults < TOML < overrides. The resolved config is saved in the run "
+        "directory; with checkpoint.resume=auto (the default) a rerun resumes from the newest "
+        "complete checkpoint.",
+    )
+    train.add_argument("config", help="TOML config file (see configs/)")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
+    train.set_defaults(func=cmd_train)
+
+    convert_cli.register(sub)
+
+    score = sub.add_parser(
+        "score",
+        help="per-token losses of a text under a checkpoint (JSON)",
+        description="Print JSON with the loss of every token of a text, its mean and perplexity.",
+    )
+    score.add_argument("checkpoint", help="checkpoint directory (step_NNNNNNNN)")
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text to score")
+    source.add_argument("--file", help="file whose text to score")
+    score.add_argument(
+        "--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)"
+    )
+    score.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The ``opt data`` commands: train a tokenizer, and tokenize a corpus into a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from opt.data.corpus import iter_documents, resolve_inputs, total_bytes
+from opt.data.dataset import DatasetPaths
+from opt.data.prepare import prepare_dataset, save_tokenizer
+from opt.data.tokenizer import load_tokenizer, train_tokenizer
+
+_INPUTS_HELP = (
+    "a .txt file (one document), a .jsonl/.json file (one JSON object per line), a directory "
+    "of such files, or builtin:pydoc (Python's own documentation, no download needed)"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` command group to the main CLI's subparsers."""
+    data = subparsers.add_parser(
+        "data",
+        help="prepare training data: tokenizers and tokenized datasets",
+        description="Train a tokenizer, or tokenize text into a memory-mapped dataset.",
+    )
+    commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    _add_prepare(commands)
+    _add_train_tokenizer(commands)
+
+
+def _add_prepare(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "prepare",
+        help="tokenize documents into PREFIX.bin/.idx/.json",
+        description=(
+            "Tokenize documents, appending the end-of-document token to each, into a "
+            "memory-mapped dataset: PREFIX.bin (tokens), PREFIX.idx (document offsets) and "
+            "PREFIX.json (metadata, written last). Files are replaced atomically."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        type=Path,
+        help="tokenizer.json, or a directory with it or with GPT-2 vocab.json + merges.txt",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="PREFIX", help="output prefix")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_prepare)
+
+
+def _add_train_tokenizer(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer, writing DIR/tokenizer.json",
+        description=(
+            "Train a byte-level BPE tokenizer with OPT's special tokens "
+            "(<s>=0, <pad>=1, </s>=2, <unk>=3) and write DIR/tokenizer.json."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
+    p.add_argument("--vocab-size", required=True, type=int, help="largest vocabulary to learn")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.set_defaults(func=_train_tokenizer)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    sources = resolve_inputs(args.inputs)
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = prepare_dataset(
+        iter_documents(sources, args.text_key),
+        tokenizer,
+        args.out,
+        total_bytes=total_bytes(sources),
+        show_progress=not args.no_progress,
+        source={"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)},
+    )
+    paths = DatasetPaths.of(args.out)
+    print(
+        f"prepared {meta['n_tokens']:,} tokens in {meta['n_docs']:,} documents: "
+        f"{paths.bin}, {paths.idx}, {paths.meta}"
+    )
+    return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    sources = resolve_inputs(args.inputs)
+    tokenizer = train_tokenizer(iter_documents(sources, args.text_key), args.vocab_size)
+    path = save_tokenizer(tokenizer, args.out / "tokenizer.json")
+    print(f"trained a {tokenizer.get_vocab_size():,}-token tokenizer: {path}")
+    return 0

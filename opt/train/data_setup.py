@@ -1,0 +1,60 @@
+"""Connect a run's config to its token files, tokenizer and resumable batch loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opt.config import JobConfig
+from opt.data.dataset import TokenDataset
+from opt.data.prepare import ensure_builtin_dataset
+from opt.data.sampler import BatchLoader, SampleStream
+from opt.errors import OptError
+from opt.models.sizes import ModelArgs
+
+BUILTIN_CORPORA = ("pydoc",)
+
+
+def dataset_prefix(cfg: JobConfig, model_args: ModelArgs) -> Path:
+    """The token-file prefix, building the embedded corpus there first when asked to."""
+    if not cfg.data.path:
+        raise OptError("data.path is not set (a prefix written by `opt data prepare`)")
+    prefix = Path(cfg.data.path)
+    if cfg.data.builtin:
+        if cfg.data.builtin not in BUILTIN_CORPORA:
+            raise OptError(
+                f"data.builtin must be one of {', '.join(BUILTIN_CORPORA)}, got {cfg.data.builtin!r}"
+            )
+        if not prefix.with_suffix(".json").exists():
+            print(f"building the embedded {cfg.data.builtin} corpus at {prefix}", flush=True)
+            prefix = ensure_builtin_dataset(prefix.parent, model_args.vocab_size)
+    return prefix
+
+
+def build_loader(
+    cfg: JobConfig, model_args: ModelArgs, dp_rank: int = 0, dp_size: int = 1
+) -> tuple[BatchLoader, Path]:
+    prefix = dataset_prefix(cfg, model_args)
+    dataset = TokenDataset(prefix)
+    if dataset.vocab_size > model_args.vocab_size:
+        raise OptError(
+            f"dataset {prefix} was tokenized with a {dataset.vocab_size}-token vocabulary, "
+            f"larger than {cfg.model.name}'s {model_args.vocab_size}"
+        )
+    stream = SampleStream(dataset.num_samples(cfg.data.seq_len), seed=cfg.run.seed)
+    loader = BatchLoader(
+        dataset,
+        stream,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
+    return loader, prefix
+
+
+def resolve_tokenizer_file(cfg: JobConfig, prefix: Path) -> Path | None:
+    """tokenizer.json to store beside checkpoints so `opt score` can read text back."""
+    candidate = Path(cfg.data.tokenizer) if cfg.data.tokenizer else prefix.parent
+    if candidate.is_dir():
+        candidate = candidate / "tokenizer.json"
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,68 @@
+"""Training metrics to the console and to TensorBoard event files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Accumulates step results between log lines and writes one line/event set per interval."""
+
+    def __init__(self, tensorboard_dir: Path | None, flops_per_token: float, peak_flops: float):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.writer = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self.mark = time.perf_counter()
+
+    def pause(self) -> None:
+        """Stop the throughput clock (checkpoint saves do not count as training time)."""
+        self.seconds += time.perf_counter() - self.mark
+
+    def resume(self) -> None:
+        self.mark = time.perf_counter()
+
+    def log(self, step: int, tokens: int, values: dict[str, float]) -> dict[str, float]:
+        """Record ``tokens`` processed since the last call; emit the interval's rates."""
+        self.pause()
+        self.tokens += tokens
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        values = {**values, "tokens_per_s": rate}
+        if self.peak_flops > 0:
+            values["mfu"] = rate * self.flops_per_token / self.peak_flops
+        print(format_line(step, values), flush=True)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.flush()
+        self._reset()
+        return values
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_line(step: int, values: dict[str, float]) -> str:
+    parts = [f"step {step:>7d}"]
+    formats = {
+        "loss": "loss {:.4f}",
+        "grad_norm": "grad_norm {:.3f}",
+        "lr": "lr {:.3e}",
+        "loss_scale": "scale {:g}",
+        "tokens_per_s": "{:,.0f} tok/s",
+        "mfu": "MFU {:.1%}",
+    }
+    for key, fmt in formats.items():
+        if key in values:
+            parts.append(fmt.format(values[key]))
+    return " | ".join(parts)

@@ -1,0 +1,81 @@
+"""Shared fixtures: a small token dataset and a factory for tiny, fast training configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough that a training step takes milliseconds on two cores.
+TINY_OVERRIDES = {
+    "model.name": "opt-tiny",
+    "model.n_layers": 2,
+    "model.d_model": 64,
+    "model.vocab_size": 512,
+    "data.seq_len": 32,
+    "train.micro_batch_size": 4,
+    "train.batch_tokens": 256,  # 2 micro-batches: gradient accumulation is always on
+    "schedule.warmup_tokens": 512,
+    "schedule.decay_tokens": 256 * 50,
+    "optim.lr": 1e-3,
+    "metrics.log_every": 1,
+    "metrics.peak_tflops": 1.0,  # skip the matmul-peak measurement in tests
+    "metrics.tensorboard": False,
+}
+
+
+@pytest.fixture(scope="session")
+def pydoc_dataset(tmp_path_factory) -> Path:
+    """The embedded corpus tokenized with a 512-token BPE; returns the token-file prefix."""
+    from opt.data.prepare import ensure_builtin_dataset
+
+    return ensure_builtin_dataset(tmp_path_factory.mktemp("pydoc"), vocab_size=512)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, pydoc_dataset):
+    """Build a JobConfig for a tiny run under tmp_path; keyword overrides win."""
+    from opt.config import load_config
+
+    def make(**overrides):
+        values = {
+            **TINY_OVERRIDES,
+            "data.path": str(pydoc_dataset),
+            "run.dir": str(tmp_path / "runs"),
+            "checkpoint.dir": str(tmp_path / "checkpoints"),
+            **{k.replace("__", "."): v for k, v in overrides.items()},
+        }
+        args = []
+        for key, value in values.items():
+            args += [f"--{key}", _toml(value)]
+        return load_config(None, args)
+
+    return make
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    return repr(value)
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `python -m opt ...` (never Debian's LLVM `opt`) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "opt", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
