@@ -55,7 +55,9 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_config):
     assert (accumulated.grad_accum, single.grad_accum) == (2, 1)
     results = [trainer.train_step() for trainer in (accumulated, single)]  # same seed, same init
     assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
-    for (name, a), b in zip(accumulated.model.named_parameters(), single.model.parameters()):
+    for (name, a), b in zip(
+        accumulated.model.named_parameters(), single.model.parameters(), strict=True
+    ):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 

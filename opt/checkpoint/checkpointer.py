@@ -121,8 +121,7 @@ def _dcp_load(state: dict, path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=path)
     except Exception as err:  # DCP wraps reader failures in several exception types
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OptError(f"corrupt checkpoint {path}: {first_line}") from None
+        raise OptError(f"corrupt checkpoint {path}: {_first_line(err)}") from None
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = True) -> dict:
@@ -152,9 +151,24 @@ def load_training_state(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
     rank, world = _rank_world()
+    # Per-rank RNG streams only mean something under the same world size; a resharded
+    # resume keeps the freshly seeded ones.
     if info.get("world_size") == world:
-        set_rng_state(torch.load(path / f"rng_rank{rank:05d}.pt", weights_only=True))
-    return torch.load(path / TRAINER_FILE, weights_only=True)
+        set_rng_state(_load_plain(path / f"rng_rank{rank:05d}.pt"))
+    return _load_plain(path / TRAINER_FILE)
+
+
+def _load_plain(file: Path) -> dict:
+    """torch.load restricted to tensors and primitives: a checkpoint never runs code."""
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError from a truncated zip, ...
+        raise OptError(f"corrupt checkpoint: cannot load {file} ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

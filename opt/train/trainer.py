@@ -78,9 +78,9 @@ class Trainer:
         self.model_args = resolve_model_args(cfg)
         self.grad_accum = gradient_accumulation_steps(cfg)
         self.device = _resolve_device(cfg.train.device)
-        if cfg.train.precision == "bf16" and self.device.type == "cuda":
-            if not torch.cuda.is_bf16_supported():
-                raise OptError("train.precision=bf16 needs a GPU with bf16 support")
+        bf16_on_gpu = cfg.train.precision == "bf16" and self.device.type == "cuda"
+        if bf16_on_gpu and not torch.cuda.is_bf16_supported():
+            raise OptError("train.precision=bf16 needs a GPU with bf16 support")
         # Everything fallible about the data happens before the model is allocated.
         self.loader, self.dataset_prefix = build_loader(cfg, self.model_args)
 
