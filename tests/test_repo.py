@@ -30,8 +30,10 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_readme_quick_start_has_exactly_two_commands():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = section.split("```")[1::2]
-    commands = [ln for b in blocks for ln in b.splitlines()[1:] if ln.strip()]
+    blocks = section.split("```")[1::2]  # each starts with its language tag
+    commands = [
+        ln for b in blocks if not b.startswith("text") for ln in b.splitlines()[1:] if ln.strip()
+    ]
     assert len(commands) == 2, commands
     assert all(c.startswith("python3 -m venv .venv && ") for c in commands)
     assert "opt train configs/demo.toml" in commands[0]
