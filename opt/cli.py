@@ -41,11 +41,15 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags that `opt train` accepts as shorthands for full config keys.
+SHORTHANDS = {"--resume": "--checkpoint.resume", "--max-steps": "--train.max_steps"}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from opt.config import load_config
     from opt.train.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [SHORTHANDS.get(a, a) for a in args.overrides])
     trainer = Trainer(cfg)
     trainer.fit()
     latest = trainer.cfg.checkpoint_dir
@@ -101,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "file, e.g. `opt train configs/demo.toml --optim.lr 3e-4 --train.precision bf16`. "
         "Precedence: defaults < TOML < overrides. The resolved config is saved in the run "
         "directory; with checkpoint.resume=auto (the default) a rerun resumes from the newest "
-        "complete checkpoint.",
+        "complete checkpoint. Shorthands: --resume (checkpoint.resume: auto, none or a "
+        "checkpoint directory), --max-steps (train.max_steps).",
     )
     train.add_argument("config", help="TOML config file (see configs/)")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")

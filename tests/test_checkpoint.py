@@ -11,6 +11,7 @@ from opt import checkpoint as ckpt
 from opt.checkpoint import manifest
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.errors import OptError
+from opt.fsutil import sha256_file
 from opt.models.model import build_model
 from opt.models.sizes import ModelArgs
 
@@ -114,7 +115,7 @@ def test_trainer_state_is_loaded_without_unpickling_arbitrary_objects(tmp_path):
     info = json.loads((path / "manifest.json").read_text())
     info["files"]["trainer.pt"] = {
         "bytes": (path / "trainer.pt").stat().st_size,
-        "sha256": manifest._sha256(path / "trainer.pt"),
+        "sha256": sha256_file(path / "trainer.pt"),
     }
     (path / "manifest.json").write_text(json.dumps(info))
     fresh = build_model(ARGS)

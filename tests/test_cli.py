@@ -47,7 +47,7 @@ def test_train_resume_and_score_end_to_end(tmp_path, pydoc_dataset):
     first = run_cli(*_train_args(tmp_path, pydoc_dataset, train__max_steps=3, checkpoint__every=3))
     assert first.returncode == 0, first.stderr
     assert "step       3 | loss" in first.stdout and "MFU" in first.stdout
-    second = run_cli(*_train_args(tmp_path, pydoc_dataset, train__max_steps=5))
+    second = run_cli(*_train_args(tmp_path, pydoc_dataset), "--resume", "auto", "--max-steps", "5")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
     assert "step       4 |" in second.stdout and "step       3 |" not in second.stdout

@@ -9,13 +9,13 @@ temporary directory that nothing will load. Completeness is judged by the manife
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from opt.errors import OptError
+from opt.fsutil import fsync_dir, fsync_file, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "opt-checkpoint-v1"
@@ -38,14 +38,14 @@ def commit(tmp: Path, final: Path, meta: dict) -> Path:
     """fsync every file, write the manifest, and rename ``tmp`` to ``final`` atomically."""
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(path)
+        fsync_file(path)
         files[str(path.relative_to(tmp))] = {
             "bytes": path.stat().st_size,
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
         }
     manifest = {"format": FORMAT, **meta, "files": files}
     _write_json_durably(tmp / MANIFEST, manifest)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         # Re-saving the same step (e.g. after a rollback); the old copy goes only after
         # the new one is complete.
@@ -56,7 +56,7 @@ def commit(tmp: Path, final: Path, meta: dict) -> Path:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -85,30 +85,9 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict:
             raise OptError(f"corrupt checkpoint {path}: missing file {name}")
         if file.stat().st_size != entry["bytes"]:
             raise OptError(f"corrupt checkpoint {path}: {name} has the wrong size")
-        if checksums and _sha256(file) != entry["sha256"]:
+        if checksums and sha256_file(file) != entry["sha256"]:
             raise OptError(f"corrupt checkpoint {path}: {name} fails its checksum")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_durably(path: Path, value: dict) -> None:

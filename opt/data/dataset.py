@@ -14,7 +14,6 @@ targets ``[1:]`` and windows may span document boundaries (EOS separates them).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from opt.errors import OptError
+from opt.fsutil import sha256_file
 
 FORMAT = "opt-tokens-v1"
 DTYPES = ("uint16", "uint32")
@@ -99,11 +99,7 @@ class TokenDataset:
 
     def verify(self) -> None:
         """Re-hash the token file against the metadata; reads the whole file, so not on open."""
-        digest = hashlib.sha256()
-        with self.paths.bin.open("rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-        if digest.hexdigest() != self.meta["sha256"]:
+        if sha256_file(self.paths.bin) != self.meta["sha256"]:
             raise OptError(f"corrupt dataset {self.paths.bin}: sha256 does not match metadata")
 
 

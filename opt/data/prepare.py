@@ -27,6 +27,7 @@ from opt.data.corpus import builtin_documents
 from opt.data.dataset import FORMAT, DatasetPaths, token_dtype
 from opt.data.tokenizer import eos_id, train_tokenizer
 from opt.errors import OptError
+from opt.fsutil import fsync_dir
 
 # Documents are encoded in batches: big enough for `encode_batch` to use every core, small
 # enough that one batch's text and ids stay well within memory.
@@ -160,7 +161,7 @@ class _AtomicFiles:
         for tmp, final in ordered:
             os.replace(tmp, final)
         self._pending.clear()
-        _fsync_dir(marker.parent)
+        fsync_dir(marker.parent)
 
     def __enter__(self) -> _AtomicFiles:
         return self
@@ -168,18 +169,6 @@ class _AtomicFiles:
     def __exit__(self, *exc_info: object) -> None:
         for tmp, _ in self._pending:  # anything still pending was not published
             tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist renames in ``path`` (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:

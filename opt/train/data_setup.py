@@ -24,9 +24,12 @@ def dataset_prefix(cfg: JobConfig, model_args: ModelArgs) -> Path:
             raise OptError(
                 f"data.builtin must be one of {', '.join(BUILTIN_CORPORA)}, got {cfg.data.builtin!r}"
             )
-        if not prefix.with_suffix(".json").exists():
-            print(f"building the embedded {cfg.data.builtin} corpus at {prefix}", flush=True)
-            prefix = ensure_builtin_dataset(prefix.parent, model_args.vocab_size)
+        if prefix.name != "train":
+            raise OptError(
+                f"data.builtin writes <dir>/train; set data.path to end in /train, not {prefix}"
+            )
+        # Idempotent: reuses a build made for the same vocabulary size, else rebuilds (~1 s).
+        ensure_builtin_dataset(prefix.parent, model_args.vocab_size)
     return prefix
 
 
