@@ -153,3 +153,20 @@ def test_model_code_imports_nothing_from_torch_distributed():
         imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not any(m.startswith("torch.distributed") for m in imported), name
+
+
+@pytest.mark.parametrize("args", [SMALL, SMALL_350M_STYLE], ids=["pre-ln", "350m-style"])
+def test_sparse_embedding_gradient_equals_the_dense_one(args):
+    """The tied weight's gradient is dense either way and equal to fp32 rounding."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    grads = {}
+    for sparse in (True, False):
+        model = build_model(args)
+        torch.manual_seed(1)
+        model.init_weights()
+        model.sparse_embedding_grad = sparse
+        model(tokens).square().mean().backward()
+        grads[sparse] = model.embed_tokens.weight.grad
+    assert grads[True].layout == torch.strided
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-9)

@@ -102,6 +102,8 @@ class OPTModel(nn.Module):
         super().__init__()
         self.args = args
         self.emit_logits = True
+        # Parallel wrappers that cannot take sparse gradients (FSDP, DTensor) switch this off.
+        self.sparse_embedding_grad = True
         self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_dim)
         self.embed_positions = nn.Embedding(args.max_positions + POSITION_OFFSET, args.d_model)
         self.project_in = (
@@ -123,7 +125,11 @@ class OPTModel(nn.Module):
             raise OptError(
                 f"sequence length {seq} exceeds the model's max_positions={self.args.max_positions}"
             )
-        h = self.embed_tokens(tokens)
+        # With the head tied, the weight's gradient is dense anyway (the head's GEMM); a
+        # sparse lookup gradient is added into it row by row instead of materialising and
+        # adding a second dense vocab x d matrix (154 MB at 125M) every backward.
+        sparse = self.sparse_embedding_grad and self.emit_logits
+        h = F.embedding(tokens, self.embed_tokens.weight, sparse=sparse)
         if self.project_in is not None:
             h = self.project_in(h)
         positions = torch.arange(POSITION_OFFSET, seq + POSITION_OFFSET, device=tokens.device)
