@@ -1,0 +1,603 @@
+"""CPU training throughput of our OPT trainer, side by side with transformers' OPTForCausalLM.
+
+    python bench/train_throughput.py                      # opt-125m shape, 1 x 512, fp32 + bf16
+    python bench/train_throughput.py --quick              # smoke run: 2 layers, seq 128, 2 steps
+    python bench/train_throughput.py --write BENCHMARKS.md
+    python bench/train_throughput.py --dtypes fp32 --profile 3
+
+Both sides train the same shape on the same token batches with the same dtype, dropout,
+optimizer and clipping, in one process with one thread count:
+
+- ours: ``Trainer.train_step()`` exactly as a run calls it (data loading, forward, loss,
+  backward, clip, fused AdamW), built from a config like any run;
+- HF: a randomly initialised ``OPTForCausalLM`` (``attn_implementation`` left at its default,
+  sdpa; ``use_cache`` off, as for any training) holding a copy of our initial weights, with
+  HF's own loss, ``build_optimizer`` (same fused AdamW and decay grouping) and
+  ``clip_grad_norm_``. Its batches come from a second loader over the same stream, so step i
+  of both sides sees the same tokens. HF's loss shifts ``labels`` internally, which would
+  leave seq_len - 1 predictions; passing ``shift_labels=targets`` as well makes it score the
+  same seq_len predictions as ours, on the same (B, seq_len) input.
+
+Steps alternate (ours, HF, ours, HF, ...) so machine noise hits both alike; each dtype reports
+the median step time of the measured steps. MFU divides ``training_flops_per_token`` x tok/s
+(the same model FLOPs for both) by a matmul peak measured in the same dtype in this run.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may come from the hub; set before transformers (and huggingface_hub) is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+from opt.config import JobConfig, load_config
+from opt.convert.hf import hf_config_from_args, our_key_to_hf
+from opt.data.prepare import ensure_builtin_dataset
+from opt.models.sizes import OPT_VOCAB_SIZE, ModelArgs
+from opt.train.data_setup import build_loader
+from opt.train.flops import measure_matmul_peak, training_flops_per_token
+from opt.train.optim import build_optimizer
+from opt.train.precision import AUTOCAST_DTYPES, autocast
+from opt.train.trainer import Trainer
+
+DTYPES = ("fp32", "bf16")
+QUICK = {"layers": 2, "seq_len": 128, "warmup": 1, "steps": 2, "peak_repeats": 1}
+DEFAULTS = {"layers": 0, "seq_len": 512, "warmup": 2, "steps": 5, "peak_repeats": 3}
+MIN_STEPS = 5
+CPU = torch.device("cpu")
+FILE_HEADER = (
+    "# Benchmarks\n\n"
+    "Each section is reproduced by running the command it lists from the repository root; "
+    "`--write` replaces that section in place.\n"
+)
+
+
+# ----- the two sides ------------------------------------------------------------------------
+def build_config(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> JobConfig:
+    """A run config for one precision: grad_accum 1, no TensorBoard, no peak measurement."""
+    overrides = {
+        "run.name": f"bench-{precision}",
+        "run.dir": str(tmp / "runs"),
+        "run.seed": args.seed,
+        "model.name": args.model,
+        "model.n_layers": args.layers,
+        "data.path": str(data),
+        "data.seq_len": args.seq_len,
+        "train.micro_batch_size": args.batch,
+        "train.batch_tokens": args.batch * args.seq_len,
+        "train.precision": precision,
+        "train.device": "cpu",
+        "checkpoint.dir": str(tmp / "checkpoints"),
+        "metrics.tensorboard": False,
+        "metrics.peak_tflops": 1.0,  # > 0: the trainer measures nothing itself
+    }
+    # json.dumps gives TOML-compatible literals for strings, ints, floats and booleans.
+    return load_config(None, [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+class HFSide:
+    """transformers' OPTForCausalLM trained the way ``Trainer.train_step`` trains ours."""
+
+    def __init__(self, trainer: Trainer):
+        cfg, model_args = trainer.cfg, trainer.model_args
+        self.precision = cfg.train.precision
+        self.grad_clip = cfg.optim.grad_clip
+        self.schedule = trainer.schedule
+        self.step = 0
+        hf_config = transformers.OPTConfig(**hf_config_from_args(model_args))
+        hf_config.use_cache = False  # a KV cache is for generation, not training
+        self.model = transformers.OPTForCausalLM(hf_config)
+        _copy_weights(trainer.model, self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        # Same dataset, seq_len and seed as the trainer's loader: the same batch at each step.
+        self.loader, _ = build_loader(cfg, model_args)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation
+
+    def train_step(self) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        ((inputs, targets),) = self.loader.next_microbatches(1)
+        with autocast(self.precision, CPU):
+            # labels= is what turns HF's loss on; shift_labels= makes it score all seq_len
+            # targets instead of dropping the last one after its internal shift.
+            loss = self.model(input_ids=inputs, labels=inputs, shift_labels=targets).loss
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        # float() as in the trainer, which reads the norm to skip fp16 overflow steps.
+        float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(self.step)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+
+@torch.no_grad()
+def _copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """Start HF from our initial weights, so the two losses can be compared as a sanity check."""
+    hf_state = hf.state_dict()
+    copied = set()
+    for key, value in ours.state_dict().items():
+        hf_key = our_key_to_hf(key)
+        hf_state[hf_key].copy_(value)
+        copied.add(hf_key)
+    missing = set(hf_state) - copied - {"lm_head.weight"}  # lm_head is tied to embed_tokens
+    if missing:
+        raise RuntimeError(f"HF parameters with no counterpart in our model: {sorted(missing)}")
+
+
+# ----- measuring ----------------------------------------------------------------------------
+@dataclass
+class Result:
+    precision: str
+    model_args: ModelArgs
+    hf_attention: str
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float
+    ours_times: list[float]
+    hf_times: list[float]
+    ours_loss: float  # first measured step: same weights and batch, so close up to dropout
+    hf_loss: float
+
+    def step_time(self, side: str) -> float:
+        return statistics.median(self.ours_times if side == "ours" else self.hf_times)
+
+    def tokens_per_s(self, side: str) -> float:
+        return self.tokens_per_step / self.step_time(side)
+
+    def mfu(self, side: str) -> float:
+        return self.tokens_per_s(side) * self.flops_per_token / self.peak_flops
+
+
+def matmul_peak(precision: str, repeats: int) -> float:
+    """The trainer's own peak measurement (FLOP/s): median of ``repeats`` timed matmuls."""
+    dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
+    return measure_matmul_peak(dtype, CPU, repeats=repeats)
+
+
+def _timed(step: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = step()
+    return time.perf_counter() - start, out
+
+
+def _page_faults() -> int:
+    """Minor page faults of this process so far: memory the allocator gave back and re-faults."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> Result:
+    cfg = build_config(args, precision, data, tmp)
+    trainer = Trainer(cfg)
+    hf = HFSide(trainer)
+    print(
+        f"[{precision}] measuring the {precision} matmul peak ({args.peak_repeats + 1} matmuls)...",
+        flush=True,
+    )
+    peak = matmul_peak(precision, args.peak_repeats)
+    print(f"[{precision}] peak {peak / 1e9:.1f} GFLOP/s; HF attention: {hf.attn_implementation}")
+    ours_times, hf_times, losses = [], [], []
+    for i in range(args.warmup + args.steps):
+        faults = _page_faults()
+        ours_time, ours_result = _timed(trainer.train_step)
+        ours_faults, faults = _page_faults() - faults, _page_faults()
+        hf_time, hf_loss = _timed(hf.train_step)
+        hf_faults = _page_faults() - faults
+        phase = "warmup" if i < args.warmup else "step"
+        print(
+            f"[{precision}] {phase} {i + 1:>2}: ours {ours_time:7.3f}s loss {ours_result.loss:.4f}"
+            f" {ours_faults / 1e3:4.0f}k faults | HF {hf_time:7.3f}s loss {hf_loss:.4f}"
+            f" {hf_faults / 1e3:4.0f}k faults",
+            flush=True,
+        )
+        if i >= args.warmup:
+            ours_times.append(ours_time)
+            hf_times.append(hf_time)
+            losses.append((ours_result.loss, hf_loss))
+    if args.profile:
+        profile_both(trainer, hf, args.profile, precision)
+    result = Result(
+        precision=precision,
+        model_args=trainer.model_args,
+        hf_attention=hf.attn_implementation,
+        tokens_per_step=cfg.train.batch_tokens,
+        flops_per_token=training_flops_per_token(trainer.model_args, cfg.data.seq_len),
+        peak_flops=peak,
+        ours_times=ours_times,
+        hf_times=hf_times,
+        ours_loss=losses[0][0],
+        hf_loss=losses[0][1],
+    )
+    del trainer, hf
+    gc.collect()  # two models with AdamW state each: free them before the next dtype
+    return result
+
+
+# ----- profiling ----------------------------------------------------------------------------
+# An op's self CPU time goes to the first category matching its own name or, failing that,
+# to the nearest enclosing op or autograd node that matches (e.g. the fill_ and add run by
+# EmbeddingBackward0 count as embedding, the mul_ of _foreach_mul_ as optimizer+clip).
+CATEGORIES = (
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("embedding", ("embedding",)),
+    ("optimizer+clip", ("adamw", "optimizer.", "_foreach", "vector_norm")),
+    ("dropout", ("dropout", "bernoulli")),
+    ("layernorm", ("layer_norm",)),
+    ("casts/copies", ("aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")),
+)
+
+
+def _match(name: str) -> str | None:
+    lowered = name.lower()
+    for category, patterns in CATEGORIES:
+        if any(p in lowered for p in patterns):
+            return category
+    return None
+
+
+def _category(event) -> str:
+    node = event
+    while node is not None:
+        category = _match(node.name)
+        if category is not None:
+            return category
+        node = node.cpu_parent
+    return "other"
+
+
+def _top_ops(events: list, steps: int, limit: int = 15) -> str:
+    """key_averages()-style table of the ops with the most self CPU time, per step."""
+    self_us: dict[str, float] = {}
+    total_us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for event in events:
+        self_us[event.name] = self_us.get(event.name, 0.0) + event.self_cpu_time_total
+        total_us[event.name] = total_us.get(event.name, 0.0) + event.cpu_time_total
+        calls[event.name] = calls.get(event.name, 0) + 1
+    everything = sum(self_us.values())
+    lines = [
+        f"{'op':<64} {'self ms/step':>12} {'self %':>7} {'total ms/step':>13} {'calls/step':>10}"
+    ]
+    for name in sorted(self_us, key=self_us.get, reverse=True)[:limit]:
+        lines.append(
+            f"{name[:64]:<64} {self_us[name] / 1e3 / steps:12.1f} "
+            f"{self_us[name] / everything:7.1%} {total_us[name] / 1e3 / steps:13.1f} "
+            f"{calls[name] / steps:10.0f}"
+        )
+    return "\n".join(lines)
+
+
+def profile_both(trainer: Trainer, hf: HFSide, steps: int, precision: str) -> None:
+    """torch.profiler over ``steps`` interleaved steps per side; op table and time breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sides = {"ours": trainer.train_step, "HF": hf.train_step}
+    events: dict[str, list] = {name: [] for name in sides}
+    wall = dict.fromkeys(sides, 0.0)
+    for _ in range(steps):  # one profiler per step, alternating sides like the timed steps
+        for name, step in sides.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                seconds, _ = _timed(step)
+            wall[name] += seconds / steps
+            events[name].extend(prof.events())
+    for name in sides:
+        print(f"\n=== profile: {name}, {precision}, {steps} steps (self CPU time) ===")
+        print(_top_ops(events[name], steps))
+        by_category: dict[str, float] = {}
+        for event in events[name]:
+            category = _category(event)
+            by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total
+        ops = sum(by_category.values()) / 1e6 / steps
+        print(f"{name} {precision}: {wall[name]:.3f} s/step wall (profiled), {ops:.3f} s in ops")
+        for category, us in sorted(by_category.items(), key=lambda kv: -kv[1]):
+            seconds = us / 1e6 / steps
+            print(f"  {category:<15} {seconds:7.3f} s/step  {seconds / wall[name]:6.1%}")
+        untracked = wall[name] - ops
+        print(f"  {'not in ops':<15} {untracked:7.3f} s/step  {untracked / wall[name]:6.1%}")
+
+
+# ----- reporting ----------------------------------------------------------------------------
+def machine_info(threads: int) -> dict[str, str]:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return {
+        "cpu": f"{cpu}, {cores} logical cores ({usable} usable), "
+        f"{torch.backends.cpu.get_cpu_capability()}",
+        "software": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "threads": str(threads),
+    }
+
+
+def markdown_table(results: list[Result]) -> str:
+    header = (
+        "dtype",
+        "ours tok/s",
+        "HF tok/s",
+        "ours/HF",
+        "ours MFU",
+        "HF MFU",
+        "matmul peak (GFLOP/s)",
+        "ours s/step",
+        "HF s/step",
+    )
+    rows = [header]
+    for r in results:
+        rows.append(
+            (
+                r.precision,
+                f"{r.tokens_per_s('ours'):.1f}",
+                f"{r.tokens_per_s('hf'):.1f}",
+                f"{r.tokens_per_s('ours') / r.tokens_per_s('hf'):.3f}",
+                f"{r.mfu('ours'):.1%}",
+                f"{r.mfu('hf'):.1%}",
+                f"{r.peak_flops / 1e9:.1f}",
+                f"{r.step_time('ours'):.3f}",
+                f"{r.step_time('hf'):.3f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+
+    def line(cells) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def heading(args: argparse.Namespace) -> str:
+    layers = f", {args.layers} layer{'s' * (args.layers != 1)}" if args.layers else ""
+    shape = f"{args.model} shape{layers}"
+    batch = f", batch {args.batch}" if args.batch != 1 else ""
+    return f"## CPU training throughput ({shape}, seq {args.seq_len}{batch})"
+
+
+def section_body(
+    args: argparse.Namespace, results: list[Result], command: str, pending: list[str] = ()
+) -> str:
+    info = machine_info(args.threads)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    m = results[0].model_args
+    flops = results[0].flops_per_token
+    spreads = "; ".join(
+        f"{r.precision} ours {min(r.ours_times):.2f}-{max(r.ours_times):.2f} s, "
+        f"HF {min(r.hf_times):.2f}-{max(r.hf_times):.2f} s"
+        for r in results
+    )
+    return "\n".join(
+        [
+            f"- Date: {date}",
+            f"- Machine: {info['cpu']}; {info['software']}; {info['threads']} threads",
+            f"- Command: `{command}`",
+            *([f"- Incomplete: written before {', '.join(pending)} finished"] if pending else []),
+            f"- Shape: {m.n_layers} layer{'s' * (m.n_layers != 1)}, {m.n_heads} heads, d_model {m.d_model}, "
+            f"ffn {m.ffn_dim}, vocab {m.vocab_size}, max positions {m.max_positions}; "
+            f"micro-batch {args.batch} x {args.seq_len} tokens (grad_accum 1), dropout "
+            f"{m.dropout}; fused AdamW, grad clip 1.0, fp32 master weights",
+            "",
+            markdown_table(results),
+            "",
+            f"Figures are medians of {args.steps} interleaved steps (ours, HF, ours, HF, ...) "
+            f"after {args.warmup} warmup step{'s' * (args.warmup != 1)}, per dtype, all in one process. Ours is "
+            "`Trainer.train_step()` (data loading, forward, backward, clip, fused AdamW); HF is "
+            f"`OPTForCausalLM` ({results[0].hf_attention} attention) with its own loss, on the "
+            "same batches, with the same optimizer and clipping. bf16 is `torch.autocast` "
+            "around the forward on both. "
+            f"MFU = {flops / 1e9:.3f} GFLOP/token (`training_flops_per_token`) x tok/s / the "
+            "median FLOP/s of a 2048x2048 matmul in the same dtype, measured in the same run. "
+            f"Step-time range (min-max): {spreads}.",
+            *_peak_caveat(results),
+        ]
+    )
+
+
+def _peak_caveat(results: list[Result]) -> list[str]:
+    """A note for an MFU above 100%: then the measured "peak" is not one for that dtype."""
+    over = [r.precision for r in results if max(r.mfu("ours"), r.mfu("hf")) > 1.0]
+    if not over:
+        return []
+    return [
+        "",
+        f"MFU above 100% ({', '.join(over)}) means the square-matmul peak is no peak for that "
+        "dtype here: without native bf16 (AVX-512 BF16/AMX) torch's CPU bf16 matmul falls "
+        "back to a kernel whose speed depends on operand layout, and `a @ b` in "
+        "`measure_matmul_peak` takes a slower path than the `x @ W.T` of `F.linear`. The "
+        "ours/HF ratio is unaffected.",
+    ]
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace the section under ``title`` (up to the next # or ## heading), or append one."""
+    text = path.read_text() if path.exists() else FILE_HEADER
+    lines = text.splitlines()
+    section = [title, "", *body.splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
+    if start is None:
+        lines = [*_strip_trailing_blank(lines), "", *section]
+    else:
+        end = _section_end(lines, start)
+        after = lines[end:]
+        lines = [*lines[:start], *section, *([""] if after else []), *after]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _section_end(lines: list[str], start: int) -> int:
+    in_fence = False
+    for i in range(start + 1, len(lines)):
+        if lines[i].lstrip().startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and (lines[i].startswith("# ") or lines[i].startswith("## ")):
+            return i
+    return len(lines)
+
+
+def _strip_trailing_blank(lines: list[str]) -> list[str]:
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    return lines
+
+
+# ----- command line -------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="CPU training throughput of opt's Trainer vs transformers' OPTForCausalLM "
+        "(same shape, batches, dtype, optimizer, clipping and threads; one process).",
+        epilog="Steps alternate between the two implementations; figures are medians.",
+    )
+    parser.add_argument("--model", default="opt-125m", help="size name (default: opt-125m)")
+    parser.add_argument(
+        "--layers", type=int, help="override the size's layer count (default: keep; quick: 2)"
+    )
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (default: 1)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512; quick 128)")
+    parser.add_argument(
+        "--dtypes",
+        default="fp32,bf16",
+        help="comma-separated precisions among fp32, bf16; bf16 = autocast around the forward, "
+        "fp32 master weights (default: fp32,bf16)",
+    )
+    parser.add_argument("--warmup", type=int, help="unmeasured steps per side (default 2; quick 1)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"measured steps per side and dtype, at least {MIN_STEPS} (default 5; quick 2)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help=f"torch.set_num_threads for both sides (default: {torch.get_num_threads()})",
+    )
+    parser.add_argument(
+        "--peak-repeats",
+        type=int,
+        help="timed 2048x2048 matmuls (after one untimed) of measure_matmul_peak per dtype, "
+        "median taken (default 3; quick 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weight init / data order seed")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing each dtype, torch.profiler N steps of each side: top-15 ops by self "
+        "CPU time and a GEMM/attention/optimizer/... breakdown (default: 0, off)",
+    )
+    parser.add_argument(
+        "--write",
+        type=Path,
+        metavar="FILE",
+        help="add or replace this benchmark's section in a markdown file (e.g. BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 layers, seq 128, 1 warmup, 2 steps, 1 peak measurement "
+        "(explicit flags still win)",
+    )
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad or not args.dtypes:
+        parser.error(f"--dtypes takes {', '.join(DTYPES)}; got {bad or 'nothing'}")
+    if args.steps < MIN_STEPS and not args.quick:
+        parser.error(f"--steps must be at least {MIN_STEPS} for a median (or use --quick)")
+    for name in ("batch", "seq_len", "threads", "peak_repeats", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup < 0 or args.layers < 0 or args.profile < 0:
+        parser.error("--warmup, --layers and --profile must not be negative")
+    return args
+
+
+def _command(argv: list[str]) -> str:
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(Path.cwd())
+    return shlex.join(["python", str(script), *argv])
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    print(f"{info['cpu']}\n{info['software']}; torch threads: {torch.get_num_threads()}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="opt-bench-") as tmp, _quiet_transformers():
+        # The pydoc corpus's own vocabulary is ~9k tokens: it fits the OPT embedding as is.
+        data = ensure_builtin_dataset(Path(tmp) / "data", vocab_size=OPT_VOCAB_SIZE)
+        for precision in args.dtypes:
+            results.append(measure(args, precision, data, Path(tmp)))
+            if args.write and len(results) < len(args.dtypes):
+                # A long bf16 run that dies still leaves the dtypes measured so far.
+                pending = args.dtypes[len(results) :]
+                body = section_body(args, results, _command(argv), pending)
+                write_section(args.write, heading(args), body)
+    title = heading(args)
+    print(f"\n{title}\n")
+    print(markdown_table(results))
+    print(
+        f"\nMedians of {args.steps} interleaved steps after {args.warmup} warmup; "
+        f"{args.batch * args.seq_len} tokens/step; {args.threads} threads."
+    )
+    for line in _peak_caveat(results):
+        print(line)
+    for r in results:
+        print(
+            f"{r.precision}: first measured loss ours {r.ours_loss:.4f}, HF {r.hf_loss:.4f} "
+            "(same weights and batch; they differ by dropout only)"
+        )
+    if args.write:
+        write_section(args.write, title, section_body(args, results, _command(argv)))
+        print(f"wrote section {title!r} to {args.write}")
+
+
+if __name__ == "__main__":
+    main()
