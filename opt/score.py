@@ -26,8 +26,8 @@ def load_model(path: str | Path) -> OPTModel:
 def score_text(checkpoint: str | Path, text: str, tokenizer_path: str | Path | None = None) -> dict:
     """Loss of every token of ``text`` given the ones before it, after OPT's ``</s>`` prefix."""
     checkpoint = Path(checkpoint)
+    model = load_model(checkpoint)  # first, so a wrong path is named as a checkpoint
     tokenizer = load_tokenizer(tokenizer_path or checkpoint)
-    model = load_model(checkpoint)
     ids = tokenizer.encode(text).ids
     if not ids:
         raise OptError("nothing to score: the text is empty")

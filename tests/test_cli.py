@@ -110,3 +110,5 @@ def test_missing_config_file_and_corrupt_checkpoint(tmp_path, pydoc_dataset):
     assert not (checkpoint.parent / "step_00000002").exists()
     scored = run_cli("score", str(checkpoint), "--text", "x")
     assert scored.returncode == 2 and "fails its checksum" in scored.stderr
+    missing = run_cli("score", str(tmp_path / "nope"), "--text", "x")
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
