@@ -1,0 +1,3 @@
+from opt.parallel.dims import ParallelDims
+
+__all__ = ["ParallelDims"]

@@ -1,0 +1,84 @@
+"""Parallel degrees of a run, checked against the world size and the model before any memory
+is allocated, and the named device meshes built from them.
+
+Mesh order, outermost first: pp, dp_replicate, dp_shard, tp. Tensor parallelism is innermost
+so its heavy collectives stay within a node; pipeline stages are outermost because they
+exchange only activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opt.errors import OptError
+from opt.models.sizes import ModelArgs
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees whose product is the world size; ``dp_shard=-1`` takes whatever is left."""
+
+    world_size: int
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise OptError(f"world size must be positive, got {self.world_size}")
+        for name in ("dp_replicate", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise OptError(f"parallel.{name} must be at least 1, got {getattr(self, name)}")
+        fixed = self.dp_replicate * self.tp * self.pp
+        if self.dp_shard == -1:
+            if self.world_size % fixed != 0:
+                raise OptError(
+                    f"world size {self.world_size} is not divisible by dp_replicate*tp*pp = {fixed}"
+                )
+            object.__setattr__(self, "dp_shard", self.world_size // fixed)
+        elif self.dp_shard < 1:
+            raise OptError(f"parallel.dp_shard must be -1 or at least 1, got {self.dp_shard}")
+        product = fixed * self.dp_shard
+        if product != self.world_size:
+            raise OptError(
+                f"parallel layout pp={self.pp} x dp_replicate={self.dp_replicate} x "
+                f"dp_shard={self.dp_shard} x tp={self.tp} = {product} does not match "
+                f"the world size {self.world_size}"
+            )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many different batches one step sees."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+    def check_model(self, args: ModelArgs) -> None:
+        """Refuse a layout the model cannot be split by (before anything is allocated)."""
+        if args.n_heads % self.tp != 0:
+            raise OptError(f"parallel.tp={self.tp} does not divide n_heads={args.n_heads}")
+        if args.ffn_dim % self.tp != 0:
+            raise OptError(f"parallel.tp={self.tp} does not divide ffn_dim={args.ffn_dim}")
+        if args.vocab_size % self.tp != 0:
+            raise OptError(
+                f"parallel.tp={self.tp} does not divide vocab_size={args.vocab_size} "
+                "(the embedding is split by vocabulary rows)"
+            )
+        if args.n_layers < self.pp:
+            raise OptError(
+                f"parallel.pp={self.pp} needs at least {self.pp} layers, the model has "
+                f"{args.n_layers}"
+            )
+
+    def build_mesh(self, device_type: str):
+        """The 4-D mesh with a flattened ``dp`` (replicate x shard) view for data loading."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, tuple(self.degrees.values()), mesh_dim_names=MESH_DIMS)
+        mesh["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
+        return mesh
