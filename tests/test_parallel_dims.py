@@ -64,14 +64,10 @@ def test_named_meshes_at_175b_scale_with_a_fake_process_group():
     dims = ParallelDims(world_size=1024, tp=8, pp=2, dp_replicate=8)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1024)
     try:
-        mesh = dims.build_mesh("cpu")
-        assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp")
-        assert [mesh[name].size() for name in ("pp", "dp_replicate", "dp_shard", "tp")] == [
-            2,
-            8,
-            8,
-            8,
-        ]
-        assert mesh["dp"].size() == 64
+        meshes = dims.build_meshes("cpu")
+        assert meshes["world"].mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp")
+        assert meshes["world"].size() == 1024
+        sizes = [meshes[name].size() for name in ("pp", "dp_replicate", "dp_shard", "tp", "dp")]
+        assert sizes == [2, 8, 8, 8, 64]
     finally:
         dist.destroy_process_group()

@@ -75,10 +75,15 @@ class ParallelDims:
                 f"{args.n_layers}"
             )
 
-    def build_mesh(self, device_type: str):
-        """The 4-D mesh with a flattened ``dp`` (replicate x shard) view for data loading."""
+    def build_meshes(self, device_type: str) -> dict:
+        """Named meshes: ``world`` (4-D), each of its dims, and ``dp`` (replicate x shard
+        flattened, for data loading). The flattened mesh is kept here rather than sliced
+        from the root later, which torch is deprecating."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device_type, tuple(self.degrees.values()), mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
-        return mesh
+        world = init_device_mesh(
+            device_type, tuple(self.degrees.values()), mesh_dim_names=MESH_DIMS
+        )
+        meshes = {"world": world, **{name: world[name] for name in MESH_DIMS}}
+        meshes["dp"] = world["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
+        return meshes
