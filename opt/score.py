@@ -11,22 +11,12 @@ import torch.nn.functional as F
 from opt import checkpoint as ckpt
 from opt.data.tokenizer import eos_id, load_tokenizer
 from opt.errors import OptError
-from opt.models.model import OPTModel
-
-
-def load_model(path: str | Path) -> OPTModel:
-    args = ckpt.load_model_args(path)
-    with torch.device("meta"):
-        model = OPTModel(args)
-    model.to_empty(device="cpu")
-    ckpt.load_model_weights(path, model)
-    return model.eval()
 
 
 def score_text(checkpoint: str | Path, text: str, tokenizer_path: str | Path | None = None) -> dict:
     """Loss of every token of ``text`` given the ones before it, after OPT's ``</s>`` prefix."""
     checkpoint = Path(checkpoint)
-    model = load_model(checkpoint)  # first, so a wrong path is named as a checkpoint
+    model = ckpt.load_model(checkpoint).eval()  # first: a wrong path is named as a checkpoint
     tokenizer = load_tokenizer(tokenizer_path or checkpoint)
     ids = tokenizer.encode(text).ids
     if not ids:

@@ -1,6 +1,7 @@
 from opt.checkpoint.checkpointer import (
     latest_checkpoint,
     list_checkpoints,
+    load_model,
     load_model_args,
     load_model_weights,
     load_training_state,
@@ -12,6 +13,7 @@ from opt.checkpoint.manifest import verify_checkpoint
 __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
+    "load_model",
     "load_model_args",
     "load_model_weights",
     "load_training_state",

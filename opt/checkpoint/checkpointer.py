@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from opt.checkpoint import manifest
 from opt.errors import OptError
+from opt.models.model import OPTModel, empty_model
 from opt.models.sizes import ModelArgs
 
 # DCP warns on every call without a process group; one process is a supported layout here.
@@ -132,6 +133,13 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = 
     _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     return info
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> OPTModel:
+    """A model of the checkpoint's shape holding its weights (verified against the manifest)."""
+    model = empty_model(load_model_args(path), device)
+    load_model_weights(path, model)
+    return model
 
 
 def load_training_state(

@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from opt.checkpoint import load_model_args, load_model_weights, save_checkpoint
+from opt.checkpoint import load_model, save_checkpoint
 from opt.errors import OptError
-from opt.models.model import OPTModel
+from opt.models.model import OPTModel, empty_model
 from opt.models.sizes import ModelArgs
 
 CONFIG_FILE = "config.json"
@@ -359,20 +359,13 @@ def _tokenizer_files(directory: Path) -> dict[str, bytes]:
     return {n: (directory / n).read_bytes() for n in TOKENIZER_FILES if (directory / n).is_file()}
 
 
-def _empty_model(args: ModelArgs) -> OPTModel:
-    # No init_weights: every tensor is about to be overwritten, and init is slow at 175B.
-    with torch.device("meta"):
-        model = OPTModel(args)
-    return model.to_empty(device="cpu")
-
-
 def from_hf(hf_dir: str | Path, ckpt_dir: str | Path) -> ModelArgs:
     """Import a transformers OPT directory (config.json + safetensors) as our checkpoint."""
     hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
     _require_empty(ckpt_dir, "checkpoint directory")
     args = args_from_hf_config(read_hf_config(hf_dir))
     files = hf_weight_files(hf_dir)
-    model = _empty_model(args)
+    model = empty_model(args)  # no init: every tensor is overwritten next
     load_hf_weights(files, model)
     save_checkpoint(ckpt_dir, model=model, model_args=args, extra_files=_tokenizer_files(hf_dir))
     return args
@@ -385,9 +378,8 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path) -> ModelArgs:
     """
     ckpt_dir, hf_dir = Path(ckpt_dir), Path(hf_dir)
     _require_empty(hf_dir, "output directory")
-    args = load_model_args(ckpt_dir)
-    model = _empty_model(args)
-    load_model_weights(ckpt_dir, model)
+    model = load_model(ckpt_dir)
+    args = model.args
     tensors = {our_key_to_hf(k): v.contiguous() for k, v in model.state_dict().items()}
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place: a failure leaves no half-written

@@ -163,11 +163,17 @@ class OPTModel(nn.Module):
             self.final_norm.reset_parameters()
 
 
-def build_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:
-    """Build on meta, then allocate on ``device`` and initialise: the path parallel code takes."""
+def empty_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:
+    """Build on meta and allocate uninitialised storage: for weights about to be loaded
+    (initialising first would be wasted work, and slow at 175B)."""
     with torch.device("meta"):
         model = OPTModel(args)
-    model.to_empty(device=device)
+    return model.to_empty(device=device)
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:
+    """Build on meta, then allocate on ``device`` and initialise: the path parallel code takes."""
+    model = empty_model(args, device)
     model.init_weights()
     return model
 
