@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,11 +48,26 @@ SHORTHANDS = {"--resume": "--checkpoint.resume", "--max-steps": "--train.max_ste
 
 def cmd_train(args: argparse.Namespace) -> int:
     from opt.config import load_config
+    from opt.parallel import distributed
+
+    overrides = [SHORTHANDS.get(a, a) for a in args.overrides]
+    dry_run, world_size, as_json = _pop_dry_run_flags(overrides)
+    cfg = load_config(args.config, overrides)
+    if dry_run:
+        from opt.parallel.dry_run import dry_run_report, format_report
+
+        report = dry_run_report(cfg, world_size)
+        print(json.dumps(report, indent=1) if as_json else format_report(report))
+        return 0
     from opt.train.trainer import Trainer
 
-    cfg = load_config(args.config, [SHORTHANDS.get(a, a) for a in args.overrides])
-    trainer = Trainer(cfg)
-    trainer.fit()
+    try:
+        trainer = Trainer(cfg)
+        trainer.fit()
+    finally:
+        distributed.destroy()
+    if trainer.rank != 0:
+        return 0
     latest = trainer.cfg.checkpoint_dir
     print(f"done: step {trainer.step}, {trainer.tokens_seen:,} tokens")
     print(f"checkpoints: {latest}/ (newest: {_newest(latest)})")
@@ -59,6 +75,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"TensorBoard: tensorboard --logdir {cfg.run_dir / 'tensorboard'}")
     print(f"resolved config: {cfg.run_dir / 'config.toml'}")
     return 0
+
+
+def _pop_dry_run_flags(overrides: list[str]) -> tuple[bool, int, bool]:
+    """``--dry-run [--world-size N] [--json]``, taken out of the config overrides."""
+    dry_run = "--dry-run" in overrides
+    as_json = "--json" in overrides
+    for flag in ("--dry-run", "--json"):
+        while flag in overrides:
+            overrides.remove(flag)
+    world_size = 1
+    if "--world-size" in overrides:
+        at = overrides.index("--world-size")
+        if at + 1 >= len(overrides) or not overrides[at + 1].isdigit():
+            raise OptError("--world-size needs a positive integer")
+        world_size = int(overrides[at + 1])
+        del overrides[at : at + 2]
+        if not dry_run:
+            raise OptError("--world-size is for --dry-run; real runs take it from the launcher")
+    elif dry_run:
+        from opt.parallel.distributed import launched_world_size
+
+        world_size = launched_world_size()
+    if as_json and not dry_run:
+        raise OptError("--json is for --dry-run")
+    return dry_run, world_size, as_json
+
+
+def cmd_launch_local(args: argparse.Namespace) -> int:
+    from opt.launch.local import launch_local
+
+    return launch_local(args.nproc, args.config, args.overrides)
 
 
 def _newest(root: Path) -> str:
@@ -106,13 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
         "Precedence: defaults < TOML < overrides. The resolved config is saved in the run "
         "directory; with checkpoint.resume=auto (the default) a rerun resumes from the newest "
         "complete checkpoint. Shorthands: --resume (checkpoint.resume: auto, none or a "
-        "checkpoint directory), --max-steps (train.max_steps).",
+        "checkpoint directory), --max-steps (train.max_steps). --dry-run [--world-size N] "
+        "[--json] builds the parallel layout on the meta device with a fake process group "
+        "and reports per-rank shapes and memory without training.",
     )
     train.add_argument("config", help="TOML config file (see configs/)")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
     train.set_defaults(func=cmd_train)
 
     convert_cli.register(sub)
+
+    launch = sub.add_parser("launch", help="start multi-process training")
+    launch_sub = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
+    local = launch_sub.add_parser(
+        "local",
+        help="N processes on this machine (torchrun; gloo on CPU, NCCL on GPU)",
+        description="Start N ranks of `opt train CONFIG [overrides]` on this machine. The "
+        "config's [parallel] section chooses the layout; its degrees must multiply to N.",
+    )
+    local.add_argument("--nproc", type=int, required=True, help="number of processes (ranks)")
+    local.add_argument("config", help="TOML config file")
+    local.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
+    local.set_defaults(func=cmd_launch_local)
 
     score = sub.add_parser(
         "score",
@@ -136,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OptError as err:
-        print(f"error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f"[rank {rank}] " if rank is not None else ""
+        print(f"error: {where}{err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -98,6 +98,28 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas (HSDP: replicate across nodes, shard within)."""
+    dp_shard: int = -1
+    """FSDP2 (ZeRO-3) shard degree; -1 takes what the other degrees leave of the world."""
+    tp: int = 1
+    """Tensor-parallel degree (Megatron split; keep within a node)."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    pp_schedule: str = "1f1b"
+    """1f1b, interleaved_1f1b (virtual stages) or gpipe; microbatches = micro_batch_size groups."""
+    pp_stages_per_rank: int = 1
+    """Virtual pipeline stages per rank; interleaved_1f1b needs at least 2."""
+    sequence_parallel: bool = False
+    """Shard LayerNorm and dropout regions by sequence across the TP group (needs tp > 1)."""
+    activation_checkpoint: str = "none"
+    """none, full (recompute every block) or selective (keep matmul/attention outputs)."""
+    timeout_s: float = 600.0
+    """A collective that waits longer than this fails instead of hanging the job."""
+
+
+@dataclass
 class LossScaleConfig:
     init_scale: float = 2.0**15
     """Starting fp16 loss scale."""
@@ -119,6 +141,8 @@ class CheckpointConfig:
     """auto (newest complete checkpoint, if any), none, or a checkpoint directory."""
     init_from: str = ""
     """Start a fresh run from the weights of this checkpoint (e.g. `opt convert from-hf`)."""
+    async_save: bool = False
+    """Write checkpoints in the background; the manifest commits once every shard is on disk."""
 
 
 @dataclass
@@ -139,6 +163,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -156,6 +181,8 @@ class JobConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
@@ -274,6 +301,28 @@ def validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise OptError(f"{key} must be positive, got {value}")
+    par = config.parallel
+    if par.pp_schedule not in PP_SCHEDULES:
+        raise OptError(
+            f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {par.pp_schedule!r}"
+        )
+    if par.activation_checkpoint not in ACTIVATION_CHECKPOINT:
+        raise OptError(
+            "parallel.activation_checkpoint must be one of "
+            f"{', '.join(ACTIVATION_CHECKPOINT)}, got {par.activation_checkpoint!r}"
+        )
+    if par.pp_stages_per_rank < 1:
+        raise OptError(
+            f"parallel.pp_stages_per_rank must be at least 1, got {par.pp_stages_per_rank}"
+        )
+    if par.pp_schedule == "interleaved_1f1b" and par.pp_stages_per_rank < 2:
+        raise OptError("parallel.pp_schedule=interleaved_1f1b needs pp_stages_per_rank >= 2")
+    if par.pp_schedule != "interleaved_1f1b" and par.pp_stages_per_rank != 1:
+        raise OptError(f"parallel.pp_schedule={par.pp_schedule} runs one stage per rank")
+    if par.sequence_parallel and par.tp < 2:
+        raise OptError("parallel.sequence_parallel needs parallel.tp > 1")
+    if par.timeout_s <= 0:
+        raise OptError(f"parallel.timeout_s must be positive, got {par.timeout_s}")
     if len(config.optim.betas) != 2:
         raise OptError(f"optim.betas must have two values, got {config.optim.betas}")
     if not 0.0 <= config.schedule.min_lr_ratio <= 1.0:

@@ -20,7 +20,7 @@ ARGS = ModelArgs(n_layers=2, n_heads=2, d_model=16, vocab_size=50, max_positions
 
 def _trained(seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(ARGS)
+    model = build_model(ARGS, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randint(0, 50, (2, 8))).sum().backward()
     optimizer.step()

@@ -16,9 +16,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -29,6 +29,7 @@ from opt.checkpoint import manifest
 from opt.errors import OptError
 from opt.models.model import OPTModel, empty_model
 from opt.models.sizes import ModelArgs
+from opt.parallel.distributed import barrier, rank_and_world
 
 # DCP warns on every call without a process group; one process is a supported layout here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -38,19 +39,36 @@ MODEL_ARGS_FILE = "model.json"
 TRAINER_FILE = "trainer.pt"
 
 
+# Optimizer state keyed by parameter name, not by position in one optimizer: the keys are
+# the same whether the model is one module or several pipeline stages, which is what lets
+# a checkpoint be loaded under another layout.
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+Modules = torch.nn.Module | list[torch.nn.Module]
+Optimizers = torch.optim.Optimizer | list[torch.optim.Optimizer] | None
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _model_state(models: Modules) -> dict:
+    """One flat state dict over every local part (a tied embedding appears once)."""
+    state = {}
+    for model in _as_list(models):
+        state.update(get_model_state_dict(model, options=STATE_OPTIONS))
+    return state
+
+
+def _training_states(models: Modules, optimizers: Optimizers) -> list[tuple[dict, dict]]:
+    return [
+        get_state_dict(model, optimizer, options=STATE_OPTIONS)
+        for model, optimizer in zip(_as_list(models), _as_list(optimizers), strict=True)
+    ]
+
+
 def checkpoint_path(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -74,19 +92,28 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
+    layout: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint to ``final`` atomically; every rank must call this."""
+    """Write a complete checkpoint to ``final`` atomically; every rank must call this.
+
+    ``model``/``optimizer`` may be lists (one per local pipeline stage). ``layout``
+    (parallel degrees) is recorded so a resume under the same layout restores each rank's
+    RNG stream, and one under another layout knows not to.
+    """
     final = Path(final)
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     tmp = manifest.temporary_path(final)
     if rank == 0:
         manifest.begin(final)
-    _barrier()
+    barrier()
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = {}, {}
+        for part_model, part_optim in _training_states(model, optimizer):
+            model_sd.update(part_model)
+            optim_sd.update(part_optim)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     else:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+        dcp.save({"model": _model_state(model)}, checkpoint_id=tmp)
     if trainer_state is not None:
         torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
@@ -95,15 +122,16 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_FILE)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-    _barrier()
+    barrier()
     if rank == 0:
         meta = {
             "step": (trainer_state or {}).get("step", 0),
             "world_size": world,
+            "layout": layout or {"world_size": world},
             "contents": ["model"] + (["optim", "trainer"] if optimizer is not None else []),
         }
         manifest.commit(tmp, final, meta)
-    _barrier()
+    barrier()
     return final
 
 
@@ -125,13 +153,15 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise OptError(f"corrupt checkpoint {path}: {_first_line(err)}") from None
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = True) -> dict:
-    """Load only the model tensors (into ``model``, in place); returns the manifest."""
+def load_model_weights(path: str | Path, model: Modules, verify: bool = True) -> dict:
+    """Load only the model tensors (into ``model`` or each part, in place); returns the
+    manifest. The checkpoint may have been saved under any parallel layout."""
     path = Path(path)
     info = manifest.verify_checkpoint(path) if verify else manifest.read_manifest(path)
-    state = {"model": get_model_state_dict(model)}
-    _dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
+    for part in _as_list(model):
+        state = {"model": get_model_state_dict(part, options=STATE_OPTIONS)}
+        _dcp_load(state, path)
+        set_model_state_dict(part, state["model"], options=STATE_OPTIONS)
     return info
 
 
@@ -143,25 +173,37 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> OPTModel
 
 
 def load_training_state(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path, model: Modules, optimizer: Optimizers, layout: dict | None = None
 ) -> dict:
-    """Restore model, optimizer and this rank's RNG; returns the trainer state dict."""
+    """Restore model, optimizer and this rank's RNG; returns the trainer state dict.
+
+    DCP reshards: each rank reads the pieces of the saved tensors its own shards cover,
+    whatever layout wrote them. One load per local part (every rank holds as many).
+    """
     path = Path(path)
     info = manifest.verify_checkpoint(path)
     if "trainer" not in info.get("contents", []):
         raise OptError(
             f"{path} holds weights only; start from it with --checkpoint.init_from instead"
         )
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(state, path)
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
-    rank, world = _rank_world()
-    # Per-rank RNG streams only mean something under the same world size; a resharded
-    # resume keeps the freshly seeded ones.
-    if info.get("world_size") == world:
+    for part_model, part_optim, (model_sd, optim_sd) in zip(
+        _as_list(model), _as_list(optimizer), _training_states(model, optimizer), strict=True
+    ):
+        state = {"model": model_sd, "optim": optim_sd}
+        _dcp_load(state, path)
+        set_state_dict(
+            part_model,
+            part_optim,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=STATE_OPTIONS,
+        )
+    rank, world = rank_and_world()
+    # Per-rank RNG streams only mean something under the same layout; a resharded resume
+    # keeps the freshly seeded ones.
+    if info.get("layout", {"world_size": info.get("world_size")}) == (
+        layout or {"world_size": world}
+    ):
         set_rng_state(_load_plain(path / f"rng_rank{rank:05d}.pt"))
     return _load_plain(path / TRAINER_FILE)
 

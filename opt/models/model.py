@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt.errors import OptError
+from opt.models.init import init_parameters
 from opt.models.sizes import ModelArgs
 
 # OPT's learned positions start at index 2 (fairseq reserved 0 and 1 for padding).
@@ -77,17 +78,24 @@ class Block(nn.Module):
         x = self.attn_norm(x + F.dropout(self.attn(x), drop, self.training))
         return self.ffn_norm(x + F.dropout(self.ffn(x), drop, self.training))
 
-    @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
-        for norm in (self.attn_norm, self.ffn_norm):
-            norm.reset_parameters()
-        for linear in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.ffn.fc1):
-            nn.init.normal_(linear.weight, std=std)
-            nn.init.zeros_(linear.bias)
-        # The projections that write into the residual stream are scaled down with depth.
-        for linear in (self.attn.out_proj, self.ffn.fc2):
-            nn.init.normal_(linear.weight, std=out_std)
-            nn.init.zeros_(linear.bias)
+
+class LMHead(nn.Module):
+    """The tied output projection. A module (without parameters of its own) so that a
+    tensor-parallel plan can lay out its input; the weight is the embedding matrix."""
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight)  # (B, T, D) -> (B, T, V)
+
+
+# Wrappers (activation checkpointing, torch.compile) insert these into parameter names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name as in the plain model, whatever wrappers were applied."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 class OPTModel(nn.Module):
@@ -118,6 +126,7 @@ class OPTModel(nn.Module):
             if args.projects_embeddings
             else None
         )
+        self.lm_head = LMHead()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) int -> (B, T, D)
         seq = tokens.shape[1]
@@ -128,8 +137,9 @@ class OPTModel(nn.Module):
         # With the head tied, the weight's gradient is dense anyway (the head's GEMM); a
         # sparse lookup gradient is added into it row by row instead of materialising and
         # adding a second dense vocab x d matrix (154 MB at 125M) every backward.
-        sparse = self.sparse_embedding_grad and self.emit_logits
-        h = F.embedding(tokens, self.embed_tokens.weight, sparse=sparse)
+        # Called as a module (not F.embedding) so a tensor-parallel plan's hooks run.
+        self.embed_tokens.sparse = self.sparse_embedding_grad and self.emit_logits
+        h = self.embed_tokens(tokens)
         if self.project_in is not None:
             h = self.project_in(h)
         positions = torch.arange(POSITION_OFFSET, seq + POSITION_OFFSET, device=tokens.device)
@@ -141,7 +151,7 @@ class OPTModel(nn.Module):
         if self.project_out is not None:
             h = self.project_out(h)
         # Tied output: reuse the embedding matrix instead of a separate lm_head parameter.
-        return F.linear(h, self.embed_tokens.weight)
+        return self.lm_head(h, self.embed_tokens.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens) if self.embed_positions is not None else tokens
@@ -149,18 +159,24 @@ class OPTModel(nn.Module):
             h = layer(h)
         return self.head(h) if self.emit_logits else h
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """OPT's init: normal(0, 0.006), residual-output projections scaled by 1/sqrt(2L)."""
+    def init_rule(self, name: str) -> tuple[str, float]:
+        """OPT's init for one parameter: (normal, 0.006) for weights, with the projections
+        that write into the residual stream scaled down by 1/sqrt(2L); ones and zeros for
+        LayerNorms and biases."""
+        name = canonical_name(name)
+        if "norm." in name:
+            return ("ones", 0.0) if name.endswith("weight") else ("zeros", 0.0)
+        if name.endswith("bias"):
+            return "zeros", 0.0
         std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.n_layers)
-        for module in (self.embed_tokens, self.embed_positions, self.project_in, self.project_out):
-            if module is not None:
-                nn.init.normal_(module.weight, std=std)
-        for layer in self.layers.values():
-            layer.init_weights(std, out_std)
-        if self.final_norm is not None:
-            self.final_norm.reset_parameters()
+        if name.endswith(("out_proj.weight", "fc2.weight")):
+            return "normal", std / math.sqrt(2 * self.args.n_layers)
+        return "normal", std
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter present (a pipeline stage holds only some); values
+        depend on the seed and the parameter's name and position, not on the layout."""
+        init_parameters(list(self.named_parameters()), self.init_rule, seed)
 
 
 def empty_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:
@@ -171,10 +187,10 @@ def empty_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel
     return model.to_empty(device=device)
 
 
-def build_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", seed: int = 0) -> OPTModel:
     """Build on meta, then allocate on ``device`` and initialise: the path parallel code takes."""
     model = empty_model(args, device)
-    model.init_weights()
+    model.init_weights(seed)
     return model
 
 

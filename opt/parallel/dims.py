@@ -76,8 +76,8 @@ class ParallelDims:
             )
 
     def build_meshes(self, device_type: str) -> dict:
-        """Named meshes: ``world`` (4-D), each of its dims, and ``dp`` (replicate x shard
-        flattened, for data loading). The flattened mesh is kept here rather than sliced
+        """Named meshes: ``world`` (4-D), each of its dims, ``hsdp`` (replicate x shard) and
+        ``dp`` (the same flattened, for data loading and loss averaging). The flattened mesh is kept here rather than sliced
         from the root later, which torch is deprecating."""
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -85,5 +85,6 @@ class ParallelDims:
             device_type, tuple(self.degrees.values()), mesh_dim_names=MESH_DIMS
         )
         meshes = {"world": world, **{name: world[name] for name in MESH_DIMS}}
-        meshes["dp"] = world["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
+        meshes["hsdp"] = world["dp_replicate", "dp_shard"]  # FSDP's 2-D (replicate, shard) mesh
+        meshes["dp"] = meshes["hsdp"]._flatten(mesh_dim_name="dp")
         return meshes

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from opt import checkpoint as ckpt
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.config import JobConfig, to_toml
 from opt.errors import OptError
-from opt.models.model import build_model
 from opt.models.sizes import ModelArgs, get_model_args
+from opt.parallel import distributed
+from opt.parallel.dims import ParallelDims
+from opt.parallel.grads import (
+    align_grad_placements,
+    clip_grads_,
+    global_grad_norm,
+    sum_over,
+    sync_tied_embedding_grads,
+)
+from opt.parallel.parallelize import (
+    check_layout,
+    check_microbatches,
+    materialize,
+    parallelize,
+    tied_embedding_group,
+)
+from opt.parallel.pipeline import build_schedule
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.metrics import MetricsLogger
@@ -60,6 +78,17 @@ def resolve_model_args(cfg: JobConfig) -> ModelArgs:
     return args
 
 
+def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
+    par = cfg.parallel
+    return ParallelDims(
+        world_size, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp
+    )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def gradient_accumulation_steps(cfg: JobConfig, dp_size: int = 1) -> int:
     per_pass = cfg.train.micro_batch_size * cfg.data.seq_len * dp_size
     if cfg.train.batch_tokens % per_pass != 0:
@@ -71,22 +100,66 @@ def gradient_accumulation_steps(cfg: JobConfig, dp_size: int = 1) -> int:
 
 
 class Trainer:
-    """Owns model, optimizer, schedule, loss scaler, data stream and checkpoints of one run."""
+    """Owns model, optimizer, schedule, loss scaler, data stream and checkpoints of one run.
+
+    Under a parallel layout each rank holds its part(s) of the model (one per local
+    pipeline stage) and one optimizer per part; everything the loop decides on (loss, grad
+    norm, skipping) is agreed across ranks, so every rank takes the same branch.
+    """
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.model_args = resolve_model_args(cfg)
-        self.grad_accum = gradient_accumulation_steps(cfg)
+        # Everything that needs no memory is checked first: a bad layout costs nothing.
+        self.dims = parallel_dims(cfg, distributed.launched_world_size())
+        check_layout(self.model_args, self.dims, cfg.parallel)
+        self.grad_accum = gradient_accumulation_steps(cfg, self.dims.dp)
+        check_microbatches(self.dims, cfg.parallel, self.grad_accum)
         self.device = _resolve_device(cfg.train.device)
         bf16_on_gpu = cfg.train.precision == "bf16" and self.device.type == "cuda"
         if bf16_on_gpu and not torch.cuda.is_bf16_supported():
             raise OptError("train.precision=bf16 needs a GPU with bf16 support")
+        self.meshes = None
+        if self.dims.world_size > 1:
+            self.device = distributed.init_distributed(cfg.parallel.timeout_s, self.device.type)
+            self.meshes = self.dims.build_meshes(self.device.type)
+        self.rank, _ = distributed.rank_and_world()
+        pp_rank, dp_rank, tp_rank = self._coordinates()
         # Everything fallible about the data happens before the model is allocated.
-        self.loader, self.dataset_prefix = build_loader(cfg, self.model_args)
-
-        torch.manual_seed(cfg.run.seed)
-        self.model = build_model(self.model_args, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loader, self.dataset_prefix = distributed.first_rank_then_all(
+            lambda: build_loader(cfg, self.model_args, dp_rank, self.dims.dp)
+        )
+        # Dropout: the same masks across a TP group where activations are replicated, and
+        # different ones where each rank holds its own sequence shard (SP) or batch.
+        tp_stream = tp_rank if cfg.parallel.sequence_parallel else 0
+        torch.manual_seed(
+            cfg.run.seed + ((pp_rank * self.dims.dp + dp_rank) * self.dims.tp + tp_stream)
+        )
+        self.parallel = parallelize(
+            self.model_args, self.dims, self.meshes, cfg.parallel, cfg.data.seq_len, pp_rank
+        )
+        materialize(self.parallel, self.device, cfg.run.seed)
+        self.model_parts = self.parallel.parts
+        self.model = self.model_parts[0]
+        self.optimizers = [build_optimizer(part, cfg.optim) for part in self.model_parts]
+        self.optimizer = self.optimizers[0]
+        self.pp_group = self.meshes["pp"].get_group() if self.dims.pp > 1 else None
+        self.dp_group = self.meshes["dp"].get_group() if self.dims.dp > 1 else None
+        self.embed_group = (
+            tied_embedding_group(self.meshes, self.dims) if self.dims.pp > 1 else None
+        )
+        self.pp_schedule = None
+        if self.dims.pp > 1:
+            self.pp_schedule = build_schedule(
+                self.model_parts,
+                self.parallel.stage_indices,
+                self.parallel.n_stages,
+                self.device,
+                self.pp_group,
+                cfg.parallel.pp_schedule,
+                self.grad_accum,
+                self._pipeline_loss,
+            )
         self.schedule = LinearWarmupDecay(cfg.optim.lr, cfg.schedule, cfg.train.batch_tokens)
         self.scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.train.precision == "fp16")
         self.max_steps = cfg.train.max_steps or max(
@@ -98,6 +171,25 @@ class Trainer:
         self.lr_scale = 1.0
         self.grad_clip = cfg.optim.grad_clip
         self.stop_requested = False
+
+    def _coordinates(self) -> tuple[int, int, int]:
+        """This rank's (pipeline, data-parallel, tensor-parallel) index."""
+        if self.meshes is None:
+            return 0, 0, 0
+        return (
+            self.meshes["pp"].get_local_rank(),
+            self.meshes["dp"].get_local_rank(),
+            self.meshes["tp"].get_local_rank(),
+        )
+
+    @property
+    def layout(self) -> dict:
+        return {
+            "world_size": self.dims.world_size,
+            **self.dims.degrees,
+            "pp_stages_per_rank": self.cfg.parallel.pp_stages_per_rank,
+            "sequence_parallel": self.cfg.parallel.sequence_parallel,
+        }
 
     # ----- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -119,38 +211,84 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
 
     # ----- one step ------------------------------------------------------------------------
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Vocab-parallel cross-entropy on vocab-sharded logits under TP (forward and
+        backward): the full logits are never gathered."""
+        if self.dims.tp > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
     def forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of one micro-batch, backpropagated with the 1/grad_accum weight."""
         with autocast(self.cfg.train.precision, self.device):
-            logits = self.model(inputs)  # (B, T, V)
-        loss = cross_entropy(logits, targets)
-        self.scaler.scale_loss(loss / self.grad_accum).backward()
-        return loss.detach()
+            logits = self.model(inputs)  # (B, T, V), vocab-sharded under TP
+        with self._loss_context():
+            loss = cross_entropy(logits, targets)
+            self.scaler.scale_loss(loss / self.grad_accum).backward()
+        return _full(loss.detach())
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale_loss(cross_entropy(logits, targets))
+
+    def pipeline_forward_backward(self, microbatches: list) -> torch.Tensor:
+        """One schedule run over all microbatches of the step; returns the mean loss on the
+        last stage (zero elsewhere, summed over the pipeline by the caller)."""
+        inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
+        targets = torch.cat([t for _, t in microbatches]).to(self.device)
+        args = (inputs,) if self.parallel.has_first_stage else ()
+        losses: list[torch.Tensor] = []
+        kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
+        with autocast(self.cfg.train.precision, self.device), self._loss_context():
+            self.pp_schedule.step(*args, **kwargs)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([_full(x).detach().float() for x in losses]).mean() / self.scaler.scale
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        loss = loss.detach().float().reshape(1).clone()
+        sum_over(loss, self.pp_group)  # only the last stage holds a non-zero loss
+        sum_over(loss, self.dp_group)
+        return float(loss) / self.dims.dp
 
     def train_step(self) -> StepResult:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for inputs, targets in self.loader.next_microbatches(self.grad_accum):
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            losses.append(self.forward_backward_step(inputs, targets))
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        for part in self.model_parts:
+            part.train()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        microbatches = list(self.loader.next_microbatches(self.grad_accum))
+        if self.pp_schedule is not None:
+            loss = self.pipeline_forward_backward(microbatches)
+        else:
+            losses = [
+                self.forward_backward_step(
+                    inputs.to(self.device, non_blocking=True),
+                    targets.to(self.device, non_blocking=True),
+                )
+                for inputs, targets in microbatches
+            ]
+            loss = torch.stack(losses).mean()
+        params = self.parallel.parameters()
+        align_grad_placements(params)
+        sync_tied_embedding_grads(self.parallel.tied_embeddings(), self.embed_group)
         self.scaler.unscale_(params)
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        grad_norm = global_grad_norm(self.parallel.norm_parameters(), self.pp_group)
         # A non-finite norm means an fp16 overflow (or a diverged step): drop the update.
+        # The norm is global, so every rank decides the same.
         skipped = not math.isfinite(grad_norm)
         lr = self.schedule(self.step) * self.lr_scale
         if not skipped:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+            clip_grads_(params, self.grad_clip, grad_norm)
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
         self.scaler.update(overflow=skipped)
         self.step += 1
         self.tokens_seen += self.cfg.train.batch_tokens
-        loss = float(torch.stack(losses).mean())
-        return StepResult(self.step, loss, grad_norm, lr, self.scaler.scale, skipped)
+        loss_value = self._mean_over_ranks(loss)
+        return StepResult(self.step, loss_value, grad_norm, lr, self.scaler.scale, skipped)
 
     def should_continue_training(self) -> bool:
         return self.step < self.max_steps and not self.stop_requested
@@ -163,13 +301,16 @@ class Trainer:
             extra["tokenizer.json"] = tokenizer.read_bytes()
         path = ckpt.save_checkpoint(
             checkpoint_path(self.cfg.checkpoint_dir, self.step),
-            model=self.model,
+            model=self.model_parts,
             model_args=self.model_args,
-            optimizer=self.optimizer,
+            optimizer=self.optimizers,
             trainer_state=self.state_dict(),
             extra_files=extra,
+            layout=self.layout,
         )
-        ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
+        if self.rank == 0:
+            ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
+        distributed.barrier()
         return path
 
     def restore(self) -> Path | None:
@@ -177,12 +318,15 @@ class Trainer:
         source = self._resume_source()
         if source is not None:
             self._check_same_shape(source)
-            self.load_state_dict(ckpt.load_training_state(source, self.model, self.optimizer))
+            state = ckpt.load_training_state(
+                source, self.model_parts, self.optimizers, layout=self.layout
+            )
+            self.load_state_dict(state)
             return source
         if self.cfg.checkpoint.init_from:
             source = Path(self.cfg.checkpoint.init_from)
             self._check_same_shape(source)
-            ckpt.load_model_weights(source, self.model)
+            ckpt.load_model_weights(source, self.model_parts)
             return source
         return None
 
@@ -205,12 +349,14 @@ class Trainer:
     def fit(self) -> list[StepResult]:
         cfg = self.cfg
         source = self.restore()
-        if source is not None:
+        lead = self.rank == 0
+        if source is not None and lead:
             print(f"resumed from {source} at step {self.step}", flush=True)
         # Written only once the inputs have proven loadable: a failed start leaves no run dir.
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
-        metrics = self._metrics_logger()
+        if lead:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+        metrics = self._metrics_logger() if lead else None
         results, tokens_since_log = [], 0
         try:
             while self.should_continue_training():
@@ -218,14 +364,18 @@ class Trainer:
                 results.append(result)
                 tokens_since_log += cfg.train.batch_tokens
                 if self.step % cfg.metrics.log_every == 0 or self.step == self.max_steps:
-                    metrics.log(self.step, tokens_since_log, _log_values(result))
+                    if metrics is not None:
+                        metrics.log(self.step, tokens_since_log, _log_values(result))
                     tokens_since_log = 0
                 if self.step % cfg.checkpoint.every == 0 or self.step == self.max_steps:
-                    metrics.pause()
+                    if metrics is not None:
+                        metrics.pause()
                     self.save_checkpoint()
-                    metrics.resume()
+                    if metrics is not None:
+                        metrics.resume()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return results
 
     def _metrics_logger(self) -> MetricsLogger:
@@ -235,7 +385,9 @@ class Trainer:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
             peak = measure_matmul_peak(dtype, self.device)
         tb_dir = cfg.run_dir / "tensorboard" if cfg.metrics.tensorboard else None
+        # Tokens are counted globally, so per-device MFU divides the work over every rank.
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
+        flops /= self.dims.world_size
         return MetricsLogger(tb_dir, flops, peak)
 
 

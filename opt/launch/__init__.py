@@ -1,0 +1,1 @@
+"""Launchers that start `opt train` on many processes: locally, and (later) on Slurm."""

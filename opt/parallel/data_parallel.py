@@ -1,0 +1,60 @@
+"""Sharded data parallelism (FSDP2 ``fully_shard``: ZeRO-3, or HSDP on a 2-D mesh) and
+activation checkpointing, both applied block by block from outside the model."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from opt.models.model import OPTModel
+
+# Selective recompute keeps what is expensive to recompute (matmuls, attention) and
+# recomputes the cheap element-wise work (LayerNorm, ReLU, dropout, residual adds).
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: OPTModel, mode: str) -> None:
+    """Wrap each block: ``full`` keeps only the block's input, ``selective`` also keeps the
+    matmul and attention outputs. Dropout masks are replayed (the RNG state is saved)."""
+    if mode == "none":
+        return
+    for layer_id, block in list(model.layers.items()):
+        if mode == "full":
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=True)
+        else:
+            wrapped = checkpoint_wrapper(
+                block,
+                preserve_rng_state=True,
+                context_fn=partial(create_selective_checkpoint_contexts, _selective_policy),
+            )
+        model.layers[layer_id] = wrapped
+
+
+def apply_fsdp(model: OPTModel, dp_mesh: DeviceMesh, reshard_after_forward: bool) -> None:
+    """One FSDP unit per block, and the root (embeddings, final norm, tied head) as one.
+
+    ``dp_mesh`` is 1-D for ZeRO-3 or (replicate, shard) for HSDP. With pipeline
+    parallelism the blocks stay unsharded between the microbatches of a step
+    (``reshard_after_forward=False``), trading memory for one all-gather per step.
+    """
+    model.sparse_embedding_grad = False
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
