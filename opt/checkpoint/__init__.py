@@ -1,4 +1,5 @@
 from opt.checkpoint.checkpointer import (
+    PendingCheckpoint,
     latest_checkpoint,
     list_checkpoints,
     load_model,
@@ -11,6 +12,7 @@ from opt.checkpoint.checkpointer import (
 from opt.checkpoint.manifest import verify_checkpoint
 
 __all__ = [
+    "PendingCheckpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",

@@ -13,6 +13,8 @@ import json
 import re
 import shutil
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,21 +86,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class PendingCheckpoint:
+    """An async save in flight. Its shards are still being written to the temporary
+    directory; the manifest (which makes it a checkpoint) is committed by ``finish``."""
+
+    final: Path
+    tmp: Path
+    meta: dict
+    future: Future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> Path:
+        """Wait for this rank's writes; rank 0 then commits. DCP resolves rank 0's (the
+        coordinator's) future only after every rank's writes and the metadata are done,
+        so the commit needs no further collective."""
+        try:
+            self.future.result()
+        except Exception as err:  # a failed background write on any rank
+            raise OptError(f"async checkpoint {self.final} failed: {_first_line(err)}") from None
+        if rank_and_world()[0] == 0:
+            manifest.commit(self.tmp, self.final, self.meta)
+        return self.final
+
+
 def save_checkpoint(
     final: str | Path,
     *,
-    model: torch.nn.Module,
+    model: Modules,
     model_args: ModelArgs,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
     trainer_state: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
     layout: dict | None = None,
-) -> Path:
+    async_save: bool = False,
+    process_group=None,
+) -> Path | PendingCheckpoint:
     """Write a complete checkpoint to ``final`` atomically; every rank must call this.
 
     ``model``/``optimizer`` may be lists (one per local pipeline stage). ``layout``
     (parallel degrees) is recorded so a resume under the same layout restores each rank's
     RNG stream, and one under another layout knows not to.
+
+    With ``async_save`` the tensors are staged to host memory here and written in the
+    background (collectives on ``process_group``, which must not be the training group);
+    the returned ``PendingCheckpoint`` commits the manifest when ``finish`` is called.
+    Until then the directory is a temporary one that resume never picks.
     """
     final = Path(final)
     rank, world = rank_and_world()
@@ -111,9 +146,11 @@ def save_checkpoint(
         for part_model, part_optim in _training_states(model, optimizer):
             model_sd.update(part_model)
             optim_sd.update(part_optim)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        state = {"model": model_sd, "optim": optim_sd}
     else:
-        dcp.save({"model": _model_state(model)}, checkpoint_id=tmp)
+        state = {"model": _model_state(model)}
+    # The small files go first: a rank joins DCP's collectives only after writing them, so
+    # when the coordinator's save completes every rank's files are in place.
     if trainer_state is not None:
         torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
@@ -122,14 +159,21 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_FILE)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+    future = None
+    if async_save:
+        future = dcp.async_save(state, checkpoint_id=tmp, process_group=process_group)
+    else:
+        dcp.save(state, checkpoint_id=tmp)
+    meta = {
+        "step": (trainer_state or {}).get("step", 0),
+        "world_size": world,
+        "layout": layout or {"world_size": world},
+        "contents": ["model"] + (["optim", "trainer"] if optimizer is not None else []),
+    }
+    if future is not None:
+        return PendingCheckpoint(final, tmp, meta, future)
     barrier()
     if rank == 0:
-        meta = {
-            "step": (trainer_state or {}).get("step", 0),
-            "world_size": world,
-            "layout": layout or {"world_size": world},
-            "contents": ["model"] + (["optim", "trainer"] if optimizer is not None else []),
-        }
         manifest.commit(tmp, final, meta)
     barrier()
     return final

@@ -171,6 +171,12 @@ class Trainer:
         self.lr_scale = 1.0
         self.grad_clip = cfg.optim.grad_clip
         self.stop_requested = False
+        self.pending_checkpoint: ckpt.PendingCheckpoint | None = None
+        # Background checkpoint writes get their own gloo group: their collectives must
+        # not interleave with the training loop's on the default group.
+        self.checkpoint_group = None
+        if cfg.checkpoint.async_save and self.dims.world_size > 1:
+            self.checkpoint_group = torch.distributed.new_group(backend="gloo")
 
     def _coordinates(self) -> tuple[int, int, int]:
         """This rank's (pipeline, data-parallel, tensor-parallel) index."""
@@ -299,7 +305,8 @@ class Trainer:
         tokenizer = resolve_tokenizer_file(self.cfg, self.dataset_prefix)
         if tokenizer is not None:
             extra["tokenizer.json"] = tokenizer.read_bytes()
-        path = ckpt.save_checkpoint(
+        self.finish_checkpoint()  # at most one save in flight
+        result = ckpt.save_checkpoint(
             checkpoint_path(self.cfg.checkpoint_dir, self.step),
             model=self.model_parts,
             model_args=self.model_args,
@@ -307,11 +314,29 @@ class Trainer:
             trainer_state=self.state_dict(),
             extra_files=extra,
             layout=self.layout,
+            async_save=self.cfg.checkpoint.async_save,
+            process_group=self.checkpoint_group,
         )
+        if isinstance(result, ckpt.PendingCheckpoint):
+            self.pending_checkpoint = result
+            return result.final
+        self._prune()
+        distributed.barrier()
+        return result
+
+    def finish_checkpoint(self, only_if_done: bool = False) -> None:
+        """Commit an async save whose writes are complete (waiting for them unless
+        ``only_if_done``). Each rank decides alone; only rank 0 commits and prunes."""
+        pending = self.pending_checkpoint
+        if pending is None or (only_if_done and not pending.done()):
+            return
+        pending.finish()
+        self.pending_checkpoint = None
+        self._prune()
+
+    def _prune(self) -> None:
         if self.rank == 0:
             ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
-        distributed.barrier()
-        return path
 
     def restore(self) -> Path | None:
         """Resume per ``checkpoint.resume``, or start from ``init_from`` weights; returns the source."""
@@ -362,6 +387,7 @@ class Trainer:
             while self.should_continue_training():
                 result = self.train_step()
                 results.append(result)
+                self.finish_checkpoint(only_if_done=True)
                 tokens_since_log += cfg.train.batch_tokens
                 if self.step % cfg.metrics.log_every == 0 or self.step == self.max_steps:
                     if metrics is not None:
@@ -373,6 +399,7 @@ class Trainer:
                     self.save_checkpoint()
                     if metrics is not None:
                         metrics.resume()
+            self.finish_checkpoint()
         finally:
             if metrics is not None:
                 metrics.close()

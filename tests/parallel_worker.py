@@ -1,0 +1,49 @@
+"""One rank of a parallel-exactness run, started by torchrun from tests/test_parallel.py.
+
+Trains ``steps`` steps of a tiny model and writes, to OUT_DIR:
+- ``grads_rank{r}.pt``: the full (unsharded) gradient of every parameter this rank's
+  pipeline stage(s) hold, after step 1 (clipping is off, so these are the raw gradients);
+- ``losses.json`` (rank 0): the loss of every step, as agreed across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from opt.config import load_config
+from opt.models.model import canonical_name
+from opt.parallel import distributed
+from opt.train.trainer import Trainer
+
+
+def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    grads = {}
+    for part, stage in zip(trainer.model_parts, trainer.parallel.stage_indices, strict=True):
+        for name, param in part.named_parameters():
+            grad = param.grad
+            full = grad.full_tensor() if isinstance(grad, DTensor) else grad
+            if name == "embed_tokens.weight" and stage != 0:
+                continue  # the last stage's twin of the tied embedding
+            grads[canonical_name(name)] = full.detach().clone()
+    return grads
+
+
+def main() -> None:
+    out_dir, steps, config, *overrides = sys.argv[1:]
+    out = Path(out_dir)
+    trainer = Trainer(load_config(config, overrides))
+    losses = [trainer.train_step().loss]
+    torch.save(full_gradients(trainer), out / f"grads_rank{trainer.rank}.pt")
+    losses += [trainer.train_step().loss for _ in range(int(steps) - 1)]
+    if trainer.rank == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()

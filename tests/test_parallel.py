@@ -1,0 +1,141 @@
+"""Every parallel layout trains like one process: the same per-step losses and the same
+gradients after step 1, on real gloo process groups started by torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from parallel_worker import full_gradients
+
+from opt.config import to_toml
+from opt.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 5
+
+# fp32, dropout off; 4 layers so that interleaved 1F1B has 4 stages over 2 ranks. The
+# clip threshold is below the first steps' norm, so the global norm and clipping are
+# exercised too.
+EXACT = {
+    "model__n_layers": 4,
+    "model__dropout": 0.0,
+    "train__micro_batch_size": 2,
+    "train__batch_tokens": 512,
+    "optim__grad_clip": 0.5,
+    "checkpoint__resume": "none",
+}
+
+LAYOUTS = {
+    "tp2": (2, {"parallel.tp": 2}),
+    "pp2-1f1b": (2, {"parallel.pp": 2}),
+    "pp2-interleaved-1f1b": (
+        2,
+        {
+            "parallel.pp": 2,
+            "parallel.pp_schedule": "interleaved_1f1b",
+            "parallel.pp_stages_per_rank": 2,
+        },
+    ),
+    "dp2-fsdp": (2, {"parallel.dp_shard": 2}),
+    "tp2xpp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+    "dp2xtp2": (4, {"parallel.dp_shard": 2, "parallel.tp": 2}),
+    "hsdp2x2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2}),
+    "dp2xtp2-sp-selective-ac": (
+        4,
+        {
+            "parallel.dp_shard": 2,
+            "parallel.tp": 2,
+            "parallel.sequence_parallel": True,
+            "parallel.activation_checkpoint": "selective",
+        },
+    ),
+    "dp2xpp2-gpipe-full-ac": (
+        4,
+        {
+            "parallel.dp_shard": 2,
+            "parallel.pp": 2,
+            "parallel.pp_schedule": "gpipe",
+            "parallel.activation_checkpoint": "full",
+        },
+    ),
+}
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def cli_value(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory, pydoc_dataset):
+    """The single-process reference: config file, losses, and gradients after step 1."""
+    from conftest import TINY_OVERRIDES
+
+    from opt.config import load_config
+
+    root = tmp_path_factory.mktemp("exact")
+    values = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in EXACT.items()}}
+    values |= {
+        "data.path": str(pydoc_dataset),
+        "run.dir": str(root / "runs"),
+        "checkpoint.dir": str(root / "ckpt"),
+    }
+    args = [item for key, value in values.items() for item in (f"--{key}", cli_value(value))]
+    cfg = load_config(None, args)
+    config_file = root / "exact.toml"
+    config_file.write_text(to_toml(cfg))
+    trainer = Trainer(cfg)
+    losses = [trainer.train_step().loss]
+    grads = full_gradients(trainer)
+    losses += [trainer.train_step().loss for _ in range(STEPS - 1)]
+    return config_file, losses, grads
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_layout_matches_one_process(layout, exact_run, tmp_path):
+    config_file, expected_losses, expected_grads = exact_run
+    nproc, overrides = LAYOUTS[layout]
+    override_args = [item for k, v in overrides.items() for item in (f"--{k}", cli_value(v))]
+    result = torchrun(
+        nproc,
+        str(REPO / "tests" / "parallel_worker.py"),
+        str(tmp_path),
+        str(STEPS),
+        str(config_file),
+        "--parallel.timeout_s",
+        "60",
+        *override_args,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    torch.testing.assert_close(losses, expected_losses, rtol=0, atol=1e-5)
+    grads = {}
+    for rank in range(nproc):
+        grads.update(torch.load(tmp_path / f"grads_rank{rank}.pt"))
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
