@@ -28,10 +28,24 @@ def torchrun_args(nproc: int, config: str, overrides: list[str]) -> list[str]:
     ]
 
 
+def check_before_launch(nproc: int, config: str, overrides: list[str]) -> None:
+    """Refuse a config or layout that cannot work before starting any process."""
+    from opt.cli import SHORTHANDS
+    from opt.config import load_config
+    from opt.parallel.parallelize import check_layout, check_microbatches
+    from opt.train.trainer import gradient_accumulation_steps, parallel_dims, resolve_model_args
+
+    cfg = load_config(config, [SHORTHANDS.get(a, a) for a in overrides])
+    dims = parallel_dims(cfg, nproc)
+    check_layout(resolve_model_args(cfg), dims, cfg.parallel)
+    check_microbatches(dims, cfg.parallel, gradient_accumulation_steps(cfg, dims.dp))
+
+
 def launch_local(nproc: int, config: str, overrides: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    check_before_launch(nproc, config, overrides)
     args = get_args_parser().parse_args(torchrun_args(nproc, config, overrides))
     try:
         run(args)

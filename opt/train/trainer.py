@@ -15,6 +15,7 @@ from opt import checkpoint as ckpt
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.config import JobConfig, to_toml
 from opt.errors import OptError
+from opt.faults import maybe_inject_fault
 from opt.models.sizes import ModelArgs, get_model_args
 from opt.parallel import distributed
 from opt.parallel.dims import ParallelDims
@@ -385,6 +386,7 @@ class Trainer:
         results, tokens_since_log = [], 0
         try:
             while self.should_continue_training():
+                maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
                 results.append(result)
                 self.finish_checkpoint(only_if_done=True)

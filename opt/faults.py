@@ -1,0 +1,48 @@
+"""Deliberate failures, for testing that failures are handled (never set in production).
+
+``OPT_INJECT_FAULT="RANK:STEP:ACTION"`` makes rank RANK, just before training step STEP:
+- ``raise``: raise an exception (its traceback must reach the launcher's report);
+- ``hang``: stop responding, so its peers' next collective must time out;
+- ``die``: SIGKILL itself, as the OOM killer or a lost node would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from opt.errors import OptError
+
+ENV = "OPT_INJECT_FAULT"
+ACTIONS = ("raise", "hang", "die")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def parse_fault(text: str) -> tuple[int, int, str]:
+    try:
+        rank, step, action = text.split(":")
+        parsed = int(rank), int(step), action
+    except ValueError:
+        raise OptError(f"{ENV}={text!r}: expected RANK:STEP:ACTION") from None
+    if action not in ACTIONS:
+        raise OptError(f"{ENV}={text!r}: ACTION must be one of {', '.join(ACTIONS)}")
+    return parsed
+
+
+def maybe_inject_fault(rank: int, step: int) -> None:
+    text = os.environ.get(ENV)
+    if not text:
+        return
+    fault_rank, fault_step, action = parse_fault(text)
+    if (rank, step) != (fault_rank, fault_step):
+        return
+    if action == "raise":
+        raise InjectedFault(f"injected fault on rank {rank} before step {step}")
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
