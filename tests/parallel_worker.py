@@ -3,7 +3,9 @@
 Trains ``steps`` steps of a tiny model and writes, to OUT_DIR:
 - ``grads_rank{r}.pt``: the full (unsharded) gradient of every parameter this rank's
   pipeline stage(s) hold, after step 1 (clipping is off, so these are the raw gradients);
-- ``losses.json`` (rank 0): the loss of every step, as agreed across ranks.
+- ``losses.json`` (rank 0): the loss of every step, as agreed across ranks;
+- ``rank{r}.pt``: this rank's own copy of every replicated LayerNorm parameter and a draw
+  from its RNG after training (what its next dropout mask would come from).
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def main() -> None:
     losses += [trainer.train_step().loss for _ in range(int(steps) - 1)]
     if trainer.rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
+    norms = {
+        canonical_name(name): (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+        for part in trainer.model_parts
+        for name, p in part.named_parameters()
+        if "norm" in name
+    }
+    torch.save({"norms": norms, "draw": torch.rand(8)}, out / f"rank{trainer.rank}.pt")
     distributed.destroy()
 
 

@@ -87,6 +87,36 @@ def test_bad_config_input_is_refused_with_one_clear_line(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--parallel.pp_schedule", "zigzag"], "pp_schedule must be one of 1f1b, interleaved_1f1b"),
+        (["--parallel.activation_checkpoint", "some"], "activation_checkpoint must be one of"),
+        (["--parallel.pp_schedule", "interleaved_1f1b"], "needs pp_stages_per_rank >= 2"),
+        (["--parallel.pp_stages_per_rank", "2"], "pp_schedule=1f1b runs one stage per rank"),
+        (["--parallel.pp_stages_per_rank", "0"], "pp_stages_per_rank must be at least 1"),
+        (["--parallel.sequence_parallel", "true"], "sequence_parallel needs parallel.tp > 1"),
+        (["--parallel.timeout_s", "0"], "timeout_s must be positive"),
+        (["--parallel.tp", "two"], "parallel.tp must be int"),
+    ],
+)
+def test_bad_parallel_settings_are_refused(overrides, message):
+    with pytest.raises(OptError, match=message):
+        load_config(None, overrides)
+
+
+def test_good_parallel_settings_are_accepted():
+    cfg = load_config(
+        None,
+        ["--parallel.pp", "4", "--parallel.pp_schedule", "interleaved_1f1b",
+         "--parallel.pp_stages_per_rank", "3", "--parallel.tp", "2",
+         "--parallel.sequence_parallel", "true", "--parallel.activation_checkpoint", "selective"],
+    )  # fmt: skip
+    par = cfg.parallel
+    assert (par.pp, par.pp_stages_per_rank, par.tp, par.sequence_parallel) == (4, 3, 2, True)
+    assert par.activation_checkpoint == "selective" and par.dp_shard == -1
+
+
 def test_missing_and_malformed_files_are_refused(tmp_path):
     with pytest.raises(OptError, match="config file not found"):
         load_config(tmp_path / "nope.toml")

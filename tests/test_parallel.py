@@ -139,3 +139,27 @@ def test_layout_matches_one_process(layout, exact_run, tmp_path):
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_dropout_masks_under_tensor_parallel(sequence_parallel, exact_run, tmp_path):
+    """Replicated regions draw the same masks on every TP rank (else the replicated
+    LayerNorms would drift apart); with sequence parallelism each rank's sequence shard
+    draws its own."""
+    config_file, _, _ = exact_run
+    result = torchrun(
+        2,
+        str(REPO / "tests" / "parallel_worker.py"),
+        str(tmp_path),
+        "3",
+        str(config_file),
+        "--model.dropout", "0.1",
+        "--parallel.tp", "2",
+        "--parallel.sequence_parallel", cli_value(sequence_parallel),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name, value in rank0["norms"].items():
+        assert torch.equal(value, rank1["norms"][name]), name
+    assert torch.equal(rank0["draw"], rank1["draw"]) is not sequence_parallel

@@ -43,6 +43,8 @@ def test_inconsistent_layouts_are_refused(kwargs, message):
         ("opt-125m", {"tp": 8}, "does not divide n_heads=12"),
         ("opt-30b", {"tp": 16}, "does not divide n_heads=56"),
         ("opt-tiny", {"pp": 8}, "needs at least 8 layers"),
+        ("opt-175b", {"tp": 96}, "does not divide vocab_size=50272"),
+        ("opt-66b", {"tp": 3}, "does not divide vocab_size=50272"),
     ],
 )
 def test_layouts_the_model_cannot_be_split_by_are_refused(size, kwargs, message):

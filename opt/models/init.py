@@ -10,25 +10,37 @@ checkpoint, while only the local shard is ever allocated.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import zlib
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-TILE = 256  # rows and columns per 2-D tile; 1-D tensors use TILE * TILE elements
+# Tiles are short and wide because FSDP cuts tensors into row blocks that can be only a few
+# rows high (OPT-175B: 12 rows of a TP8 x FSDP128 shard): a rank then draws at most about
+# twice what it keeps. Tensors of more than two dimensions tile their last two.
+TILE_ROWS, TILE_COLS = 16, 1024
+TILE_1D = TILE_ROWS * TILE_COLS
 
 # (name, local tensor, global shape, global offset of the local tensor)
 LocalView = tuple[torch.Tensor, Sequence[int], Sequence[int]]
 
 
-def _tile_generator(seed: int, name: str, index: tuple[int, ...]) -> torch.Generator:
-    key = zlib.crc32(f"{name}|{index}".encode())
-    return torch.Generator().manual_seed((seed << 32) ^ key)
+def _tile_values(seed: int, name: str, index: tuple[int, ...], shape: list[int]) -> np.ndarray:
+    """Standard normals for one tile. The stream is keyed by the full (seed, name, tile)
+    through numpy's SeedSequence into PCG64 (128-bit state): torch's CPU generator keeps
+    only 32 bits of a seed, which would collide across the millions of tiles of 175B."""
+    name_key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=16).digest(), "little")
+    entropy = [seed, name_key, *index]
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+    return generator.standard_normal(shape, dtype=np.float32)
 
 
 def _tile_extents(global_shape: Sequence[int]) -> list[int]:
-    return [TILE * TILE] if len(global_shape) == 1 else [TILE] * len(global_shape)
+    if len(global_shape) == 1:
+        return [TILE_1D]
+    return [1] * (len(global_shape) - 2) + [TILE_ROWS, TILE_COLS]
 
 
 @torch.no_grad()
@@ -53,8 +65,7 @@ def fill_normal_(
         tile_shape = [
             min(e, full - lo) for e, full, lo in zip(extents, global_shape, tile_lo, strict=True)
         ]
-        tile = torch.empty(tile_shape, dtype=torch.float32)
-        tile.normal_(0.0, std, generator=_tile_generator(seed, name, index))
+        tile = torch.from_numpy(_tile_values(seed, name, index, tile_shape)).mul_(std)
         # Overlap of the tile with the local block, in global coordinates.
         lo = [max(t, o) for t, o in zip(tile_lo, offset, strict=True)]
         hi = [

@@ -176,7 +176,8 @@ class OPTModel(nn.Module):
     def init_weights(self, seed: int = 0) -> None:
         """Initialise every parameter present (a pipeline stage holds only some); values
         depend on the seed and the parameter's name and position, not on the layout."""
-        init_parameters(list(self.named_parameters()), self.init_rule, seed)
+        named = [(canonical_name(n), p) for n, p in self.named_parameters()]
+        init_parameters(named, self.init_rule, seed)
 
 
 def empty_model(args: ModelArgs, device: str | torch.device = "cpu") -> OPTModel:

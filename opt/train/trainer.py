@@ -95,7 +95,8 @@ def gradient_accumulation_steps(cfg: JobConfig, dp_size: int = 1) -> int:
     if cfg.train.batch_tokens % per_pass != 0:
         raise OptError(
             f"train.batch_tokens={cfg.train.batch_tokens} is not a multiple of "
-            f"micro_batch_size * seq_len * dp = {per_pass}"
+            f"micro_batch_size * seq_len * dp = {per_pass} (micro_batch_size="
+            f"{cfg.train.micro_batch_size}, seq_len={cfg.data.seq_len}, dp={dp_size})"
         )
     return cfg.train.batch_tokens // per_pass
 
