@@ -15,6 +15,8 @@ name (the model itself knows nothing about it).
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
@@ -28,6 +30,12 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from opt.models.model import OPTModel
+
+# The plan's hooks on the embeddings see token ids, which never require gradients; torch
+# warns about that on every backward. It is expected here, not a sign of a broken graph.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect"
+)
 
 
 class ReplicateParallel(ParallelStyle):

@@ -81,9 +81,14 @@ def resolve_model_args(cfg: JobConfig) -> ModelArgs:
 
 def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
     par = cfg.parallel
-    return ParallelDims(
-        world_size, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp
-    )
+    try:
+        return ParallelDims(
+            world_size, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp
+        )
+    except OptError as err:
+        if world_size == 1:  # a parallel config started without a launcher
+            raise OptError(f"{err}; start it with `opt launch local --nproc N`") from None
+        raise
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
