@@ -67,13 +67,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.destroy()
     if trainer.rank != 0:
-        return 0
+        return 3 if trainer.human_needed else 0
+    if trainer.human_needed:
+        print(f"error: supervisor {trainer.stop_reason}", file=sys.stderr)
+        print(f"logbook: {cfg.logbook_dir / 'LOGBOOK.md'}", file=sys.stderr)
+        return 3
+    if trainer.stop_reason:
+        print(trainer.stop_reason)
     latest = trainer.cfg.checkpoint_dir
     print(f"done: step {trainer.step}, {trainer.tokens_seen:,} tokens")
     print(f"checkpoints: {latest}/ (newest: {_newest(latest)})")
     if cfg.metrics.tensorboard:
         print(f"TensorBoard: tensorboard --logdir {cfg.run_dir / 'tensorboard'}")
     print(f"resolved config: {cfg.run_dir / 'config.toml'}")
+    print(f"logbook: {cfg.logbook_dir / 'LOGBOOK.md'}")
     return 0
 
 
@@ -132,6 +139,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from opt.convert import cli as convert_cli
     from opt.data import cli as data_cli
+    from opt.supervisor import cli as supervisor_cli
 
     parser = argparse.ArgumentParser(
         prog="opt",
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     convert_cli.register(sub)
+    supervisor_cli.register(sub)
 
     launch = sub.add_parser("launch", help="start multi-process training")
     launch_sub = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")

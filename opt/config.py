@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,6 +121,60 @@ class ParallelConfig:
 
 
 @dataclass
+class SupervisorConfig:
+    enabled: bool = True
+    """Watch every step for divergence and act by the ladder below."""
+    window: int = 50
+    """Healthy steps of loss and grad-norm history the robust statistics use."""
+    min_steps: int = 20
+    """Healthy steps seen before the spike and grad-norm detectors arm."""
+    spike_z: float = 6.0
+    """A loss more than this many robust standard deviations (1.4826 MAD) above the median is a spike."""
+    spike_min_rise: float = 0.05
+    """...and at least this much above the median (absolute), so flat curves cannot trip it."""
+    grad_norm_factor: float = 10.0
+    """A grad norm above this multiple of its running median is an explosion; 0 disables."""
+    scale_collapses: int = 5
+    """fp16 overflows within `window` steps that count as a loss-scale collapse (floor counts always)."""
+    ladder: list[str] = field(
+        default_factory=lambda: [
+            "skip",
+            "rollback+lower_lr_clip",
+            "rollback+lower_lr_clip+skip_data",
+            "rollback+reset_optimizer",
+            "stop",
+        ]
+    )
+    """Escalation, one rung per anomaly of an incident; moves joined by '+': skip, rollback,
+    lower_lr_clip, skip_data, reset_optimizer, stop."""
+    lr_factor: float = 0.9
+    """lower_lr_clip multiplies the LR scale by this (OPT: -10%, later to 2/3)."""
+    clip_factor: float = 0.6
+    """lower_lr_clip multiplies the clip threshold by this (OPT: 2.5 -> 1.5 -> 1.0)."""
+    healthy_margin: int = 5
+    """A rollback target must be saved at least this many steps before the incident began."""
+    skip_data_steps: int = 10
+    """skip_data drops this many steps' worth of samples before the anomaly."""
+    rewarmup_steps: int = 20
+    """reset_optimizer zeroes Adam's moments and re-warms the LR from 0 over this many steps."""
+    recovery_steps: int = 20
+    """Healthy steps after an intervention before its outcome is judged and the ladder resets."""
+    max_interventions: int = 10
+    """More interventions than this within `intervention_window` steps stops the run."""
+    intervention_window: int = 1000
+    """Window (steps) for max_interventions."""
+    drill: str = ""
+    """Fault drill: KIND@STEP[xN][!] with KIND spike, nan or scale_collapse; xN lasts N steps;
+    ! repeats it every time STEP is reached again (persistent divergence)."""
+
+
+@dataclass
+class LogbookConfig:
+    dir: str = "logbook"
+    """Root of the public logbooks; this run writes dir/<run.name>/."""
+
+
+@dataclass
 class LossScaleConfig:
     init_scale: float = 2.0**15
     """Starting fp16 loss scale."""
@@ -164,6 +219,8 @@ class JobConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    logbook: LogbookConfig = field(default_factory=LogbookConfig)
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -176,12 +233,18 @@ class JobConfig:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) / self.run.name
 
+    @property
+    def logbook_dir(self) -> Path:
+        return Path(self.logbook.dir) / self.run.name
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+LADDER_MOVES = ("skip", "rollback", "lower_lr_clip", "skip_data", "reset_optimizer", "stop")
+DRILL = re.compile(r"^(spike|nan|scale_collapse)@(\d+)(?:x(\d+))?(!?)$")
 ACTIVATION_CHECKPOINT = ("none", "full", "selective")
 
 
@@ -301,6 +364,7 @@ def validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise OptError(f"{key} must be positive, got {value}")
+    _validate_supervisor(config)
     par = config.parallel
     if par.pp_schedule not in PP_SCHEDULES:
         raise OptError(
@@ -329,6 +393,43 @@ def validate(config: JobConfig) -> None:
         raise OptError("schedule.min_lr_ratio must be within [0, 1]")
     if config.checkpoint.keep_last < 0 or config.train.max_steps < 0:
         raise OptError("checkpoint.keep_last and train.max_steps must not be negative")
+
+
+def _validate_supervisor(config: JobConfig) -> None:
+    sup = config.supervisor
+    if not sup.ladder:
+        raise OptError("supervisor.ladder must have at least one rung (e.g. ['stop'])")
+    for rung in sup.ladder:
+        moves = rung.split("+")
+        unknown = [m for m in moves if m not in LADDER_MOVES]
+        if unknown:
+            raise OptError(
+                f"supervisor.ladder rung {rung!r}: unknown move {unknown[0]!r} "
+                f"(moves: {', '.join(LADDER_MOVES)})"
+            )
+        needs_rollback = {"lower_lr_clip", "skip_data", "reset_optimizer"} & set(moves)
+        if needs_rollback and "rollback" not in moves:
+            raise OptError(
+                f"supervisor.ladder rung {rung!r}: {sorted(needs_rollback)[0]} needs rollback"
+            )
+    if sup.drill and not DRILL.match(sup.drill):
+        raise OptError(
+            f"supervisor.drill={sup.drill!r}: expected KIND@STEP[xN][!], KIND one of spike, nan, "
+            "scale_collapse (e.g. spike@30x2)"
+        )
+    if sup.drill.startswith("scale_collapse") and config.train.precision != "fp16":
+        raise OptError("supervisor.drill=scale_collapse needs train.precision=fp16 (a loss scale)")
+    for key in (
+        "window",
+        "min_steps",
+        "recovery_steps",
+        "max_interventions",
+        "intervention_window",
+    ):
+        if getattr(sup, key) < 1:
+            raise OptError(f"supervisor.{key} must be at least 1, got {getattr(sup, key)}")
+    if not (0 < sup.lr_factor <= 1 and 0 < sup.clip_factor <= 1):
+        raise OptError("supervisor.lr_factor and clip_factor must be within (0, 1]")
 
 
 def to_toml(config: JobConfig) -> str:

@@ -39,6 +39,15 @@ def main() -> None:
     out_dir, steps, config, *overrides = sys.argv[1:]
     out = Path(out_dir)
     trainer = Trainer(load_config(config, overrides))
+    if steps == "fit":  # the whole loop, supervisor included: record what this rank did
+        results = trainer.fit()
+        actions = [[r.step, r.decision.rung, r.skipped, trainer.lr_scale] for r in results]
+        (out / f"actions_rank{trainer.rank}.json").write_text(json.dumps(actions))
+        (out / f"final_rank{trainer.rank}.json").write_text(
+            json.dumps([trainer.step, trainer.lr_scale, trainer.grad_clip, trainer.human_needed])
+        )
+        distributed.destroy()
+        return
     losses = [trainer.train_step().loss]
     torch.save(full_gradients(trainer), out / f"grads_rank{trainer.rank}.pt")
     losses += [trainer.train_step().loss for _ in range(int(steps) - 1)]

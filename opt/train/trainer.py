@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,10 @@ from opt.parallel.parallelize import (
     tied_embedding_group,
 )
 from opt.parallel.pipeline import build_schedule
+from opt.supervisor.cli import INTERVENE_FILE
+from opt.supervisor.logbook import Logbook
+from opt.supervisor.supervisor import Decision, Supervisor
+from opt.train import interventions
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.metrics import MetricsLogger
@@ -49,6 +53,7 @@ class StepResult:
     lr: float
     loss_scale: float
     skipped: bool
+    decision: Decision = field(default_factory=Decision)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,9 @@ def resolve_model_args(cfg: JobConfig) -> ModelArgs:
             f"max_positions={args.max_positions}"
         )
     return args
+
+
+KILL_SWITCH_FILE = "STOP"  # in the run directory: stop cleanly at the next step
 
 
 def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
@@ -178,6 +186,12 @@ class Trainer:
         self.lr_scale = 1.0
         self.grad_clip = cfg.optim.grad_clip
         self.stop_requested = False
+        self.stop_reason = ""
+        self.human_needed = False
+        self.supervisor = (
+            Supervisor(cfg.supervisor, self.device) if cfg.supervisor.enabled else None
+        )
+        self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.rank == 0 else None
         self.pending_checkpoint: ckpt.PendingCheckpoint | None = None
         # Background checkpoint writes get their own gloo group: their collectives must
         # not interleave with the training loop's on the default group.
@@ -213,6 +227,7 @@ class Trainer:
             "grad_clip": self.grad_clip,
             "loss_scaler": self.scaler.state_dict(),
             "data": self.loader.state_dict(),
+            **({"supervisor": self.supervisor.state_dict()} if self.supervisor else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -222,6 +237,8 @@ class Trainer:
         self.grad_clip = float(state["grad_clip"])
         self.scaler.load_state_dict(state["loss_scaler"])
         self.loader.load_state_dict(state["data"])
+        if self.supervisor is not None and "supervisor" in state:
+            self.supervisor.load_state_dict(state["supervisor"])
 
     # ----- one step ------------------------------------------------------------------------
     def _loss_context(self) -> contextlib.AbstractContextManager:
@@ -282,26 +299,63 @@ class Trainer:
                 for inputs, targets in microbatches
             ]
             loss = torch.stack(losses).mean()
+        step = self.step + 1
+        drill = self.supervisor.drill_at(step) if self.supervisor else None
+        if drill is not None:
+            loss = self._inject_drill(drill, loss)
         params = self.parallel.parameters()
         align_grad_placements(params)
         sync_tied_embedding_grads(self.parallel.tied_embeddings(), self.embed_group)
         self.scaler.unscale_(params)
         grad_norm = global_grad_norm(self.parallel.norm_parameters(), self.pp_group)
-        # A non-finite norm means an fp16 overflow (or a diverged step): drop the update.
-        # The norm is global, so every rank decides the same.
-        skipped = not math.isfinite(grad_norm)
+        loss_value = self._mean_over_ranks(loss)
+        # A non-finite norm is an fp16 overflow (or a diverged step): the update is dropped.
+        # The norm and loss are global, so every rank decides the same.
+        overflow = not math.isfinite(grad_norm)
+        decision = Decision()
+        if self.supervisor is not None:
+            decision = self.supervisor.inspect(
+                step, loss_value, grad_norm, overflow and self.scaler.enabled,
+                self.scaler.scale, self.scaler.at_floor, self._control_file(KILL_SWITCH_FILE),
+                self._control_file(INTERVENE_FILE),
+            )  # fmt: skip
+        skipped = overflow or decision.drops_update
         lr = self.schedule(self.step) * self.lr_scale
+        if self.supervisor is not None:
+            lr *= self.supervisor.lr_multiplier(step)
         if not skipped:
             clip_grads_(params, self.grad_clip, grad_norm)
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
-        self.scaler.update(overflow=skipped)
+        self.scaler.update(overflow=overflow)
         self.step += 1
         self.tokens_seen += self.cfg.train.batch_tokens
-        loss_value = self._mean_over_ranks(loss)
-        return StepResult(self.step, loss_value, grad_norm, lr, self.scaler.scale, skipped)
+        return StepResult(
+            self.step, loss_value, grad_norm, lr, self.scaler.scale, skipped, decision
+        )
+
+    @torch.no_grad()
+    def _inject_drill(self, kind: str, loss: torch.Tensor) -> torch.Tensor:
+        """A deterministic fault: a spike multiplies loss and gradients, nan poisons them,
+        scale_collapse drops the fp16 loss scale to its floor."""
+        grads = [p.grad for p in self.parallel.parameters() if p.grad is not None]
+        if kind == "scale_collapse":
+            self.scaler.scale = self.scaler.min_scale
+            return loss
+        factor = float("nan") if kind == "nan" else 10.0
+        torch._foreach_mul_(grads, factor)
+        return loss * (factor if kind == "nan" else 3.0)
+
+    def _control_file(self, name: str) -> bool:
+        """An operator's file in the run directory (checked on rank 0; the supervisor's
+        per-step vote tells every rank)."""
+        return self.rank == 0 and (self.cfg.run_dir / name).exists()
+
+    def log_event(self, kind: str, **fields) -> None:
+        if self.logbook is not None:
+            self.logbook.append(kind, **fields)
 
     def should_continue_training(self) -> bool:
         return self.step < self.max_steps and not self.stop_requested
@@ -343,7 +397,11 @@ class Trainer:
 
     def _prune(self) -> None:
         if self.rank == 0:
-            ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            ckpt.prune_checkpoints(
+                self.cfg.checkpoint_dir,
+                self.cfg.checkpoint.keep_last,
+                protect=interventions.protected_checkpoints(self),
+            )
 
     def restore(self) -> Path | None:
         """Resume per ``checkpoint.resume``, or start from ``init_from`` weights; returns the source."""
@@ -386,6 +444,7 @@ class Trainer:
             print(f"resumed from {source} at step {self.step}", flush=True)
         # Written only once the inputs have proven loadable: a failed start leaves no run dir.
         if lead:
+            self._log_start(source)
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
         metrics = self._metrics_logger() if lead else None
@@ -396,6 +455,17 @@ class Trainer:
                 result = self.train_step()
                 results.append(result)
                 self.finish_checkpoint(only_if_done=True)
+                if result.decision.manual:  # first, so a stop's checkpoint includes it
+                    interventions.apply_manual(self)
+                if not result.decision.healthy:
+                    interventions.carry_out(self, result)
+                    if lead:
+                        print(f"supervisor: step {result.step}: {result.decision.rung or 'stop'}"
+                              f" ({result.decision.anomaly.detector if result.decision.anomaly else result.decision.reason})", flush=True)  # fmt: skip
+                elif self.supervisor is not None and (outcome := self.supervisor.pop_outcome()):
+                    self.log_event("outcome", step=self.step, tokens=self.tokens_seen, **outcome)
+                if self.stop_requested or self.step < result.step:
+                    continue  # stopped, or rolled back: nothing of this step to log or save
                 tokens_since_log += cfg.train.batch_tokens
                 if self.step % cfg.metrics.log_every == 0 or self.step == self.max_steps:
                     if metrics is not None:
@@ -408,10 +478,35 @@ class Trainer:
                     if metrics is not None:
                         metrics.resume()
             self.finish_checkpoint()
+        except BaseException as err:
+            self.log_event("run_stop", step=self.step, tokens=self.tokens_seen,
+                           reason=f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")  # fmt: skip
+            raise
         finally:
             if metrics is not None:
                 metrics.close()
+        reason = self.stop_reason or "finished: reached max_steps"
+        self.log_event("run_stop", step=self.step, tokens=self.tokens_seen, reason=reason)
         return results
+
+    def _log_start(self, source: Path | None) -> None:
+        """run_start (and config_change against the previous start of this run)."""
+        previous = self.cfg.run_dir / "config.toml"
+        if previous.is_file():
+            changes = config_changes(previous.read_text(), to_toml(self.cfg))
+            if changes:
+                self.log_event("config_change", step=self.step, changes=changes)
+        self.log_event(
+            "run_start",
+            step=self.step,
+            tokens=self.tokens_seen,
+            reason="resumed" if source is not None else "fresh",
+            checkpoint=str(source) if source else None,
+            world_size=self.dims.world_size,
+            layout=self.layout,
+            model=self.cfg.model.name,
+            run_dir=str(self.cfg.run_dir),
+        )
 
     def _metrics_logger(self) -> MetricsLogger:
         cfg = self.cfg
@@ -424,6 +519,21 @@ class Trainer:
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
         flops /= self.dims.world_size
         return MetricsLogger(tb_dir, flops, peak)
+
+
+def config_changes(old_toml: str, new_toml: str) -> dict[str, list]:
+    """Keys whose value differs between two resolved configs: {key: [old, new]}."""
+    import tomllib
+
+    def flat(text: str) -> dict:
+        return {f"{s}.{k}": v for s, table in tomllib.loads(text).items() for k, v in table.items()}
+
+    old, new = flat(old_toml), flat(new_toml)
+    return {
+        k: [old.get(k), new.get(k)]
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
 
 
 def _log_values(result: StepResult) -> dict[str, float]:

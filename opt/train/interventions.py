@@ -1,0 +1,205 @@
+"""Carrying out the supervisor's decisions on a trainer, and writing them to the logbook.
+
+Every rank runs this with the same decision; only rank 0 touches the logbook and deletes
+abandoned checkpoints. A rollback happens in-process: model, optimizer, data position and
+RNG are reloaded on every rank from the newest healthy checkpoint, while the supervisor's
+own state and the lowered LR/clip factors carry over (the schedule is scaled, not reset).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from opt import checkpoint as ckpt
+from opt.parallel import distributed
+
+if TYPE_CHECKING:
+    from opt.train.trainer import StepResult, Trainer
+
+
+def hyperparameters(trainer: Trainer) -> dict[str, float]:
+    group = trainer.optimizers[0].param_groups[0]
+    return {
+        "lr_scale": trainer.lr_scale,
+        "grad_clip": trainer.grad_clip,
+        "adam_eps": group["eps"],
+        "adam_beta2": group["betas"][1],
+    }
+
+
+def healthy_checkpoint(trainer: Trainer) -> Path | None:
+    """Newest complete checkpoint saved before the incident began, with the margin."""
+    limit = trainer.supervisor.rollback_limit()
+    found = [p for p in ckpt.list_checkpoints(trainer.cfg.checkpoint_dir) if _step(p) <= limit]
+    return found[-1] if found else None
+
+
+def protected_checkpoints(trainer: Trainer) -> set[Path]:
+    """The newest checkpoint old enough to be a rollback target stays until a newer one is."""
+    if trainer.supervisor is None:
+        return set()
+    limit = trainer.step - trainer.cfg.supervisor.healthy_margin
+    found = [p for p in ckpt.list_checkpoints(trainer.cfg.checkpoint_dir) if _step(p) <= limit]
+    return {found[-1]} if found else set()
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def carry_out(trainer: Trainer, result: StepResult) -> None:
+    decision = result.decision
+    anomaly = decision.anomaly
+    event = {
+        "step": result.step,
+        "tokens": trainer.tokens_seen,
+        "detector": anomaly.detector if anomaly else decision.reason,
+        "numbers": anomaly.numbers if anomaly else {},
+        "action": decision.rung or "+".join(decision.moves),
+        "before": hyperparameters(trainer),
+    }
+    if "stop" in decision.moves:
+        _stop(trainer, decision.reason, event)
+        return
+    if "rollback" in decision.moves:
+        target = healthy_checkpoint(trainer)
+        if target is None:
+            reason = (
+                f"no healthy checkpoint saved by step {trainer.supervisor.rollback_limit()} "
+                "to roll back to"
+            )
+            _stop(trainer, reason, event)
+            return
+        event.update(rollback(trainer, target, result.step, decision.moves))
+    event["after"] = hyperparameters(trainer)
+    event["detail"] = _detail(anomaly)
+    trainer.log_event("intervention", **event)
+
+
+def rollback(trainer: Trainer, target: Path, anomaly_step: int, moves: tuple[str, ...]) -> dict:
+    sup = trainer.supervisor
+    trainer.finish_checkpoint()
+    discarded = [
+        p for p in ckpt.list_checkpoints(trainer.cfg.checkpoint_dir) if _step(p) > _step(target)
+    ]
+    if trainer.rank == 0:
+        for path in discarded:  # saved while the divergence was brewing: never resume from them
+            shutil.rmtree(path)
+    distributed.barrier()
+    carried = (trainer.lr_scale, trainer.grad_clip, sup.state_dict())
+    skips = trainer.loader.stream.state_dict()["skips"]
+    state = ckpt.load_training_state(
+        target, trainer.model_parts, trainer.optimizers, layout=trainer.layout
+    )
+    trainer.load_state_dict(state)
+    trainer.lr_scale, trainer.grad_clip, sup_state = carried
+    sup.load_state_dict(sup_state)
+    for start, end in skips:  # skips decided after the target was saved still hold
+        trainer.loader.stream.skip(start, end)
+    details = {
+        "checkpoint": str(target),
+        "rolled_back_to_step": trainer.step,
+        "tokens_lost": (anomaly_step - trainer.step) * trainer.cfg.train.batch_tokens,
+        "discarded_checkpoints": [p.name for p in discarded],
+    }
+    cfg = trainer.cfg.supervisor
+    if "lower_lr_clip" in moves:
+        trainer.lr_scale *= cfg.lr_factor
+        trainer.grad_clip *= cfg.clip_factor
+    if "skip_data" in moves:
+        per_step = trainer.loader.samples_per_step(trainer.grad_accum)
+        pos = trainer.loader.state_dict()["pos"]
+        first = max(anomaly_step - cfg.skip_data_steps, trainer.step)
+        start = pos + (first - trainer.step) * per_step
+        end = pos + (anomaly_step - trainer.step) * per_step
+        trainer.loader.stream.skip(start, end)
+        details["skipped_data"] = [start, end]
+        details["skipped_steps"] = [first + 1, anomaly_step]
+    if "reset_optimizer" in moves:
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        sup.rewarmup_start = trainer.step
+    return details
+
+
+def _stop(trainer: Trainer, reason: str, event: dict) -> None:
+    trainer.stop_requested = True
+    if reason == "kill switch":
+        trainer.stop_reason = "kill switch: stopped at a step boundary by the operator"
+        trainer.save_checkpoint()  # a healthy state: resume continues from it
+        switch = trainer.cfg.run_dir / "STOP"
+        if trainer.rank == 0 and switch.exists():
+            switch.rename(switch.with_name("STOP.consumed"))  # so a restart trains on
+        trainer.log_event("intervention", **event, after=hyperparameters(trainer), detail=reason)
+        return
+    trainer.human_needed = True
+    newest = ckpt.latest_checkpoint(trainer.cfg.checkpoint_dir)
+    why = (
+        f"{event['detector']} at step {event['step']}: {reason}; the run is resumable from "
+        f"{newest}"
+    )
+    trainer.stop_reason = f"stopped for a human after {why}"
+    trainer.log_event("stop_for_human", **event, reason=why)
+
+
+def _detail(anomaly) -> str:
+    if anomaly is None:
+        return ""
+    n = anomaly.numbers
+    if anomaly.detector == "loss_spike":
+        return (
+            f"loss {n['loss']:.4f} vs median {n['loss_median']:.4f} "
+            f"(robust std {n['loss_robust_std']:.4f})"
+        )
+    if anomaly.detector == "grad_norm_explosion":
+        return f"grad norm {n['grad_norm']:.3g} vs median {n['grad_norm_median']:.3g}"
+    if anomaly.detector == "loss_scale_collapse":
+        return f"loss scale {n['loss_scale']:g}, {n['overflows_in_window']} overflows in the window"
+    return f"loss {n['loss']}, grad norm {n['grad_norm']}"
+
+
+def apply_manual(trainer: Trainer) -> None:
+    """An `opt intervene` request: rank 0 reads it, every rank applies the same values."""
+    import json
+
+    import torch.distributed as dist
+
+    from opt.supervisor.cli import INTERVENE_FILE
+
+    path = trainer.cfg.run_dir / INTERVENE_FILE
+    request = [None]
+    if trainer.rank == 0:
+        try:
+            request[0] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            request[0] = {"error": str(err)}
+        path.rename(path.with_name("INTERVENE.applied.json"))
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(request, src=0)
+    request = request[0]
+    event = {"step": trainer.step, "tokens": trainer.tokens_seen, "action": "manual",
+             "reason": request.get("reason", ""), "before": hyperparameters(trainer)}  # fmt: skip
+    if "error" in request:
+        trainer.log_event(
+            "manual_intervention", **event, detail=f"unreadable request: {request['error']}"
+        )
+        return
+    if "lr_scale" in request:
+        trainer.lr_scale = float(request["lr_scale"])
+    if "grad_clip" in request:
+        trainer.grad_clip = float(request["grad_clip"])
+    if "skip_steps" in request:
+        first, last = request["skip_steps"]
+        first = max(first, trainer.step + 1)
+        per_step = trainer.loader.samples_per_step(trainer.grad_accum)
+        pos = trainer.loader.state_dict()["pos"]
+        if first <= last:
+            start = pos + (first - trainer.step - 1) * per_step
+            end = pos + (last - trainer.step) * per_step
+            trainer.loader.stream.skip(start, end)
+            event["skipped_data"] = [start, end]
+            event["skipped_steps"] = [first, last]
+    event["after"] = hyperparameters(trainer)
+    trainer.log_event("manual_intervention", **event)
