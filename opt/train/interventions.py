@@ -137,8 +137,7 @@ def _stop(trainer: Trainer, reason: str, event: dict) -> None:
     trainer.human_needed = True
     newest = ckpt.latest_checkpoint(trainer.cfg.checkpoint_dir)
     why = (
-        f"{event['detector']} at step {event['step']}: {reason}; the run is resumable from "
-        f"{newest}"
+        f"{event['detector']} at step {event['step']}: {reason}; the run is resumable from {newest}"
     )
     trainer.stop_reason = f"stopped for a human after {why}"
     trainer.log_event("stop_for_human", **event, reason=why)
