@@ -22,7 +22,7 @@ from opt.train.trainer import Trainer
 DRILL = {
     "train__max_steps": 60,
     "checkpoint__every": 5,
-    "checkpoint__keep_last": 2,
+    "checkpoint__keep_last": 1,  # the rollback target survives only by being protected
     "model__dropout": 0.0,
     "metrics__log_every": 100,
 }
