@@ -30,6 +30,22 @@ TINY_OVERRIDES = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repository_logbooks_untouched():
+    """Tests write their logbooks under tmp: the committed public ones must not change."""
+
+    def snapshot():
+        return sorted(
+            (str(p.relative_to(REPO)), p.stat().st_size)
+            for p in (REPO / "logbook").rglob("*")
+            if p.is_file()
+        )
+
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a test wrote into the repository's logbook/"
+
+
 @pytest.fixture(scope="session")
 def pydoc_dataset(tmp_path_factory) -> Path:
     """The embedded corpus tokenized with a 512-token BPE; returns the token-file prefix."""
@@ -49,6 +65,7 @@ def tiny_config(tmp_path, pydoc_dataset):
             "data.path": str(pydoc_dataset),
             "run.dir": str(tmp_path / "runs"),
             "checkpoint.dir": str(tmp_path / "checkpoints"),
+            "logbook.dir": str(tmp_path / "logbook"),
             **{k.replace("__", "."): v for k, v in overrides.items()},
         }
         args = []

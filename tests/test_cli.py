@@ -17,6 +17,7 @@ def _train_args(tmp_path, dataset, **extra) -> list[str]:
         "data.path": str(dataset),
         "run.dir": str(tmp_path / "runs"),
         "checkpoint.dir": str(tmp_path / "checkpoints"),
+        "logbook.dir": str(tmp_path / "logbook"),
         "run.name": "cli",
         **{k.replace("__", "."): v for k, v in extra.items()},
     }

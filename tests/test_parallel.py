@@ -102,6 +102,7 @@ def exact_run(tmp_path_factory, pydoc_dataset):
         "data.path": str(pydoc_dataset),
         "run.dir": str(root / "runs"),
         "checkpoint.dir": str(root / "ckpt"),
+        "logbook.dir": str(root / "logbook"),
     }
     args = [item for key, value in values.items() for item in (f"--{key}", cli_value(value))]
     cfg = load_config(None, args)

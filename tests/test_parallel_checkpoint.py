@@ -57,6 +57,7 @@ def config_file(tmp_path_factory, pydoc_dataset) -> Path:
         "data.path": str(pydoc_dataset),
         "run.dir": str(root / "runs"),
         "checkpoint.dir": str(root / "ckpt"),
+        "logbook.dir": str(root / "logbook"),
     }
     cfg = load_config(None, [item for k, v in values.items() for item in (f"--{k}", _toml(v))])
     path = root / "tiny.toml"
