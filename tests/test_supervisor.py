@@ -231,3 +231,41 @@ def test_logbook_commands_note_show_summary_render(tiny_config, tmp_path):
     assert '<path d="M' in svg and "[run]" in page and "checked the spike" in page
     missing = run_cli("logbook", "show", "nope", "--dir", root)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no logbook")
+
+
+def test_a_loss_scale_collapse_is_detected_in_fp16(tiny_config, tmp_path):
+    cfg = drill_config(
+        tiny_config, tmp_path, train__precision="fp16", train__max_steps=12,
+        supervisor__drill="scale_collapse@10",
+    )  # fmt: skip
+    results = Trainer(cfg).fit()
+    acted = [
+        (r.step, r.decision.rung, r.decision.anomaly.detector) for r in results if r.decision.rung
+    ]
+    assert acted[0] == (10, "skip", "loss_scale_collapse")
+    (event, *_) = interventions(read_events(cfg.logbook_dir / "events.jsonl"))
+    assert event["numbers"]["loss_scale"] == cfg.loss_scale.min_scale
+
+
+def test_config_changes_and_resumes_are_logged(tiny_config, tmp_path):
+    Trainer(drill_config(tiny_config, tmp_path, train__max_steps=5)).fit()
+    cfg = drill_config(tiny_config, tmp_path, train__max_steps=8, optim__lr=5e-4)
+    Trainer(cfg).fit()
+    events = read_events(cfg.logbook_dir / "events.jsonl")
+    assert [e["kind"] for e in events] == [
+        "run_start", "run_stop", "config_change", "run_start", "run_stop",
+    ]  # fmt: skip
+    assert events[2]["changes"]["optim.lr"] == [1e-3, 5e-4]
+    assert events[2]["changes"]["train.max_steps"] == [5, 8]
+    assert events[3]["reason"] == "resumed" and events[3]["checkpoint"].endswith("step_00000005")
+
+
+def test_too_many_interventions_stop_the_run(tiny_config, tmp_path):
+    cfg = drill_config(
+        tiny_config, tmp_path, supervisor__drill="nan@10x4", supervisor__max_interventions=2,
+        supervisor__ladder=["skip"],
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert trainer.human_needed and trainer.step == 12
+    assert "more than 2 interventions" in trainer.stop_reason
