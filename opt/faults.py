@@ -1,6 +1,8 @@
 """Deliberate failures, for testing that failures are handled (never set in production).
 
-``OPT_INJECT_FAULT="RANK:STEP:ACTION"`` makes rank RANK, just before training step STEP:
+``OPT_INJECT_FAULT="RANK:WHEN:ACTION"`` makes rank RANK, just before training step WHEN (a
+number) or in the middle of the supervisor's next rollback (WHEN = ``rollback``, after the
+intervention is logged and before the checkpoint is loaded):
 - ``raise``: raise an exception (its traceback must reach the launcher's report);
 - ``hang``: stop responding, so its peers' next collective must time out;
 - ``die``: SIGKILL itself, as the OOM killer or a lost node would.
@@ -22,18 +24,20 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def parse_fault(text: str) -> tuple[int, int, str]:
+def parse_fault(text: str) -> tuple[int, int | str, str]:
     try:
-        rank, step, action = text.split(":")
-        parsed = int(rank), int(step), action
+        rank, when, action = text.split(":")
+        parsed = int(rank), (when if when == "rollback" else int(when)), action
     except ValueError:
-        raise OptError(f"{ENV}={text!r}: expected RANK:STEP:ACTION") from None
+        raise OptError(
+            f"{ENV}={text!r}: expected RANK:STEP:ACTION or RANK:rollback:ACTION"
+        ) from None
     if action not in ACTIONS:
         raise OptError(f"{ENV}={text!r}: ACTION must be one of {', '.join(ACTIONS)}")
     return parsed
 
 
-def maybe_inject_fault(rank: int, step: int) -> None:
+def maybe_inject_fault(rank: int, step: int | str) -> None:
     text = os.environ.get(ENV)
     if not text:
         return

@@ -269,3 +269,31 @@ def test_too_many_interventions_stop_the_run(tiny_config, tmp_path):
     trainer.fit()
     assert trainer.human_needed and trainer.step == 12
     assert "more than 2 interventions" in trainer.stop_reason
+
+
+def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_config, tmp_path):
+    cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2")
+    config_file = tmp_path / "killed.toml"
+    config_file.write_text(to_toml(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPT_INJECT_FAULT": "0:rollback:die"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "opt", "train", str(config_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    events = read_events(cfg.logbook_dir / "events.jsonl")
+    assert events[-1]["kind"] == "intervention" and events[-1]["rolled_back_to_step"] == 25
+    from opt.checkpoint import list_checkpoints
+
+    # The untrusted step-30 checkpoint is gone from view; the target is complete.
+    assert [p.name for p in list_checkpoints(cfg.checkpoint_dir)] == ["step_00000025"]
+    resumed = run_cli("train", str(config_file))
+    assert resumed.returncode == 0, resumed.stderr
+    events = read_events(cfg.logbook_dir / "events.jsonl")
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("intervention") == 2  # no second rollback after the restart
+    finished = next(e for e in events if e["kind"] == "intervention_completed_after_restart")
+    assert finished["after"]["lr_scale"] == 0.9 and finished["step"] == 25
+    state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
+    assert (state["lr_scale"], state["grad_clip"]) == (0.9, pytest.approx(0.6))
+    assert not list(cfg.checkpoint_dir.glob(".*"))  # the hidden discarded one, cleaned up

@@ -252,6 +252,13 @@ def load_training_state(
     return _load_plain(path / TRAINER_FILE)
 
 
+def load_trainer_state(path: str | Path) -> dict:
+    """Only the small trainer state of a checkpoint (step, data position, factors, ...)."""
+    path = Path(path)
+    manifest.read_manifest(path)
+    return _load_plain(path / TRAINER_FILE)
+
+
 def _load_plain(file: Path) -> dict:
     """torch.load restricted to tensors and primitives: a checkpoint never runs code."""
     try:
@@ -285,6 +292,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def prune_checkpoints(root: str | Path, keep_last: int, protect: set[Path] = frozenset()) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and any in ``protect``)."""
+    root = Path(root)
+    if root.is_dir():  # left behind by a job that died in the middle of a rollback
+        for leftover in root.glob(".step_*.discarded"):
+            shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return
     found = list_checkpoints(root)

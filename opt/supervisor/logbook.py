@@ -173,6 +173,13 @@ def describe(event: dict) -> str:
         return " ".join(parts)
     if kind == "outcome":
         return f"outcome of intervention at step {event.get('intervention_step')}: {event.get('result')}"
+    if kind == "intervention_completed_after_restart":
+        after = event.get("after", {})
+        return (
+            f"restart finished the rollback logged at step {event.get('from_step')}: lr_scale "
+            f"{after.get('lr_scale')}, grad_clip {after.get('grad_clip')}, "
+            f"{len(event.get('skipped_data', []))} data skip(s) re-applied"
+        )
     if kind == "note":
         return f"note: {event.get('text', '')}"
     if kind == "stop_for_human":

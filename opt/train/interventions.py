@@ -8,11 +8,13 @@ own state and the lowered LR/clip factors carry over (the schedule is scaled, no
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opt import checkpoint as ckpt
+from opt.faults import maybe_inject_fault
 from opt.parallel import distributed
 
 if TYPE_CHECKING:
@@ -59,69 +61,138 @@ def carry_out(trainer: Trainer, result: StepResult) -> None:
         "numbers": anomaly.numbers if anomaly else {},
         "action": decision.rung or "+".join(decision.moves),
         "before": hyperparameters(trainer),
+        "detail": _detail(anomaly),
     }
     if "stop" in decision.moves:
         _stop(trainer, decision.reason, event)
         return
-    if "rollback" in decision.moves:
-        target = healthy_checkpoint(trainer)
-        if target is None:
-            reason = (
-                f"no healthy checkpoint saved by step {trainer.supervisor.rollback_limit()} "
-                "to roll back to"
-            )
-            _stop(trainer, reason, event)
-            return
-        event.update(rollback(trainer, target, result.step, decision.moves))
-    event["after"] = hyperparameters(trainer)
-    event["detail"] = _detail(anomaly)
-    trainer.log_event("intervention", **event)
+    if "rollback" not in decision.moves:
+        trainer.log_event("intervention", **event, after=hyperparameters(trainer))
+        return
+    target = healthy_checkpoint(trainer)
+    if target is None:
+        reason = (
+            f"no healthy checkpoint saved by step {trainer.supervisor.rollback_limit()} "
+            "to roll back to"
+        )
+        _stop(trainer, reason, event)
+        return
+    rollback(trainer, target, result.step, decision.moves, event)
 
 
-def rollback(trainer: Trainer, target: Path, anomaly_step: int, moves: tuple[str, ...]) -> dict:
+def plan_rollback(
+    trainer: Trainer, target: Path, anomaly_step: int, moves: tuple[str, ...]
+) -> dict:
+    """What the rollback will do, decided before anything is changed, so that it can be
+    logged first and finished from the logbook if the job dies half-way."""
+    cfg = trainer.cfg.supervisor
+    saved = ckpt.load_trainer_state(target)
+    target_step = int(saved["step"])
+    lower = "lower_lr_clip" in moves
+    plan = {
+        "checkpoint": str(target),
+        "rolled_back_to_step": target_step,
+        "tokens_lost": (anomaly_step - target_step) * trainer.cfg.train.batch_tokens,
+        "after": {
+            **hyperparameters(trainer),
+            "lr_scale": trainer.lr_scale * (cfg.lr_factor if lower else 1.0),
+            "grad_clip": trainer.grad_clip * (cfg.clip_factor if lower else 1.0),
+        },
+    }
+    if "skip_data" in moves:
+        per_step = trainer.loader.samples_per_step(trainer.grad_accum)
+        pos = int(saved["data"]["pos"])
+        first = max(anomaly_step - cfg.skip_data_steps, target_step)
+        plan["skipped_data"] = [
+            pos + (first - target_step) * per_step,
+            pos + (anomaly_step - target_step) * per_step,
+        ]
+        plan["skipped_steps"] = [first + 1, anomaly_step]
+    return plan
+
+
+def rollback(
+    trainer: Trainer, target: Path, anomaly_step: int, moves: tuple[str, ...], event: dict
+) -> None:
+    """Hide the untrusted checkpoints, log the plan, then carry it out in-process.
+
+    A job killed after the log line resumes from ``target`` (the newest complete
+    checkpoint left) and ``reconcile_with_logbook`` re-applies the logged factors and skips.
+    """
     sup = trainer.supervisor
     trainer.finish_checkpoint()
+    plan = plan_rollback(trainer, target, anomaly_step, moves)
     discarded = [
         p for p in ckpt.list_checkpoints(trainer.cfg.checkpoint_dir) if _step(p) > _step(target)
     ]
+    hidden = [p.with_name(f".{p.name}.discarded") for p in discarded]
     if trainer.rank == 0:
-        for path in discarded:  # saved while the divergence was brewing: never resume from them
-            shutil.rmtree(path)
+        # Saved while the divergence was brewing: never resume from them. A rename is
+        # atomic, so a crash never leaves one half-deleted but still looking complete.
+        for path, tmp in zip(discarded, hidden, strict=True):
+            os.replace(path, tmp)
     distributed.barrier()
-    carried = (trainer.lr_scale, trainer.grad_clip, sup.state_dict())
+    trainer.log_event(
+        "intervention", **event, **plan, discarded_checkpoints=[p.name for p in discarded]
+    )
+    maybe_inject_fault(trainer.rank, "rollback")
+    carried_supervisor = sup.state_dict()
     skips = trainer.loader.stream.state_dict()["skips"]
     state = ckpt.load_training_state(
         target, trainer.model_parts, trainer.optimizers, layout=trainer.layout
     )
     trainer.load_state_dict(state)
-    trainer.lr_scale, trainer.grad_clip, sup_state = carried
-    sup.load_state_dict(sup_state)
-    for start, end in skips:  # skips decided after the target was saved still hold
-        trainer.loader.stream.skip(start, end)
-    details = {
-        "checkpoint": str(target),
-        "rolled_back_to_step": trainer.step,
-        "tokens_lost": (anomaly_step - trainer.step) * trainer.cfg.train.batch_tokens,
-        "discarded_checkpoints": [p.name for p in discarded],
-    }
-    cfg = trainer.cfg.supervisor
-    if "lower_lr_clip" in moves:
-        trainer.lr_scale *= cfg.lr_factor
-        trainer.grad_clip *= cfg.clip_factor
-    if "skip_data" in moves:
-        per_step = trainer.loader.samples_per_step(trainer.grad_accum)
-        pos = trainer.loader.state_dict()["pos"]
-        first = max(anomaly_step - cfg.skip_data_steps, trainer.step)
-        start = pos + (first - trainer.step) * per_step
-        end = pos + (anomaly_step - trainer.step) * per_step
-        trainer.loader.stream.skip(start, end)
-        details["skipped_data"] = [start, end]
-        details["skipped_steps"] = [first + 1, anomaly_step]
+    sup.load_state_dict(carried_supervisor)
+    trainer.lr_scale = plan["after"]["lr_scale"]
+    trainer.grad_clip = plan["after"]["grad_clip"]
+    for start, end in [*skips, *([plan["skipped_data"]] if "skipped_data" in plan else [])]:
+        trainer.loader.stream.skip(start, end)  # skips decided after the target still hold
     if "reset_optimizer" in moves:
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         sup.rewarmup_start = trainer.step
-    return details
+    if trainer.rank == 0:
+        for tmp in hidden:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reconcile_with_logbook(trainer: Trainer, source: Path) -> dict | None:
+    """After resuming from ``source``: if the logbook's last rollback went to this very
+    checkpoint, the job died between that rollback and its next checkpoint, and its
+    lowered factors and data skips (logged, not yet saved) are applied again."""
+    import torch.distributed as dist
+
+    decision = [None]
+    if trainer.rank == 0 and trainer.logbook is not None and trainer.logbook.events_path.exists():
+        events = trainer.logbook.events()
+        last = max(
+            (i for i, e in enumerate(events) if e.get("rolled_back_to_step") is not None),
+            default=None,
+        )
+        if last is not None and events[last]["rolled_back_to_step"] == trainer.step:
+            later = events[last:]
+            factors = next(e["after"] for e in reversed(later) if e.get("after"))
+            skips = [e["skipped_data"] for e in later if e.get("skipped_data")]
+            decision[0] = {
+                "after": factors,
+                "skipped_data": skips,
+                "from_step": events[last]["step"],
+                "furthest_step": max(e.get("step", 0) for e in later),
+            }
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    found = decision[0]
+    if found is None:
+        return None
+    before = hyperparameters(trainer)
+    trainer.lr_scale = float(found["after"]["lr_scale"])
+    trainer.grad_clip = float(found["after"]["grad_clip"])
+    for start, end in found["skipped_data"]:
+        trainer.loader.stream.skip(start, end)
+    # A drill fires only the first time through its step: the dead job had got that far.
+    sup = trainer.supervisor
+    sup.furthest_step = max(sup.furthest_step, int(found.pop("furthest_step")))
+    return {"before": before, "after": hyperparameters(trainer), **found}
 
 
 def _stop(trainer: Trainer, reason: str, event: dict) -> None:
@@ -132,7 +203,8 @@ def _stop(trainer: Trainer, reason: str, event: dict) -> None:
         switch = trainer.cfg.run_dir / "STOP"
         if trainer.rank == 0 and switch.exists():
             switch.rename(switch.with_name("STOP.consumed"))  # so a restart trains on
-        trainer.log_event("intervention", **event, after=hyperparameters(trainer), detail=reason)
+        event["detail"] = reason
+        trainer.log_event("intervention", **event, after=hyperparameters(trainer))
         return
     trainer.human_needed = True
     newest = ckpt.latest_checkpoint(trainer.cfg.checkpoint_dir)

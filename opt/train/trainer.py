@@ -193,6 +193,7 @@ class Trainer:
         )
         self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.rank == 0 else None
         self.pending_checkpoint: ckpt.PendingCheckpoint | None = None
+        self.reconciled: dict | None = None  # a rollback finished from the logbook at resume
         # Background checkpoint writes get their own gloo group: their collectives must
         # not interleave with the training loop's on the default group.
         self.checkpoint_group = None
@@ -412,6 +413,8 @@ class Trainer:
                 source, self.model_parts, self.optimizers, layout=self.layout
             )
             self.load_state_dict(state)
+            if self.supervisor is not None:
+                self.reconciled = interventions.reconcile_with_logbook(self, source)
             return source
         if self.cfg.checkpoint.init_from:
             source = Path(self.cfg.checkpoint.init_from)
@@ -507,6 +510,11 @@ class Trainer:
             model=self.cfg.model.name,
             run_dir=str(self.cfg.run_dir),
         )
+        if self.reconciled is not None:
+            self.log_event(
+                "intervention_completed_after_restart", step=self.step, tokens=self.tokens_seen,
+                **self.reconciled,
+            )  # fmt: skip
 
     def _metrics_logger(self) -> MetricsLogger:
         cfg = self.cfg
