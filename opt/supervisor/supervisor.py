@@ -10,6 +10,7 @@ differently on one rank cannot split the job.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from opt.supervisor.detectors import NAMES, Anomaly, Detectors
 KILL_SWITCH = len(NAMES)  # index of the operator's stop flag in the agreed vector
 MANUAL = KILL_SWITCH + 1  # index of "an `opt intervene` request is waiting"
 KILL_SWITCH_REASON = "kill switch"
+KILL_SWITCH_FILE = "STOP"  # in the run directory: stop cleanly at the next step
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Supervisor:
         self.interventions: deque[int] = deque()
         self.furthest_step = 0  # a non-repeating drill fires only the first time through
         self.rewarmup_start: int | None = None
+        self.last_outcome: dict | None = None  # an incident just judged, for the logbook
 
     # ----- drills --------------------------------------------------------------------------
     def drill_at(self, step: int) -> str | None:
@@ -159,7 +162,7 @@ class Supervisor:
         }
 
     def pop_outcome(self) -> dict | None:
-        outcome, self.last_outcome = getattr(self, "last_outcome", None), None
+        outcome, self.last_outcome = self.last_outcome, None
         return outcome
 
     def rollback_limit(self) -> int:
@@ -179,33 +182,23 @@ class Supervisor:
 
     # ----- state (checkpointed with the trainer's) ------------------------------------------
     def state_dict(self) -> dict:
-        incident = None
-        if self.incident is not None:
-            i = self.incident
-            incident = [i.start, i.pre_level, i.last_intervention, i.healthy_steps,
-                        -1 if i.recovered_at is None else i.recovered_at, list(i.rungs)]  # fmt: skip
+        # Plain dicts, lists and None: all that torch.load(weights_only=True) reads back.
         return {
             "detectors": self.detectors.state_dict(),
-            "incident": incident,
+            "incident": dataclasses.asdict(self.incident) if self.incident else None,
             "rung": self.rung,
             "interventions": list(self.interventions),
             "furthest_step": self.furthest_step,
-            "rewarmup_start": -1 if self.rewarmup_start is None else self.rewarmup_start,
+            "rewarmup_start": self.rewarmup_start,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.detectors.load_state_dict(state["detectors"])
-        if state["incident"] is None:
-            self.incident = None
-        else:
-            start, level, last, healthy, recovered, rungs = state["incident"]
-            self.incident = Incident(
-                start, level, last, healthy, None if recovered < 0 else recovered, rungs
-            )
+        self.incident = Incident(**state["incident"]) if state["incident"] else None
         self.rung = int(state["rung"])
         self.interventions = deque(state["interventions"])
         self.furthest_step = int(state["furthest_step"])
-        self.rewarmup_start = None if state["rewarmup_start"] < 0 else int(state["rewarmup_start"])
+        self.rewarmup_start = state["rewarmup_start"]
 
 
 def _agree(flags: list[float], device: torch.device) -> list[float]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from opt import checkpoint as ckpt
 from opt.faults import maybe_inject_fault
 from opt.parallel import distributed
+from opt.supervisor.supervisor import KILL_SWITCH_FILE
 
 if TYPE_CHECKING:
     from opt.train.trainer import StepResult, Trainer
@@ -200,7 +201,7 @@ def _stop(trainer: Trainer, reason: str, event: dict) -> None:
     if reason == "kill switch":
         trainer.stop_reason = "kill switch: stopped at a step boundary by the operator"
         trainer.save_checkpoint()  # a healthy state: resume continues from it
-        switch = trainer.cfg.run_dir / "STOP"
+        switch = trainer.cfg.run_dir / KILL_SWITCH_FILE
         if trainer.rank == 0 and switch.exists():
             switch.rename(switch.with_name("STOP.consumed"))  # so a restart trains on
         event["detail"] = reason

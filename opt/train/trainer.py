@@ -36,7 +36,7 @@ from opt.parallel.parallelize import (
 from opt.parallel.pipeline import build_schedule
 from opt.supervisor.cli import INTERVENE_FILE
 from opt.supervisor.logbook import Logbook
-from opt.supervisor.supervisor import Decision, Supervisor
+from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
 from opt.train import interventions
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
@@ -82,9 +82,6 @@ def resolve_model_args(cfg: JobConfig) -> ModelArgs:
             f"max_positions={args.max_positions}"
         )
     return args
-
-
-KILL_SWITCH_FILE = "STOP"  # in the run directory: stop cleanly at the next step
 
 
 def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
