@@ -13,7 +13,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from opt.config import ParallelConfig
 from opt.errors import OptError
-from opt.models.init import init_parameters
+from opt.models.init import init_parameters, plain_view
 from opt.models.model import OPTModel, canonical_name
 from opt.models.sizes import ModelArgs
 from opt.parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
@@ -129,7 +129,7 @@ def dtensor_view(param: torch.Tensor):
         )
         assert tuple(shape) == tuple(local.shape), (shape, local.shape)
         return local, param.shape, offset
-    return param.data, param.shape, (0,) * param.dim()
+    return plain_view(param)
 
 
 def materialize(model: ParallelModel, device: torch.device, seed: int) -> None:

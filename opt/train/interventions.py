@@ -101,15 +101,19 @@ def plan_rollback(
         },
     }
     if "skip_data" in moves:
-        per_step = trainer.loader.samples_per_step(trainer.grad_accum)
-        pos = int(saved["data"]["pos"])
-        first = max(anomaly_step - cfg.skip_data_steps, target_step)
-        plan["skipped_data"] = [
-            pos + (first - target_step) * per_step,
-            pos + (anomaly_step - target_step) * per_step,
-        ]
-        plan["skipped_steps"] = [first + 1, anomaly_step]
+        first = max(anomaly_step - cfg.skip_data_steps, target_step) + 1
+        plan["skipped_data"] = step_samples(
+            trainer, int(saved["data"]["pos"]), target_step, first, anomaly_step
+        )
+        plan["skipped_steps"] = [first, anomaly_step]
     return plan
+
+
+def step_samples(trainer: Trainer, pos: int, done_steps: int, first: int, last: int) -> list[int]:
+    """Stream positions [start, end) that steps ``first..last`` (1-based, inclusive) read,
+    given the stream stands at ``pos`` after ``done_steps`` steps (no skips in between)."""
+    per_step = trainer.loader.samples_per_step(trainer.grad_accum)
+    return [pos + (first - done_steps - 1) * per_step, pos + (last - done_steps) * per_step]
 
 
 def rollback(
@@ -265,11 +269,9 @@ def apply_manual(trainer: Trainer) -> None:
     if "skip_steps" in request:
         first, last = request["skip_steps"]
         first = max(first, trainer.step + 1)
-        per_step = trainer.loader.samples_per_step(trainer.grad_accum)
-        pos = trainer.loader.state_dict()["pos"]
         if first <= last:
-            start = pos + (first - trainer.step - 1) * per_step
-            end = pos + (last - trainer.step) * per_step
+            pos = trainer.loader.state_dict()["pos"]
+            start, end = step_samples(trainer, pos, trainer.step, first, last)
             trainer.loader.stream.skip(start, end)
             event["skipped_data"] = [start, end]
             event["skipped_steps"] = [first, last]
