@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES, _toml
 from parallel_worker import full_gradients
 
 from opt.config import to_toml
@@ -85,15 +86,9 @@ def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Complet
     )
 
 
-def cli_value(value) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
-
-
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory, pydoc_dataset):
     """The single-process reference: config file, losses, and gradients after step 1."""
-    from conftest import TINY_OVERRIDES
-
     from opt.config import load_config
 
     root = tmp_path_factory.mktemp("exact")
@@ -104,7 +99,7 @@ def exact_run(tmp_path_factory, pydoc_dataset):
         "checkpoint.dir": str(root / "ckpt"),
         "logbook.dir": str(root / "logbook"),
     }
-    args = [item for key, value in values.items() for item in (f"--{key}", cli_value(value))]
+    args = [item for key, value in values.items() for item in (f"--{key}", _toml(value))]
     cfg = load_config(None, args)
     config_file = root / "exact.toml"
     config_file.write_text(to_toml(cfg))
@@ -120,7 +115,7 @@ def exact_run(tmp_path_factory, pydoc_dataset):
 def test_layout_matches_one_process(layout, exact_run, tmp_path):
     config_file, expected_losses, expected_grads = exact_run
     nproc, overrides = LAYOUTS[layout]
-    override_args = [item for k, v in overrides.items() for item in (f"--{k}", cli_value(v))]
+    override_args = [item for k, v in overrides.items() for item in (f"--{k}", _toml(v))]
     result = torchrun(
         nproc,
         str(REPO / "tests" / "parallel_worker.py"),
@@ -157,7 +152,7 @@ def test_dropout_masks_under_tensor_parallel(sequence_parallel, exact_run, tmp_p
         str(config_file),
         "--model.dropout", "0.1",
         "--parallel.tp", "2",
-        "--parallel.sequence_parallel", cli_value(sequence_parallel),
+        "--parallel.sequence_parallel", _toml(sequence_parallel),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
