@@ -32,13 +32,9 @@ def check_before_launch(nproc: int, config: str, overrides: list[str]) -> None:
     """Refuse a config or layout that cannot work before starting any process."""
     from opt.cli import SHORTHANDS
     from opt.config import load_config
-    from opt.parallel.parallelize import check_layout, check_microbatches
-    from opt.train.trainer import gradient_accumulation_steps, parallel_dims, resolve_model_args
+    from opt.train.trainer import check_job
 
-    cfg = load_config(config, [SHORTHANDS.get(a, a) for a in overrides])
-    dims = parallel_dims(cfg, nproc)
-    check_layout(resolve_model_args(cfg), dims, cfg.parallel)
-    check_microbatches(dims, cfg.parallel, gradient_accumulation_steps(cfg, dims.dp))
+    check_job(load_config(config, [SHORTHANDS.get(a, a) for a in overrides]), nproc)
 
 
 def launch_local(nproc: int, config: str, overrides: list[str]) -> int:

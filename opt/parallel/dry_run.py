@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from opt.config import JobConfig
 from opt.models.model import canonical_name, count_parameters
 from opt.parallel import distributed
-from opt.parallel.parallelize import check_layout, check_microbatches, parallelize
+from opt.parallel.parallelize import parallelize
 
 # fp32 master weights and gradients; AdamW keeps two fp32 moments per parameter.
 PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 4, 4, 8
@@ -39,13 +39,10 @@ def _placements(param: torch.Tensor) -> str:
 
 
 def dry_run_report(cfg: JobConfig, world_size: int) -> dict:
-    from opt.train.trainer import gradient_accumulation_steps, parallel_dims, resolve_model_args
+    from opt.train.trainer import check_job
 
-    args = resolve_model_args(cfg)
-    dims = parallel_dims(cfg, world_size)
-    n_stages = check_layout(args, dims, cfg.parallel)
-    grad_accum = gradient_accumulation_steps(cfg, dims.dp)
-    check_microbatches(dims, cfg.parallel, grad_accum)
+    args, dims, grad_accum = check_job(cfg, world_size)
+    n_stages = dims.pp * cfg.parallel.pp_stages_per_rank
     ranks_per_stage = world_size // dims.pp
     stages, split = [], []
     try:

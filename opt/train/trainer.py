@@ -100,6 +100,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def check_job(cfg: JobConfig, world_size: int) -> tuple[ModelArgs, ParallelDims, int]:
+    """Every check that needs no memory: the shape, the layout against the world size and
+    the model, and the batch arithmetic. Returns (model args, dims, gradient accumulation).
+    Training, the dry run and `opt launch local` all start here."""
+    args = resolve_model_args(cfg)
+    dims = parallel_dims(cfg, world_size)
+    check_layout(args, dims, cfg.parallel)
+    grad_accum = gradient_accumulation_steps(cfg, dims.dp)
+    check_microbatches(dims, cfg.parallel, grad_accum)
+    return args, dims, grad_accum
+
+
 def gradient_accumulation_steps(cfg: JobConfig, dp_size: int = 1) -> int:
     per_pass = cfg.train.micro_batch_size * cfg.data.seq_len * dp_size
     if cfg.train.batch_tokens % per_pass != 0:
@@ -121,12 +133,10 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
-        self.model_args = resolve_model_args(cfg)
         # Everything that needs no memory is checked first: a bad layout costs nothing.
-        self.dims = parallel_dims(cfg, distributed.launched_world_size())
-        check_layout(self.model_args, self.dims, cfg.parallel)
-        self.grad_accum = gradient_accumulation_steps(cfg, self.dims.dp)
-        check_microbatches(self.dims, cfg.parallel, self.grad_accum)
+        self.model_args, self.dims, self.grad_accum = check_job(
+            cfg, distributed.launched_world_size()
+        )
         self.device = _resolve_device(cfg.train.device)
         bf16_on_gpu = cfg.train.precision == "bf16" and self.device.type == "cuda"
         if bf16_on_gpu and not torch.cuda.is_bf16_supported():
