@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "tqdm",
+        "submitit>=1.5",  # `opt launch slurm`
     ],
     extras_require={
         "dev": [

@@ -48,8 +48,10 @@ SHORTHANDS = {"--resume": "--checkpoint.resume", "--max-steps": "--train.max_ste
 
 def cmd_train(args: argparse.Namespace) -> int:
     from opt.config import load_config
+    from opt.launch.slurm_env import adopt_slurm_environment
     from opt.parallel import distributed
 
+    adopt_slurm_environment()  # a task of `opt launch slurm`: rank and rendezvous from Slurm
     overrides = [SHORTHANDS.get(a, a) for a in args.overrides]
     dry_run, world_size, as_json = _pop_dry_run_flags(overrides)
     cfg = load_config(args.config, overrides)
@@ -107,6 +109,23 @@ def _pop_dry_run_flags(overrides: list[str]) -> tuple[bool, int, bool]:
     if as_json and not dry_run:
         raise OptError("--json is for --dry-run")
     return dry_run, world_size, as_json
+
+
+def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    from opt.launch.slurm import launch_slurm
+
+    overrides = list(args.overrides)
+    dry_run = "--dry-run" in overrides
+    overrides = [a for a in overrides if a != "--dry-run"]
+    return launch_slurm(args.config, overrides, dry_run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from opt.launch.status import format_status, run_status_report
+
+    report = run_status_report(args.run, args.runs_dir)
+    print(json.dumps(report, indent=1) if args.json else format_status(report))
+    return 0
 
 
 def cmd_launch_local(args: argparse.Namespace) -> int:
@@ -184,6 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("config", help="TOML config file")
     local.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
     local.set_defaults(func=cmd_launch_local)
+    slurm = launch_sub.add_parser(
+        "slurm",
+        help="submit to Slurm (submitit); requeues itself on timeouts, preemption, failures",
+        description="Submit `opt train CONFIG [overrides]` as a Slurm job with one task per "
+        "GPU. The [slurm] config section (or --slurm.KEY overrides, or the short flags "
+        "--nodes, --gpus-per-node, --tasks-per-node, --partition, --account, --qos, "
+        "--time-minutes, --exclude, --nodelist) sets the allocation. Prints the layout and "
+        "the sbatch script first; --dry-run stops there and submits nothing.",
+    )
+    slurm.add_argument("config", help="TOML config file")
+    slurm.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
+    slurm.set_defaults(func=cmd_launch_slurm)
+
+    status = sub.add_parser(
+        "status",
+        help="a run's Slurm job state, step, last checkpoint, restarts and interventions",
+        description="Where a run is: its Slurm job (from squeue/scontrol, never sacct), the "
+        "current step, the newest complete checkpoint, restarts by cause and the latest "
+        "interventions, from the run directory and its logbook.",
+    )
+    status.add_argument("run", help="run name or run directory")
+    status.add_argument("--runs-dir", default="runs", help="root of run directories")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
 
     score = sub.add_parser(
         "score",

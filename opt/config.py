@@ -211,6 +211,47 @@ class MetricsConfig:
 
 
 @dataclass
+class SlurmConfig:
+    nodes: int = 1
+    """Nodes to allocate (`opt launch slurm`)."""
+    gpus_per_node: int = 8
+    """GPUs per node; one task (rank) per GPU. 0 for CPU-only nodes (set tasks_per_node)."""
+    tasks_per_node: int = 0
+    """Ranks per node; 0 means one per GPU. Only CPU-only nodes may differ from gpus_per_node."""
+    cpus_per_task: int = 0
+    """CPU cores per rank (data loading, host work); 0 leaves it to the cluster's default."""
+    mem: str = ""
+    """Memory per node as sbatch takes it (e.g. 0 for all of it, 500G); empty: cluster default."""
+    partition: str = ""
+    """Slurm partition; empty: the cluster's default."""
+    account: str = ""
+    """Account to charge; empty: the user's default."""
+    qos: str = ""
+    """Quality of service; empty: the default."""
+    time_minutes: int = 4320
+    """Time limit of each allocation; the job requeues itself when it runs out."""
+    exclude: str = ""
+    """Nodes never to use (Slurm host list, e.g. node[003,017]); failing nodes are added."""
+    nodelist: str = ""
+    """Nodes to use (Slurm host list); empty: any."""
+    sbatch: list[str] = field(default_factory=list)
+    """Extra sbatch options as KEY=VALUE (or KEY for a flag), e.g. ["constraint=a100"]."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run at the start of each allocation (module load, source a venv, ...)."""
+    signal: str = "USR2"
+    """Slurm's warning signal before the time limit (USR1 or USR2); every rank saves on it."""
+    signal_delay_s: int = 300
+    """Seconds between the warning signal and the kill: must cover one step plus a
+    synchronous checkpoint."""
+    max_timeout_requeues: int = 100
+    """Requeues after reaching the time limit before the job gives up (preemptions: no limit)."""
+    max_failure_requeues: int = 5
+    """Requeues after a process or node failure before the job gives up."""
+    exclude_after_failures: int = 2
+    """Exclude a node from later allocations once it has failed this often; 0 never."""
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -224,6 +265,7 @@ class JobConfig:
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -339,6 +381,8 @@ def _coerce(value: object, hint: object, key: str) -> object:
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)  # 3e8 in TOML is a float; token counts are ints
+    if hint is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `--slurm.mem 0`: a number on the command line, a string to sbatch
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise OptError(f"config key {key} must be {hint.__name__}, got {value!r}")
     return value
@@ -365,6 +409,7 @@ def validate(config: JobConfig) -> None:
         if value <= 0:
             raise OptError(f"{key} must be positive, got {value}")
     _validate_supervisor(config)
+    _validate_slurm(config.slurm)
     par = config.parallel
     if par.pp_schedule not in PP_SCHEDULES:
         raise OptError(
@@ -393,6 +438,29 @@ def validate(config: JobConfig) -> None:
         raise OptError("schedule.min_lr_ratio must be within [0, 1]")
     if config.checkpoint.keep_last < 0 or config.train.max_steps < 0:
         raise OptError("checkpoint.keep_last and train.max_steps must not be negative")
+
+
+def _validate_slurm(slurm: SlurmConfig) -> None:
+    at_least = {"nodes": 1, "time_minutes": 1, "signal_delay_s": 1, "gpus_per_node": 0,
+                "tasks_per_node": 0, "cpus_per_task": 0, "max_timeout_requeues": 0,
+                "max_failure_requeues": 0, "exclude_after_failures": 0}  # fmt: skip
+    for key, low in at_least.items():
+        if getattr(slurm, key) < low:
+            raise OptError(f"slurm.{key} must be at least {low}, got {getattr(slurm, key)}")
+    if slurm.gpus_per_node == 0 and slurm.tasks_per_node == 0:
+        raise OptError("slurm.gpus_per_node=0 (CPU-only nodes) needs slurm.tasks_per_node")
+    if slurm.gpus_per_node > 0 and slurm.tasks_per_node not in (0, slurm.gpus_per_node):
+        raise OptError(
+            f"slurm.tasks_per_node={slurm.tasks_per_node} but gpus_per_node="
+            f"{slurm.gpus_per_node}: opt runs one task per GPU"
+        )
+    if slurm.signal not in ("USR1", "USR2"):
+        raise OptError(f"slurm.signal must be USR1 or USR2, got {slurm.signal!r}")
+    if slurm.signal_delay_s >= slurm.time_minutes * 60:
+        raise OptError("slurm.signal_delay_s must be shorter than the time limit")
+    for option in slurm.sbatch:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*(=.+)?", option.removeprefix("--")):
+            raise OptError(f"slurm.sbatch option {option!r}: expected KEY=VALUE or KEY")
 
 
 def _validate_supervisor(config: JobConfig) -> None:

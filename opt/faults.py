@@ -6,6 +6,9 @@ intervention is logged and before the checkpoint is loaded):
 - ``raise``: raise an exception (its traceback must reach the launcher's report);
 - ``hang``: stop responding, so its peers' next collective must time out;
 - ``die``: SIGKILL itself, as the OOM killer or a lost node would.
+
+``OPT_STEP_DELAY_S=SECONDS`` makes every step that much slower, so that a test can signal
+or kill a run while it is surely in the middle of training.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from opt.errors import OptError
 
 ENV = "OPT_INJECT_FAULT"
+DELAY_ENV = "OPT_STEP_DELAY_S"
 ACTIONS = ("raise", "hang", "die")
 
 
@@ -38,6 +42,8 @@ def parse_fault(text: str) -> tuple[int, int | str, str]:
 
 
 def maybe_inject_fault(rank: int, step: int | str) -> None:
+    if isinstance(step, int) and (delay := os.environ.get(DELAY_ENV)):
+        time.sleep(float(delay))
     text = os.environ.get(ENV)
     if not text:
         return

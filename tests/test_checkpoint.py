@@ -95,7 +95,7 @@ def test_corruption_is_refused_with_a_clear_error(tmp_path, damage):
         message = "fails its checksum"
     elif damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-10])
-        message = "wrong size"
+        message = "has .* bytes, the manifest says"
     elif damage == "delete":
         shard.unlink()
         message = "missing file"

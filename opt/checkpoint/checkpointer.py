@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ def save_checkpoint(
         dcp.save(state, checkpoint_id=tmp)
     meta = {
         "step": (trainer_state or {}).get("step", 0),
+        "saved_at": time.time(),  # when training first reached this step: for time lost
         "world_size": world,
         "layout": layout or {"world_size": world},
         "contents": ["model"] + (["optim", "trainer"] if optimizer is not None else []),
@@ -217,7 +219,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> OPTModel
 
 
 def load_training_state(
-    path: str | Path, model: Modules, optimizer: Optimizers, layout: dict | None = None
+    path: str | Path,
+    model: Modules,
+    optimizer: Optimizers,
+    layout: dict | None = None,
+    verified: bool = False,
 ) -> dict:
     """Restore model, optimizer and this rank's RNG; returns the trainer state dict.
 
@@ -225,7 +231,8 @@ def load_training_state(
     whatever layout wrote them. One load per local part (every rank holds as many).
     """
     path = Path(path)
-    info = manifest.verify_checkpoint(path)
+    # Sizes always; checksums unless the caller's ranks have just verified them together.
+    info = manifest.verify_checkpoint(path, checksums=not verified)
     if "trainer" not in info.get("contents", []):
         raise OptError(
             f"{path} holds weights only; start from it with --checkpoint.init_from instead"

@@ -108,7 +108,7 @@ def _stage_report(pp_rank: int, model) -> dict:
     }
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict, shapes: bool = True) -> str:
     layout = report["layout"]
     pipe = report["pipeline"]
     batch = report["batch"]
@@ -136,6 +136,8 @@ def format_report(report: dict) -> str:
             f"{stage['local_parameters']:>15,} {_size(b['parameters']):>11} "
             f"{_size(b['gradients']):>11} {_size(b['optimizer']):>11} {_size(b['total']):>11}"
         )
+    if not shapes:
+        return "\n".join(lines)
     lines += ["", "shapes on the first rank of pp rank 0 (global -> local):"]
     first = report["per_rank"][0]["shapes"]
     for entry in _one_layer(first):

@@ -144,9 +144,19 @@ def describe(event: dict) -> str:
     """One line of prose for an event."""
     kind = event.get("kind", "?")
     if kind == "run_start":
-        return (
+        text = (
             f"run started ({event.get('reason', 'fresh')}) on {event.get('world_size', 1)} rank(s)"
         )
+        if event.get("checkpoint"):
+            text += f" from {Path(event['checkpoint']).name}"
+        if "lost_steps" in event:
+            text += (
+                f"; the interruption cost {event['lost_steps']} step(s), "
+                f"{event.get('lost_tokens', 0):,} tokens and {_duration(event.get('lost_s'))}"
+            )
+        return text
+    if kind in HARDWARE_KINDS:
+        return _describe_hardware(event)
     if kind == "run_stop":
         return f"run stopped: {event.get('reason', '')}"
     if kind == "resume":
@@ -185,6 +195,52 @@ def describe(event: dict) -> str:
     if kind == "stop_for_human":
         return f"**stopped for a human**: {event.get('reason', '')}"
     return json.dumps({k: v for k, v in event.items() if k not in ("time", "run", "kind")})
+
+
+HARDWARE_KINDS = (
+    "job_submitted", "allocation_start", "allocation_end", "requeue", "node_excluded",
+    "gave_up", "checkpoint_skipped",
+)  # fmt: skip
+
+
+def _duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "an unknown time"
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _describe_hardware(event: dict) -> str:
+    """Launcher and checkpoint events: what happened to the job, and where."""
+    kind, job = event["kind"], event.get("job_id")
+    hosts = ", ".join(event.get("hosts") or []) or "unknown host"
+    if kind == "job_submitted":
+        return (
+            f"Slurm job {job} submitted: {event.get('nodes')} node(s), {event.get('ranks')} ranks"
+        )
+    if kind == "allocation_start":
+        return (f"allocation of job {job} started on {hosts} (restart "
+                f"{event.get('restart', 0)})")  # fmt: skip
+    if kind == "allocation_end":
+        return f"allocation of job {job} ended: {event.get('result')}"
+    if kind == "requeue":
+        cause = event.get("cause", "?").replace("_", " ")
+        where = f" on {hosts} (rank(s) {event.get('ranks')}: {event.get('detail')})" if (
+            event.get("cause") in ("process_failure", "node_failure")
+        ) else ""  # fmt: skip
+        ckpt = event.get("checkpoint")
+        return (f"**{cause}**{where}; job {job} requeued by {event.get('requeued_by', 'opt')}"
+                + (f", last checkpoint {Path(ckpt).name}" if ckpt else ""))  # fmt: skip
+    if kind == "node_excluded":
+        applied = (
+            "" if event.get("applied", True) else f" (scontrol refused: {event.get('detail')})"
+        )
+        return f"excluded {hosts} from later allocations after repeated failures{applied}"
+    if kind == "gave_up":
+        return (f"**gave up** after {event.get('cause', '?').replace('_', ' ')}: "
+                f"{event.get('requeues_used', 0)} of {event.get('limit', 0)} requeues used"
+                if "limit" in event else f"**gave up**: {event.get('detail')}")  # fmt: skip
+    return (f"skipped incomplete checkpoint {Path(event.get('checkpoint', '')).name}: "
+            f"{event.get('problem')}")  # fmt: skip
 
 
 def markdown(run: str, events: list[dict]) -> str:

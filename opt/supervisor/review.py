@@ -42,6 +42,14 @@ def summary(events: list[dict]) -> dict:
         "recovered": sum(1 for e in outcomes if e.get("recovered")),
         "not_recovered": sum(1 for e in outcomes if not e.get("recovered")),
         "starts": sum(1 for e in events if e.get("kind") == "run_start"),
+        "restarts_by_cause": dict(
+            Counter(e.get("cause") for e in events if e.get("kind") == "requeue")
+        ),
+        "steps_lost_to_restarts": sum(_int(e.get("lost_steps")) for e in events),
+        "tokens_lost_to_restarts": sum(_int(e.get("lost_tokens")) for e in events),
+        "time_lost_to_restarts_s": round(
+            sum(e.get("lost_s") or 0.0 for e in events if e.get("kind") == "run_start"), 1
+        ),
         "notes": sum(1 for e in events if e.get("kind") == "note"),
         "current": factors,
     }
@@ -60,10 +68,19 @@ def format_summary(run: str, s: dict) -> str:
         f"outcomes: {s['recovered']} recovered, {s['not_recovered']} not recovered",
         f"lost to rollbacks: {s['steps_lost_to_rollbacks']} steps, "
         f"{s['tokens_lost_to_rollbacks']:,} tokens",
+        f"restarts: {sum(s['restarts_by_cause'].values())}{_by_cause(s['restarts_by_cause'])}",
+        f"lost to restarts: {s['steps_lost_to_restarts']} steps, "
+        f"{s['tokens_lost_to_restarts']:,} tokens, {s['time_lost_to_restarts_s'] / 3600:.2f} h",
         f"starts (fresh or resumed): {s['starts']}; notes: {s['notes']}",
         f"current factors: lr_scale {s['current']['lr_scale']}, grad_clip {s['current']['grad_clip']}",
     ]
     return "\n".join(lines)
+
+
+def _by_cause(counts: dict) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(counts.items())) + ")"
 
 
 def _int(value) -> int:

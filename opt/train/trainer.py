@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from opt import checkpoint as ckpt
+from opt.checkpoint import manifest as ckpt_manifest
 from opt.checkpoint.checkpointer import checkpoint_path
+from opt.checkpoint.resume import newest_complete_checkpoint, verify_together
 from opt.config import JobConfig, to_toml
 from opt.errors import OptError
 from opt.faults import maybe_inject_fault
@@ -43,6 +46,16 @@ from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
 from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
+from opt.train.preemption import StopOnSignal
+from opt.train.run_status import (
+    FAILED,
+    FINISHED,
+    RUNNING,
+    STOPPED_FOR_HUMAN,
+    STOPPED_ON_SIGNAL,
+    read_status,
+    write_status,
+)
 
 
 @dataclass
@@ -200,6 +213,10 @@ class Trainer:
         )
         self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.rank == 0 else None
         self.pending_checkpoint: ckpt.PendingCheckpoint | None = None
+        self.last_saved_step = -1
+        self.stopped_on_signal = False
+        # The scheduler's warning signal (set by `opt launch slurm`): stop and save.
+        self.stop_signal = StopOnSignal.from_environment(self.device)
         self.reconciled: dict | None = None  # a rollback finished from the logbook at resume
         # Background checkpoint writes get their own gloo group: their collectives must
         # not interleave with the training loop's on the default group.
@@ -369,7 +386,7 @@ class Trainer:
         return self.step < self.max_steps and not self.stop_requested
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, sync: bool = False) -> Path:
         extra = {"config.toml": to_toml(self.cfg).encode()}
         tokenizer = resolve_tokenizer_file(self.cfg, self.dataset_prefix)
         if tokenizer is not None:
@@ -383,9 +400,10 @@ class Trainer:
             trainer_state=self.state_dict(),
             extra_files=extra,
             layout=self.layout,
-            async_save=self.cfg.checkpoint.async_save,
+            async_save=self.cfg.checkpoint.async_save and not sync,
             process_group=self.checkpoint_group,
         )
+        self.last_saved_step = self.step
         if isinstance(result, ckpt.PendingCheckpoint):
             self.pending_checkpoint = result
             return result.final
@@ -417,7 +435,7 @@ class Trainer:
         if source is not None:
             self._check_same_shape(source)
             state = ckpt.load_training_state(
-                source, self.model_parts, self.optimizers, layout=self.layout
+                source, self.model_parts, self.optimizers, layout=self.layout, verified=True
             )
             self.load_state_dict(state)
             if self.supervisor is not None:
@@ -435,8 +453,16 @@ class Trainer:
         if resume == "none":
             return None
         if resume == "auto":
-            return ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+            return newest_complete_checkpoint(self.cfg.checkpoint_dir, self._checkpoint_skipped)
+        problem = verify_together(Path(resume))
+        if problem is not None:
+            raise OptError(problem)
         return Path(resume)
+
+    def _checkpoint_skipped(self, path: Path, problem: str) -> None:
+        print(f"warning: skipping {path}: {problem}", flush=True)
+        self.log_event("checkpoint_skipped", checkpoint=str(path), problem=problem,
+                       set_aside_as=path.name + ".corrupt")  # fmt: skip
 
     def _check_same_shape(self, source: Path) -> None:
         saved = ckpt.load_model_args(source)
@@ -457,10 +483,14 @@ class Trainer:
             self._log_start(source)
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+            self._write_status(RUNNING, source=str(source) if source else None)
         metrics = self._metrics_logger() if lead else None
         results, tokens_since_log = [], 0
         try:
             while self.should_continue_training():
+                if self.stop_signal is not None and (received := self.stop_signal.agreed()):
+                    self._stop_on_signal(received)
+                    break
                 maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
                 results.append(result)
@@ -487,17 +517,52 @@ class Trainer:
                     self.save_checkpoint()
                     if metrics is not None:
                         metrics.resume()
+                if lead:
+                    self._write_status(RUNNING, loss=result.loss)
             self.finish_checkpoint()
         except BaseException as err:
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             self.log_event("run_stop", step=self.step, tokens=self.tokens_seen,
-                           reason=f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")  # fmt: skip
+                           reason=f"error: {error}")  # fmt: skip
+            if lead:
+                self._write_status(FAILED, error=error)
             raise
         finally:
             if metrics is not None:
                 metrics.close()
+            if self.stop_signal is not None:
+                self.stop_signal.restore_defaults()
         reason = self.stop_reason or "finished: reached max_steps"
         self.log_event("run_stop", step=self.step, tokens=self.tokens_seen, reason=reason)
+        if lead:
+            state = STOPPED_FOR_HUMAN if self.human_needed else FINISHED
+            self._write_status(STOPPED_ON_SIGNAL if self.stopped_on_signal else state,
+                               reason=reason)  # fmt: skip
         return results
+
+    def _stop_on_signal(self, received: str) -> None:
+        """The scheduler's warning: a synchronous checkpoint of this step (unless one was
+        just saved), then a clean exit that the launcher requeues."""
+        if self.last_saved_step != self.step or self.pending_checkpoint is not None:
+            self.save_checkpoint(sync=True)
+        self.stopped_on_signal = True
+        self.stop_requested = True
+        self.stop_reason = (
+            f"stopped on {received} at step {self.step}, checkpoint "
+            f"{checkpoint_path(self.cfg.checkpoint_dir, self.step).name} saved for the requeue"
+        )
+
+    def _write_status(self, state: str, **fields) -> None:
+        newest = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        write_status(
+            self.cfg.run_dir,
+            state=state,
+            step=self.step,
+            tokens=self.tokens_seen,
+            max_steps=self.max_steps,
+            last_checkpoint=str(newest) if newest else None,
+            **fields,
+        )
 
     def _log_start(self, source: Path | None) -> None:
         """run_start (and config_change against the previous start of this run)."""
@@ -516,12 +581,32 @@ class Trainer:
             layout=self.layout,
             model=self.cfg.model.name,
             run_dir=str(self.cfg.run_dir),
+            **self._work_lost(source),
         )
         if self.reconciled is not None:
             self.log_event(
                 "intervention_completed_after_restart", step=self.step, tokens=self.tokens_seen,
                 **self.reconciled,
             )  # fmt: skip
+
+    def _work_lost(self, source: Path | None) -> dict:
+        """What the interruption before this resume cost: the steps (and tokens) trained
+        past the checkpoint and, after a crash or a stop on a signal, the wall-clock time
+        since training first reached it (compute thrown away, queueing, restart). Empty
+        when nothing was lost (e.g. a finished run extended)."""
+        previous = read_status(self.cfg.run_dir)
+        interrupted = previous.get("state") in (RUNNING, STOPPED_ON_SIGNAL, FAILED)
+        lost_steps = max(0, int(previous.get("step", 0)) - self.step)
+        if source is None or not (interrupted or lost_steps):
+            return {}
+        saved_at = ckpt_manifest.read_manifest(source).get("saved_at")
+        return {
+            "previous_state": previous["state"],
+            "previous_step": previous.get("step"),
+            "lost_steps": lost_steps,
+            "lost_tokens": max(0, int(previous.get("tokens", 0)) - self.tokens_seen),
+            "lost_s": round(time.time() - saved_at, 1) if saved_at and interrupted else None,
+        }
 
     def _metrics_logger(self) -> MetricsLogger:
         cfg = self.cfg

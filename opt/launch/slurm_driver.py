@@ -1,0 +1,248 @@
+"""The allocation driver: what each allocation of an `opt launch slurm` job runs.
+
+It runs in the batch step (on the first node), starts the training tasks with srun, and
+when they end decides what happens to the job:
+
+- the run finished, or the supervisor stopped it for a human: the job ends;
+- the ranks stopped on Slurm's warning signal and saved a checkpoint: requeue (a timeout
+  when the time limit is near, up to ``slurm.max_timeout_requeues``; otherwise a
+  preemption, without limit);
+- a rank or node failed (srun's --kill-on-bad-exit ended the others): requeue up to
+  ``slurm.max_failure_requeues``, excluding a node that failed
+  ``slurm.exclude_after_failures`` times;
+- training refused to start (exit status 2: a config, data or checkpoint error that no
+  retry can fix): the job ends.
+
+The next allocation resumes from the newest checkpoint that verifies against its manifest
+(the trainer checks). Every decision is an event in the run's public logbook; the counts
+that the limits apply to are read back from it, so they survive requeues.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from opt.config import JobConfig, load_config
+from opt.launch.slurm import srun_command
+from opt.launch.slurm_env import expand_hostlist, master_port
+from opt.supervisor.logbook import Logbook
+from opt.train import run_status
+from opt.train.preemption import ENV as STOP_SIGNALS_ENV
+
+FAILURE_CAUSES = ("process_failure", "node_failure")
+REFUSED_EXIT = 2  # `opt train`'s status for a config/data/checkpoint error
+# srun's report of a failed task, e.g. "srun: error: node7: task 3: Killed".
+SRUN_TASK_ERROR = re.compile(r"srun: error: ([^:\s]+): tasks? ([\d,\-]+): (.+)")
+SRUN_NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)")
+
+
+@dataclass
+class AllocationDriver:
+    """The callable submitit pickles and runs in every allocation of the job."""
+
+    config_file: str
+
+    def __call__(self) -> int:
+        code = run_allocation(load_config(self.config_file), self.config_file)
+        if code:
+            sys.exit(code)  # a failed job in Slurm's view when the run did not finish
+        return code
+
+
+@dataclass
+class StepOutcome:
+    exit_code: int
+    failures: list[tuple[str, str, str]]  # (host, tasks, srun's reason), in report order
+    node_failures: list[str]
+    last_lines: list[str]
+
+
+def run_allocation(cfg: JobConfig, config_file: str) -> int:
+    # The ranks handle the warning signal; the driver must survive it (a `scancel
+    # --full --signal`, say). A plain scancel (TERM) ends the driver, so nothing requeues.
+    for name in ("SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    job_id = os.environ.get("SLURM_JOB_ID", "?")
+    hosts = expand_hostlist(os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()))
+    book = Logbook(cfg.logbook.dir, cfg.run.name)
+    history = _events(book)
+    if _allocation_vanished(history):
+        # The previous allocation ended without the driver's word: its node died (Slurm
+        # requeued the job itself) or the driver was killed.
+        fields = {"hosts": _last_allocation(history).get("hosts", []),
+                  "detail": "the previous allocation ended without a report"}  # fmt: skip
+        if (
+            code := _over_limit(cfg, book, history, "node_failure", job_id, None, fields)
+        ) is not None:
+            return code
+        book.append("requeue", cause="node_failure", job_id=job_id, requeued_by="slurm", **fields)
+        history = _events(book)
+    book.append(
+        "allocation_start",
+        job_id=job_id,
+        restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        hosts=hosts,
+        ranks=int(os.environ.get("SLURM_NTASKS", "0")) or None,
+    )
+    started = time.monotonic()
+    outcome = run_training_step(cfg, config_file, hosts, job_id)
+    status = run_status.read_status(cfg.run_dir)
+    state = status.get("state")
+    step = status.get("step")
+    if outcome.exit_code == 0 and state == run_status.FINISHED:
+        book.append("allocation_end", job_id=job_id, step=step, result="finished")
+        return 0
+    if state == run_status.STOPPED_FOR_HUMAN:
+        book.append("allocation_end", job_id=job_id, step=step, result="stopped for a human")
+        return 3
+    if outcome.exit_code == REFUSED_EXIT and state != run_status.RUNNING:
+        detail = next((ln for ln in outcome.last_lines if "error:" in ln), "exit status 2")
+        book.append("gave_up", job_id=job_id, step=step, cause="refused", detail=detail)
+        return REFUSED_EXIT
+    if outcome.exit_code == 0 and state == run_status.STOPPED_ON_SIGNAL:
+        elapsed = time.monotonic() - started
+        near_limit = elapsed >= cfg.slurm.time_minutes * 60 - cfg.slurm.signal_delay_s - 120
+        cause = "timeout" if near_limit else "preemption"
+        if (code := _over_limit(cfg, book, history, cause, job_id, step)) is not None:
+            return code
+        book.append("requeue", cause=cause, job_id=job_id, step=step, tokens=status.get("tokens"),
+                    checkpoint=status.get("last_checkpoint"), requeued_by="opt")  # fmt: skip
+        return _requeue(job_id)
+    cause = "node_failure" if outcome.node_failures else "process_failure"
+    failed_hosts = outcome.node_failures or [h for h, _, _ in outcome.failures[:1]]
+    first = outcome.failures[0] if outcome.failures else None
+    fields = {
+        "job_id": job_id,
+        "step": step,
+        "tokens": status.get("tokens"),
+        "hosts": failed_hosts,
+        "ranks": first[1] if first else None,
+        "detail": first[2] if first else f"srun exit status {outcome.exit_code}",
+        "checkpoint": status.get("last_checkpoint"),
+    }
+    if (code := _over_limit(cfg, book, history, cause, job_id, step, fields)) is not None:
+        return code
+    book.append("requeue", cause=cause, requeued_by="opt", **fields)
+    _exclude_repeat_offenders(cfg, book, job_id)
+    return _requeue(job_id)
+
+
+def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id: str):
+    """srun the training tasks; pass their output through and keep srun's failure reports."""
+    env = dict(os.environ)
+    env[STOP_SIGNALS_ENV] = f"{cfg.slurm.signal},TERM"
+    env["MASTER_ADDR"] = hosts[0]
+    env["MASTER_PORT"] = str(master_port(job_id))
+    command = srun_command(cfg, config_file)
+    print("driver: " + " ".join(command), flush=True)
+    proc = subprocess.Popen(
+        command, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+    failures, node_failures, last_lines = [], [], []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        last_lines = [*last_lines[-49:], line.rstrip()]
+        if match := SRUN_NODE_FAILURE.search(line):
+            node_failures.append(match.group(1))
+        elif match := SRUN_TASK_ERROR.search(line):
+            failures.append(match.groups())
+    sys.stderr.flush()
+    return StepOutcome(proc.wait(), failures, node_failures, last_lines)
+
+
+def _events(book: Logbook) -> list[dict]:
+    return book.events() if book.events_path.is_file() else []
+
+
+def _last_allocation(events: list[dict]) -> dict:
+    return next((e for e in reversed(events) if e.get("kind") == "allocation_start"), {})
+
+
+def _allocation_vanished(events: list[dict]) -> bool:
+    """The last allocation started and nothing ended it (no requeue, end or give-up)."""
+    ends = ("requeue", "allocation_end", "gave_up")
+    for event in reversed(events):
+        if event.get("kind") in ends:
+            return False
+        if event.get("kind") == "allocation_start":
+            return True
+    return False
+
+
+def requeue_counts(events: list[dict]) -> Counter:
+    return Counter(e.get("cause") for e in events if e.get("kind") == "requeue")
+
+
+def _over_limit(cfg, book, history, cause, job_id, step=None, fields=None) -> int | None:
+    """Give up (and return the exit status) when ``cause`` has used up its requeues."""
+    limits = {
+        "timeout": cfg.slurm.max_timeout_requeues,
+        "process_failure": cfg.slurm.max_failure_requeues,
+        "node_failure": cfg.slurm.max_failure_requeues,
+    }
+    if cause not in limits:
+        return None  # preemptions requeue without limit
+    counts = requeue_counts(history)
+    used = sum(counts[c] for c in FAILURE_CAUSES) if cause in FAILURE_CAUSES else counts[cause]
+    if used < limits[cause]:
+        return None
+    extra = {k: v for k, v in (fields or {}).items() if k not in ("job_id", "step")}
+    book.append("gave_up", job_id=job_id, step=step, cause=cause, requeues_used=used,
+                limit=limits[cause], **extra)  # fmt: skip
+    return 1
+
+
+def failures_by_host(events: list[dict]) -> Counter:
+    return Counter(
+        host
+        for e in events
+        if e.get("kind") == "requeue" and e.get("cause") in FAILURE_CAUSES
+        for host in e.get("hosts", [])
+    )
+
+
+def excluded_hosts(cfg: JobConfig, events: list[dict]) -> list[str]:
+    """Hosts to keep out of later allocations: the config's plus repeat offenders."""
+    hosts = expand_hostlist(cfg.slurm.exclude) if cfg.slurm.exclude else []
+    if cfg.slurm.exclude_after_failures:
+        for host, count in failures_by_host(events).items():
+            if count >= cfg.slurm.exclude_after_failures and host not in hosts:
+                hosts.append(host)
+    return hosts
+
+
+def _exclude_repeat_offenders(cfg: JobConfig, book: Logbook, job_id: str) -> None:
+    events = book.events()
+    already = {h for e in events if e.get("kind") == "node_excluded" for h in e.get("hosts", [])}
+    hosts = excluded_hosts(cfg, events)
+    new = [h for h in hosts if h not in already and h in failures_by_host(events)]
+    if not new:
+        return
+    result = subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(hosts)}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    book.append("node_excluded", job_id=job_id, hosts=new, exclude=",".join(hosts),
+                failures={h: failures_by_host(events)[h] for h in new},
+                applied=result.returncode == 0,
+                detail=(result.stderr or result.stdout).strip() or None)  # fmt: skip
+
+
+def _requeue(job_id: str) -> int:
+    result = subprocess.run(
+        ["scontrol", "requeue", job_id], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        print(f"error: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(f"driver: requeued job {job_id}", flush=True)
+    return 0

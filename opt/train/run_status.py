@@ -1,0 +1,39 @@
+"""``<run dir>/status.json``: where a run is, for launchers and `opt status`.
+
+Rank 0 rewrites it after every step (temp file + rename, so a reader never sees half of
+it). It is what a launcher reads after the training processes have gone: the last step
+reached (what a failure lost) and how the run ended. A run killed with SIGKILL leaves
+``state = "running"``, which is how a launcher tells a crash from a clean stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+STATUS_FILE = "status.json"
+
+# Values of "state".
+RUNNING = "running"
+FINISHED = "finished"  # reached max_steps
+STOPPED_ON_SIGNAL = "stopped_on_signal"  # a checkpoint is saved; requeue and resume
+STOPPED_FOR_HUMAN = "stopped_for_human"  # the supervisor or a kill switch stopped it
+FAILED = "failed"  # an exception in training
+
+
+def write_status(run_dir: str | Path, **fields) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"updated": time.time(), **fields}))
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def read_status(run_dir: str | Path) -> dict:
+    """The last status written, or {} when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

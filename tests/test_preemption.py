@@ -1,0 +1,190 @@
+"""Stopping on the scheduler's warning signal, and choosing a complete checkpoint to resume.
+
+Without Slurm: `opt launch local` ranks with the handler installed as `opt launch slurm`
+installs it. The signal goes to one rank only (Slurm sends it to all), the harder case:
+the others must still stop after the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_OVERRIDES, _toml
+
+from opt.checkpoint.resume import newest_complete_checkpoint
+from opt.errors import OptError
+from opt.supervisor.logbook import read_events
+from opt.train.preemption import StopOnSignal
+from opt.train.run_status import read_status
+
+
+def tensorboard_losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def rank_pid(config_file: Path, rank: int) -> int | None:
+    """The PID of training rank ``rank`` of the job started with ``config_file``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_trainer = b"train" in cmdline and str(config_file).encode() in cmdline
+        if is_trainer and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def config_for(root: Path, dataset: Path, run: str, **extra) -> Path:
+    values = {
+        **TINY_OVERRIDES,
+        "model.dropout": 0.1,  # the RNG streams must resume too
+        "metrics.tensorboard": True,
+        "checkpoint.every": 5,
+        "train.max_steps": 12,
+        "parallel.dp_shard": 2,
+        "data.path": str(dataset),
+        "run.name": run,
+        "run.dir": str(root / "runs"),
+        "checkpoint.dir": str(root / "ckpt"),
+        "logbook.dir": str(root / "logbook"),
+        **extra,
+    }
+    sections: dict[str, list[str]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, []).append(f"{name} = {_toml(value)}")
+    path = root / f"{run}.toml"
+    path.write_text("".join(f"[{s}]\n" + "\n".join(v) + "\n" for s, v in sections.items()))
+    return path
+
+
+def launch_local(config: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "opt", "launch", "local", "--nproc", "2", str(config)],
+        cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.timeout(400)
+def test_a_signal_to_one_rank_stops_all_at_one_step_and_the_resume_is_exact(
+    tmp_path, pydoc_dataset
+):
+    reference = config_for(tmp_path, pydoc_dataset, "reference")
+    finish(launch_local(reference))
+    expected = tensorboard_losses(tmp_path / "runs" / "reference")
+    assert sorted(expected) == list(range(1, 13))
+
+    cut = config_for(tmp_path, pydoc_dataset, "cut")
+    run_dir = tmp_path / "runs" / "cut"
+    proc = launch_local(cut, {"OPT_STOP_SIGNALS": "USR2,TERM", "OPT_STEP_DELAY_S": "0.4"})
+    deadline = time.monotonic() + 120
+    while read_status(run_dir).get("step", 0) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(rank_pid(cut, 1), signal.SIGUSR2)  # rank 1 only: rank 0 learns it by all-reduce
+    output = finish(proc)
+    status = read_status(run_dir)
+    stopped_at = status["step"]
+    assert status["state"] == "stopped_on_signal" and 2 <= stopped_at < 12, output[-2000:]
+    assert "received SIGUSR2" in output
+    saved = tmp_path / "ckpt" / "cut" / f"step_{stopped_at:08d}"
+    assert (saved / "manifest.json").is_file(), "the stop must save its own step"
+    stop = [
+        e for e in read_events(tmp_path / "logbook/cut/events.jsonl") if e["kind"] == "run_stop"
+    ]
+    assert "stopped on SIGUSR2" in stop[-1]["reason"] or "peer" in stop[-1]["reason"]
+
+    finish(launch_local(cut))  # the requeued job: resumes and finishes
+    assert read_status(run_dir)["state"] == "finished"
+    losses = tensorboard_losses(run_dir)
+    assert sorted(losses) == list(range(1, 13)), "no step lost or repeated"
+    assert losses == pytest.approx(expected, rel=1e-6, abs=0)
+    resumed = [e for e in read_events(tmp_path / "logbook/cut/events.jsonl")
+               if e["kind"] == "run_start"][-1]  # fmt: skip
+    assert resumed["step"] == stopped_at and resumed["lost_steps"] == 0
+    assert resumed["previous_state"] == "stopped_on_signal" and resumed["lost_s"] >= 0
+
+
+def test_the_handler_records_the_signal_and_agrees_in_one_process():
+    stop = StopOnSignal(["USR1"], torch.device("cpu"))
+    try:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed() == "SIGUSR1"
+    finally:
+        stop.restore_defaults()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def _train(tiny_config, steps: int, **overrides):
+    from opt.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(train__max_steps=steps, checkpoint__every=2,
+                                  checkpoint__keep_last=0, **overrides))  # fmt: skip
+    trainer.fit()
+    return trainer
+
+
+def test_a_truncated_newest_checkpoint_is_set_aside_for_the_previous_complete_one(tiny_config):
+    first = _train(tiny_config, 6)
+    root = first.cfg.checkpoint_dir
+    newest = root / "step_00000006"
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a partial upload
+
+    resumed = _train(tiny_config, 8)
+    assert resumed.step == 8
+    events = read_events(resumed.cfg.logbook_dir / "events.jsonl")
+    skipped = [e for e in events if e["kind"] == "checkpoint_skipped"]
+    assert len(skipped) == 1 and skipped[0]["checkpoint"] == str(newest)
+    assert "bytes, the manifest says" in skipped[0]["problem"]
+    start = [e for e in events if e["kind"] == "run_start"][-1]
+    assert start["checkpoint"].endswith("step_00000004")
+    assert start["previous_step"] == 6 and start["lost_steps"] == 2
+    assert (root / "step_00000006.corrupt").is_dir(), "kept as evidence"
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum_and_all_corrupt_is_an_error(tiny_config):
+    first = _train(tiny_config, 2)
+    path = first.cfg.checkpoint_dir / "step_00000002"
+    shard = next(path.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(OptError, match=r"no complete checkpoint .* step_00000002\.corrupt"):
+        newest_complete_checkpoint(first.cfg.checkpoint_dir, lambda p, why: seen.append(why))
+    assert "fails its checksum" in seen[0]
+    # Starting over is a decision for a person, not something a requeue does by itself.
+    with pytest.raises(OptError, match="no complete checkpoint"):
+        _train(tiny_config, 4)
+
+
+def test_status_file_follows_the_run(tiny_config):
+    trainer = _train(tiny_config, 3)
+    status = json.loads((trainer.cfg.run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 3
+    assert status["last_checkpoint"].endswith("step_00000003")

@@ -1,0 +1,149 @@
+"""The Slurm launcher's pure parts: host lists, the task environment, the submission it
+would make, and the driver's bookkeeping over logbook events. The real cluster is in
+test_slurm.py."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+from opt.config import load_config
+from opt.errors import OptError
+from opt.launch.slurm import sbatch_parameters, srun_command
+from opt.launch.slurm_driver import (
+    SRUN_NODE_FAILURE,
+    SRUN_TASK_ERROR,
+    _allocation_vanished,
+    excluded_hosts,
+    failures_by_host,
+    requeue_counts,
+)
+from opt.launch.slurm_env import adopt_slurm_environment, expand_hostlist, master_port
+
+
+@pytest.mark.parametrize(
+    ("text", "hosts"),
+    [
+        ("node7", ["node7"]),
+        ("node[001-003,017]", ["node001", "node002", "node003", "node017"]),
+        ("a[1-2],b3", ["a1", "a2", "b3"]),
+        ("rack[1-2]-n[08-09]", ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]),
+        ("gpu-[9-11]", ["gpu-9", "gpu-10", "gpu-11"]),
+    ],
+)
+def test_host_lists_expand_like_scontrol_show_hostnames(text, hosts):
+    assert expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("bad", ["node[1-2", "node]1[", "node[a-b]"])
+def test_a_malformed_host_list_is_an_error(bad):
+    with pytest.raises(OptError, match="bad Slurm host list"):
+        expand_hostlist(bad)
+
+
+def test_a_task_takes_rank_and_rendezvous_from_slurm():
+    env = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3",
+           "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "4242",
+           "SLURM_STEP_NODELIST": "gpu[017-018]"}  # fmt: skip
+    assert adopt_slurm_environment(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("11", "16", "3")
+    assert env["MASTER_ADDR"] == "gpu017" and env["MASTER_PORT"] == str(master_port("4242"))
+
+
+def test_a_launcher_that_set_the_rank_wins_and_the_batch_shell_is_not_a_task():
+    torchrun = {"RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}
+    assert not adopt_slurm_environment(torchrun) and torchrun["RANK"] == "1"
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}
+    assert not adopt_slurm_environment(batch) and "RANK" not in batch
+
+
+def _cfg(*overrides: str):
+    return load_config("configs/opt-125m.toml", list(overrides))
+
+
+def test_the_submission_has_one_task_per_gpu_requeue_and_the_warning_signal():
+    cfg = _cfg("--slurm.nodes", "2", "--slurm.gpus_per_node", "4", "--slurm.partition", "p",
+               "--slurm.sbatch", '["constraint=a100", "exclusive"]', "--slurm.signal", "USR1",
+               "--slurm.signal_delay_s", "200", "--run.name", "r1")  # fmt: skip
+    params = sbatch_parameters(cfg)
+    assert params["nodes"] == 2 and params["ntasks_per_node"] == 4
+    assert params["gpus_per_node"] == 4 and params["partition"] == "p"
+    assert params["job_name"] == "r1"
+    extra = params["additional_parameters"]
+    assert extra["signal"] == "USR1@200" and extra["requeue"] is True
+    assert extra["constraint"] == "a100" and extra["exclusive"] is True
+    srun = srun_command(cfg, "job.toml", python="py")
+    assert "--kill-on-bad-exit=1" in srun and "--ntasks-per-node=4" in srun
+    assert srun[-6:] == ["py", "-u", "-m", "opt", "train", "job.toml"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--slurm.gpus_per_node", "8", "--slurm.tasks_per_node", "4"], "one task per GPU"),
+        (["--slurm.gpus_per_node", "0"], "needs slurm.tasks_per_node"),
+        (["--slurm.signal", "HUP"], "USR1 or USR2"),
+        (["--slurm.signal_delay_s", "600", "--slurm.time_minutes", "5"], "shorter than"),
+        (["--slurm.sbatch", '["=x"]'], "KEY=VALUE"),
+        (["--slurm.nodes", "0"], "slurm.nodes must be at least 1"),
+    ],
+)
+def test_bad_slurm_settings_are_refused(overrides, message):
+    with pytest.raises(OptError, match=message):
+        _cfg(*overrides)
+
+
+def test_the_175b_dry_run_prints_the_sbatch_script_and_layout_and_submits_nothing(tmp_path):
+    result = run_cli(
+        "launch", "slurm", "configs/opt-175b.toml", "--nodes", "124", "--gpus-per-node", "8",
+        "--train.batch_tokens", "2031616", "--run.dir", str(tmp_path / "runs"), "--dry-run",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "124 node(s) x 8 task(s) (8 GPU(s) per node) = 992 ranks" in out
+    assert "dp_shard=124 x tp=8" in out
+    for line in ("#SBATCH --nodes=124", "#SBATCH --ntasks-per-node=8", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@300", "#SBATCH --job-name=opt-175b"):  # fmt: skip
+        assert line in out
+    assert "srun --kill-on-bad-exit=1" in out and "dry run: nothing submitted" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_inconsistent_layout_is_refused_before_submitting(tmp_path):
+    result = run_cli(
+        "launch", "slurm", "configs/opt-125m.toml", "--nodes", "1", "--gpus-per-node", "8",
+        "--parallel.tp", "3", "--run.dir", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_srun_failure_reports_are_parsed():
+    killed = SRUN_TASK_ERROR.search("srun: error: node7: task 1: Killed")
+    assert killed.groups() == ("node7", "1", "Killed")
+    exited = SRUN_TASK_ERROR.search("srun: error: gpu-3: tasks 0-1: Exited with exit code 1")
+    assert exited.groups() == ("gpu-3", "0-1", "Exited with exit code 1")
+    assert SRUN_NODE_FAILURE.search("srun: error: Node failure on gpu012").group(1) == "gpu012"
+
+
+def _requeue(cause, *hosts):
+    return {"kind": "requeue", "cause": cause, "hosts": list(hosts)}
+
+
+def test_limits_and_exclusion_are_counted_from_the_logbook():
+    events = [
+        {"kind": "allocation_start"}, _requeue("preemption"),
+        {"kind": "allocation_start"}, _requeue("process_failure", "n1"),
+        {"kind": "allocation_start"}, _requeue("node_failure", "n2"),
+        {"kind": "allocation_start"}, _requeue("process_failure", "n1"),
+        {"kind": "allocation_start"}, _requeue("timeout"),
+    ]  # fmt: skip
+    assert requeue_counts(events) == {"preemption": 1, "process_failure": 2, "node_failure": 1,
+                                      "timeout": 1}  # fmt: skip
+    assert failures_by_host(events) == {"n1": 2, "n2": 1}
+    cfg = _cfg("--slurm.exclude", "bad[1-2]")
+    assert excluded_hosts(cfg, events) == ["bad1", "bad2", "n1"]
+    assert excluded_hosts(_cfg("--slurm.exclude_after_failures", "0"), events) == []
+    assert not _allocation_vanished(events)
+    assert _allocation_vanished([*events, {"kind": "allocation_start"}, {"kind": "run_start"}])
