@@ -96,3 +96,35 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+# ----- the real one-node Slurm cluster (tests marked `slurm`) --------------------------------
+_SLURM_SKIPPED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running Slurm: one that `.ci/run` started (found through $SLURM_CONF), or one
+    started here from Debian's slurm-wlm and munge (installed with apt when missing) and
+    stopped by PID at the end of the session."""
+    from slurm_cluster import SlurmCluster, ensure_slurm_installed, running_cluster_from_env
+
+    cluster = running_cluster_from_env()
+    if cluster is not None:
+        yield cluster
+        return
+    reason = ensure_slurm_installed()
+    if reason is not None:
+        _SLURM_SKIPPED.append(reason)
+        pytest.skip(f"SLURM TESTS SKIPPED, NOTHING ABOUT SLURM WAS TESTED: {reason}")
+    cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLURM_SKIPPED:
+        terminalreporter.write_sep("!", "THE SLURM TESTS WERE SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(f"reason: {_SLURM_SKIPPED[0]}", red=True)

@@ -106,10 +106,11 @@ def test_missing_config_file_and_corrupt_checkpoint(tmp_path, pydoc_dataset):
     shard.write_bytes(bytes(data))
     resumed = run_cli(*_train_args(tmp_path, pydoc_dataset, train__max_steps=2))
     assert resumed.returncode == 2
-    assert resumed.stderr.strip().startswith("error: corrupt checkpoint")
-    assert "fails its checksum" in resumed.stderr
+    assert resumed.stderr.strip().startswith("error: no complete checkpoint")
+    assert "fails its checksum" in resumed.stderr and resumed.stderr.count("\n") == 1
     assert not (checkpoint.parent / "step_00000002").exists()
-    scored = run_cli("score", str(checkpoint), "--text", "x")
+    set_aside = checkpoint.with_name(checkpoint.name + ".corrupt")  # kept, never resumed
+    scored = run_cli("score", str(set_aside), "--text", "x")
     assert scored.returncode == 2 and "fails its checksum" in scored.stderr
     missing = run_cli("score", str(tmp_path / "nope"), "--text", "x")
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr

@@ -34,8 +34,9 @@ def tensorboard_losses(run_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars("train/loss")}
 
 
-def rank_pid(config_file: Path, rank: int) -> int | None:
-    """The PID of training rank ``rank`` of the job started with ``config_file``."""
+def rank_pid(config_file: Path, rank: int, variable: str = "RANK") -> int | None:
+    """The PID of training rank ``rank`` of the job started with ``config_file``; under
+    Slurm the rank is in SLURM_PROCID (the task sets RANK itself, after it starts)."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -45,7 +46,7 @@ def rank_pid(config_file: Path, rank: int) -> int | None:
         except OSError:
             continue
         is_trainer = b"train" in cmdline and str(config_file).encode() in cmdline
-        if is_trainer and f"RANK={rank}".encode() in environ:
+        if is_trainer and f"{variable}={rank}".encode() in environ:
             return int(proc.name)
     return None
 
@@ -175,7 +176,7 @@ def test_a_flipped_byte_is_caught_by_the_checksum_and_all_corrupt_is_an_error(ti
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     seen = []
-    with pytest.raises(OptError, match=r"no complete checkpoint .* step_00000002\.corrupt"):
+    with pytest.raises(OptError, match=r"no complete checkpoint .*fails its checksum.* step_00000002\.corrupt"):
         newest_complete_checkpoint(first.cfg.checkpoint_dir, lambda p, why: seen.append(why))
     assert "fails its checksum" in seen[0]
     # Starting over is a decision for a person, not something a requeue does by itself.

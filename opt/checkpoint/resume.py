@@ -48,10 +48,12 @@ def newest_complete_checkpoint(
     are no checkpoints; an error when there were some but none is complete, because
     silently starting over would throw the run away."""
     root = Path(root)
+    problems = []
     for path in reversed(list_checkpoints(root)):
         problem = verify_together(path)
         if problem is None:
             return path
+        problems.append(problem)
         barrier()  # every rank is done reading it before it moves
         if rank_and_world()[0] == 0:
             os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
@@ -60,8 +62,9 @@ def newest_complete_checkpoint(
         barrier()
     corrupt = sorted(p.name for p in root.glob(f"step_*{CORRUPT_SUFFIX}")) if root.is_dir() else []
     if corrupt:
+        newest = f"{problems[0]}; " if problems else ""
         raise OptError(
-            f"no complete checkpoint in {root} (set aside as corrupt: {', '.join(corrupt)}); "
-            "to start over, move them away or set checkpoint.resume=none"
+            f"no complete checkpoint in {root}: {newest}set aside as corrupt: "
+            f"{', '.join(corrupt)}; to start over, move them away or set checkpoint.resume=none"
         )
     return None

@@ -64,6 +64,14 @@ class StepOutcome:
     node_failures: list[str]
     last_lines: list[str]
 
+    @property
+    def refused(self) -> bool:
+        """The first task to end exited with `opt train`'s status for bad input (srun's
+        own status is then 143: it terminated the rest)."""
+        if self.failures:
+            return self.failures[0][2] == f"Exited with exit code {REFUSED_EXIT}"
+        return self.exit_code == REFUSED_EXIT
+
 
 def run_allocation(cfg: JobConfig, config_file: str) -> int:
     # The ranks handle the warning signal; the driver must survive it (a `scancel
@@ -78,7 +86,8 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     if _allocation_vanished(history):
         # The previous allocation ended without the driver's word: its node died (Slurm
         # requeued the job itself) or the driver was killed.
-        fields = {"hosts": _last_allocation(history).get("hosts", []),
+        # Which of its hosts failed is unknown: none is blamed (or excluded) for it.
+        fields = {"hosts": [], "allocation_hosts": _last_allocation(history).get("hosts", []),
                   "detail": "the previous allocation ended without a report"}  # fmt: skip
         if (
             code := _over_limit(cfg, book, history, "node_failure", job_id, None, fields)
@@ -104,8 +113,9 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     if state == run_status.STOPPED_FOR_HUMAN:
         book.append("allocation_end", job_id=job_id, step=step, result="stopped for a human")
         return 3
-    if outcome.exit_code == REFUSED_EXIT and state != run_status.RUNNING:
-        detail = next((ln for ln in outcome.last_lines if "error:" in ln), "exit status 2")
+    if outcome.refused and state != run_status.RUNNING:
+        detail = next((ln for ln in outcome.last_lines if ": error: " in ln and "srun" not in ln),
+                      f"exit status {REFUSED_EXIT}")  # fmt: skip
         book.append("gave_up", job_id=job_id, step=step, cause="refused", detail=detail)
         return REFUSED_EXIT
     if outcome.exit_code == 0 and state == run_status.STOPPED_ON_SIGNAL:
@@ -132,8 +142,8 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     if (code := _over_limit(cfg, book, history, cause, job_id, step, fields)) is not None:
         return code
     book.append("requeue", cause=cause, requeued_by="opt", **fields)
-    _exclude_repeat_offenders(cfg, book, job_id)
-    return _requeue(job_id)
+    exclude = _new_exclusions(cfg, book, job_id)
+    return _requeue(job_id, exclude)
 
 
 def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id: str):
@@ -220,29 +230,40 @@ def excluded_hosts(cfg: JobConfig, events: list[dict]) -> list[str]:
     return hosts
 
 
-def _exclude_repeat_offenders(cfg: JobConfig, book: Logbook, job_id: str) -> None:
+def _new_exclusions(cfg: JobConfig, book: Logbook, job_id: str) -> list[str] | None:
+    """The full exclude list when a host has just reached the failure threshold (logged),
+    else None."""
     events = book.events()
     already = {h for e in events if e.get("kind") == "node_excluded" for h in e.get("hosts", [])}
+    failures = failures_by_host(events)
     hosts = excluded_hosts(cfg, events)
-    new = [h for h in hosts if h not in already and h in failures_by_host(events)]
+    new = [h for h in hosts if h not in already and h in failures]
     if not new:
-        return
-    result = subprocess.run(
-        ["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(hosts)}"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        return None
     book.append("node_excluded", job_id=job_id, hosts=new, exclude=",".join(hosts),
-                failures={h: failures_by_host(events)[h] for h in new},
-                applied=result.returncode == 0,
-                detail=(result.stderr or result.stdout).strip() or None)  # fmt: skip
+                failures={h: failures[h] for h in new})  # fmt: skip
+    return hosts
 
 
-def _requeue(job_id: str) -> int:
-    result = subprocess.run(
-        ["scontrol", "requeue", job_id], capture_output=True, text=True, check=False
-    )
+def _scontrol(*args: str) -> bool:
+    result = subprocess.run(["scontrol", *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        print(f"error: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr)
+        print(f"error: scontrol {' '.join(args)}: {result.stderr.strip()}", file=sys.stderr)
+    return result.returncode == 0
+
+
+def _requeue(job_id: str, exclude: list[str] | None = None) -> int:
+    """Requeue this job (same id, same run directory). Slurm answers a requeue by sending
+    the batch step TERM; a running job's node exclusions cannot be changed, so to change
+    them the job is requeued held, updated, and released, with TERM ignored meanwhile."""
+    if exclude is None:
+        ok = _scontrol("requeue", job_id)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ok = _scontrol("requeuehold", job_id)
+        ok = ok and _scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(exclude)}")
+        ok = _scontrol("release", job_id) and ok
+    if not ok:
         return 1
     print(f"driver: requeued job {job_id}", flush=True)
     return 0

@@ -18,7 +18,7 @@ from opt.config import load_config
 from opt.errors import OptError
 from opt.launch.slurm_driver import requeue_counts
 from opt.supervisor.logbook import Logbook
-from opt.supervisor.review import INTERVENTION_KINDS
+from opt.supervisor.review import INTERVENTION_KINDS, by_cause_text
 from opt.train.run_status import read_status
 
 JOB_EVENTS = ("job_submitted", "allocation_start")
@@ -35,7 +35,7 @@ def slurm_job_state(job_id: str) -> dict:
     """The job's state from squeue, then scontrol (for a job that just left the queue)."""
     if shutil.which("squeue") is None:
         return {"state": "unknown", "source": "squeue not found on this machine"}
-    queue = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%R|%N|%L"])
+    queue = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%R|%N|%L"])
     if queue:
         state, reason, nodes, left = (queue.splitlines()[0].split("|") + [""] * 4)[:4]
         return {"state": state, "reason": reason, "nodes": nodes, "time_left": left,
@@ -103,7 +103,8 @@ def format_status(report: dict) -> str:
     job = report["job"]
     if job:
         where = f" on {job['nodes']}" if job.get("nodes") else ""
-        why = f" ({job['reason']})" if job.get("reason") and job["reason"] != "None" else ""
+        # squeue's %R is the reason only while pending (the node list otherwise).
+        why = f" ({job['reason']})" if job["state"] == "PENDING" and job.get("reason") else ""
         lines.append(f"slurm job {job['id']}: {job['state']}{why}{where} [from {job['source']}]")
     else:
         lines.append("slurm job: none recorded (not launched with `opt launch slurm`)")
@@ -126,9 +127,7 @@ def format_status(report: dict) -> str:
     else:
         lines.append(f"last checkpoint: {ckpt['path']} is INCOMPLETE: {ckpt['problem']}")
     restarts = report["restarts"]
-    total = sum(restarts.values())
-    by_cause = ", ".join(f"{k} {v}" for k, v in sorted(restarts.items()))
-    lines.append(f"restarts: {total}" + (f" ({by_cause})" if total else ""))
+    lines.append(f"restarts: {sum(restarts.values())}{by_cause_text(restarts)}")
     if report["interventions"]:
         lines.append("latest interventions:")
         for event in report["interventions"]:

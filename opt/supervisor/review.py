@@ -68,7 +68,7 @@ def format_summary(run: str, s: dict) -> str:
         f"outcomes: {s['recovered']} recovered, {s['not_recovered']} not recovered",
         f"lost to rollbacks: {s['steps_lost_to_rollbacks']} steps, "
         f"{s['tokens_lost_to_rollbacks']:,} tokens",
-        f"restarts: {sum(s['restarts_by_cause'].values())}{_by_cause(s['restarts_by_cause'])}",
+        f"restarts: {sum(s['restarts_by_cause'].values())}{by_cause_text(s['restarts_by_cause'])}",
         f"lost to restarts: {s['steps_lost_to_restarts']} steps, "
         f"{s['tokens_lost_to_restarts']:,} tokens, {s['time_lost_to_restarts_s'] / 3600:.2f} h",
         f"starts (fresh or resumed): {s['starts']}; notes: {s['notes']}",
@@ -77,7 +77,8 @@ def format_summary(run: str, s: dict) -> str:
     return "\n".join(lines)
 
 
-def _by_cause(counts: dict) -> str:
+def by_cause_text(counts: dict) -> str:
+    """ " (preemption 1, process failure 2)", or "" when there were none."""
     if not counts:
         return ""
     return " (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(counts.items())) + ")"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from opt import checkpoint as ckpt
-from opt.checkpoint import manifest as ckpt_manifest
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.resume import newest_complete_checkpoint, verify_together
 from opt.config import JobConfig, to_toml
@@ -40,7 +38,7 @@ from opt.parallel.pipeline import build_schedule
 from opt.supervisor.cli import INTERVENE_FILE
 from opt.supervisor.logbook import Logbook
 from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
-from opt.train import interventions
+from opt.train import interventions, lifecycle
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.metrics import MetricsLogger
@@ -53,8 +51,6 @@ from opt.train.run_status import (
     RUNNING,
     STOPPED_FOR_HUMAN,
     STOPPED_ON_SIGNAL,
-    read_status,
-    write_status,
 )
 
 
@@ -480,16 +476,16 @@ class Trainer:
             print(f"resumed from {source} at step {self.step}", flush=True)
         # Written only once the inputs have proven loadable: a failed start leaves no run dir.
         if lead:
-            self._log_start(source)
+            lifecycle.log_start(self, source)
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
-            self._write_status(RUNNING, source=str(source) if source else None)
+            lifecycle.write_status(self, RUNNING, source=str(source) if source else None)
         metrics = self._metrics_logger() if lead else None
         results, tokens_since_log = [], 0
         try:
             while self.should_continue_training():
                 if self.stop_signal is not None and (received := self.stop_signal.agreed()):
-                    self._stop_on_signal(received)
+                    lifecycle.stop_on_signal(self, received)
                     break
                 maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
@@ -518,14 +514,14 @@ class Trainer:
                     if metrics is not None:
                         metrics.resume()
                 if lead:
-                    self._write_status(RUNNING, loss=result.loss)
+                    lifecycle.write_status(self, RUNNING, loss=result.loss)
             self.finish_checkpoint()
         except BaseException as err:
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             self.log_event("run_stop", step=self.step, tokens=self.tokens_seen,
                            reason=f"error: {error}")  # fmt: skip
             if lead:
-                self._write_status(FAILED, error=error)
+                lifecycle.write_status(self, FAILED, error=error)
             raise
         finally:
             if metrics is not None:
@@ -536,77 +532,9 @@ class Trainer:
         self.log_event("run_stop", step=self.step, tokens=self.tokens_seen, reason=reason)
         if lead:
             state = STOPPED_FOR_HUMAN if self.human_needed else FINISHED
-            self._write_status(STOPPED_ON_SIGNAL if self.stopped_on_signal else state,
+            lifecycle.write_status(self, STOPPED_ON_SIGNAL if self.stopped_on_signal else state,
                                reason=reason)  # fmt: skip
         return results
-
-    def _stop_on_signal(self, received: str) -> None:
-        """The scheduler's warning: a synchronous checkpoint of this step (unless one was
-        just saved), then a clean exit that the launcher requeues."""
-        if self.last_saved_step != self.step or self.pending_checkpoint is not None:
-            self.save_checkpoint(sync=True)
-        self.stopped_on_signal = True
-        self.stop_requested = True
-        self.stop_reason = (
-            f"stopped on {received} at step {self.step}, checkpoint "
-            f"{checkpoint_path(self.cfg.checkpoint_dir, self.step).name} saved for the requeue"
-        )
-
-    def _write_status(self, state: str, **fields) -> None:
-        newest = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
-        write_status(
-            self.cfg.run_dir,
-            state=state,
-            step=self.step,
-            tokens=self.tokens_seen,
-            max_steps=self.max_steps,
-            last_checkpoint=str(newest) if newest else None,
-            **fields,
-        )
-
-    def _log_start(self, source: Path | None) -> None:
-        """run_start (and config_change against the previous start of this run)."""
-        previous = self.cfg.run_dir / "config.toml"
-        if previous.is_file():
-            changes = config_changes(previous.read_text(), to_toml(self.cfg))
-            if changes:
-                self.log_event("config_change", step=self.step, changes=changes)
-        self.log_event(
-            "run_start",
-            step=self.step,
-            tokens=self.tokens_seen,
-            reason="resumed" if source is not None else "fresh",
-            checkpoint=str(source) if source else None,
-            world_size=self.dims.world_size,
-            layout=self.layout,
-            model=self.cfg.model.name,
-            run_dir=str(self.cfg.run_dir),
-            **self._work_lost(source),
-        )
-        if self.reconciled is not None:
-            self.log_event(
-                "intervention_completed_after_restart", step=self.step, tokens=self.tokens_seen,
-                **self.reconciled,
-            )  # fmt: skip
-
-    def _work_lost(self, source: Path | None) -> dict:
-        """What the interruption before this resume cost: the steps (and tokens) trained
-        past the checkpoint and, after a crash or a stop on a signal, the wall-clock time
-        since training first reached it (compute thrown away, queueing, restart). Empty
-        when nothing was lost (e.g. a finished run extended)."""
-        previous = read_status(self.cfg.run_dir)
-        interrupted = previous.get("state") in (RUNNING, STOPPED_ON_SIGNAL, FAILED)
-        lost_steps = max(0, int(previous.get("step", 0)) - self.step)
-        if source is None or not (interrupted or lost_steps):
-            return {}
-        saved_at = ckpt_manifest.read_manifest(source).get("saved_at")
-        return {
-            "previous_state": previous["state"],
-            "previous_step": previous.get("step"),
-            "lost_steps": lost_steps,
-            "lost_tokens": max(0, int(previous.get("tokens", 0)) - self.tokens_seen),
-            "lost_s": round(time.time() - saved_at, 1) if saved_at and interrupted else None,
-        }
 
     def _metrics_logger(self) -> MetricsLogger:
         cfg = self.cfg
@@ -619,21 +547,6 @@ class Trainer:
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
         flops /= self.dims.world_size
         return MetricsLogger(tb_dir, flops, peak)
-
-
-def config_changes(old_toml: str, new_toml: str) -> dict[str, list]:
-    """Keys whose value differs between two resolved configs: {key: [old, new]}."""
-    import tomllib
-
-    def flat(text: str) -> dict:
-        return {f"{s}.{k}": v for s, table in tomllib.loads(text).items() for k, v in table.items()}
-
-    old, new = flat(old_toml), flat(new_toml)
-    return {
-        k: [old.get(k), new.get(k)]
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    }
 
 
 def _log_values(result: StepResult) -> dict[str, float]:
