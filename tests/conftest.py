@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,10 +114,13 @@ def slurm_cluster(tmp_path_factory):
     if cluster is not None:
         yield cluster
         return
-    reason = ensure_slurm_installed()
-    if reason is not None:
+    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
+        reason = "Slurm is not installed and there is no apt-get to install it"
         _SLURM_SKIPPED.append(reason)
         pytest.skip(f"SLURM TESTS SKIPPED, NOTHING ABOUT SLURM WAS TESTED: {reason}")
+    reason = ensure_slurm_installed()
+    if reason is not None:  # apt is there but failed: that is a failure, not a skip
+        pytest.fail(f"could not install Slurm for the tests: {reason}")
     cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
     try:
         yield cluster

@@ -78,6 +78,9 @@ def ensure_slurm_installed() -> str | None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         return "apt-get install slurm-wlm munge timed out after 600 s"
     if res.returncode != 0:

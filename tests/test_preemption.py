@@ -176,7 +176,9 @@ def test_a_flipped_byte_is_caught_by_the_checksum_and_all_corrupt_is_an_error(ti
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     seen = []
-    with pytest.raises(OptError, match=r"no complete checkpoint .*fails its checksum.* step_00000002\.corrupt"):
+    with pytest.raises(
+        OptError, match=r"no complete checkpoint .*fails its checksum.* step_00000002\.corrupt"
+    ):
         newest_complete_checkpoint(first.cfg.checkpoint_dir, lambda p, why: seen.append(why))
     assert "fails its checksum" in seen[0]
     # Starting over is a decision for a person, not something a requeue does by itself.
