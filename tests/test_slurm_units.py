@@ -4,8 +4,12 @@ test_slurm.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from opt.config import load_config
 from opt.errors import OptError
@@ -93,20 +97,34 @@ def test_bad_slurm_settings_are_refused(overrides, message):
         _cfg(*overrides)
 
 
-def test_the_175b_dry_run_prints_the_sbatch_script_and_layout_and_submits_nothing(tmp_path):
-    result = run_cli(
-        "launch", "slurm", "configs/opt-175b.toml", "--nodes", "124", "--gpus-per-node", "8",
-        "--train.batch_tokens", "2031616", "--run.dir", str(tmp_path / "runs"), "--dry-run",
+def _example(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", f"launch/{script}", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
+
+
+def test_the_175b_example_dry_run_prints_the_sbatch_script_and_layout_and_submits_nothing(
+    tmp_path,
+):
+    result = _example("opt-175b-124x8-a100.sh", "--run.dir", str(tmp_path / "runs"), "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "124 node(s) x 8 task(s) (8 GPU(s) per node) = 992 ranks" in out
-    assert "dp_shard=124 x tp=8" in out
+    assert "dp_shard=124 x tp=8" in out and "2,031,616 tokens = 992 sequences" in out
     for line in ("#SBATCH --nodes=124", "#SBATCH --ntasks-per-node=8", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR2@300", "#SBATCH --job-name=opt-175b"):  # fmt: skip
+                 "#SBATCH --signal=USR2@600", "#SBATCH --job-name=opt-175b",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive"):  # fmt: skip
         assert line in out
     assert "srun --kill-on-bad-exit=1" in out and "dry run: nothing submitted" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_125m_example_dry_run_is_one_node_of_eight_ranks(tmp_path):
+    result = _example("opt-125m-1node.sh", "--run.dir", str(tmp_path / "runs"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "1 node(s) x 8 task(s) (8 GPU(s) per node) = 8 ranks" in result.stdout
+    assert "dp_shard=8 x tp=1" in result.stdout
 
 
 def test_an_inconsistent_layout_is_refused_before_submitting(tmp_path):
