@@ -21,6 +21,7 @@ from opt.launch.slurm_driver import (
     excluded_hosts,
     failures_by_host,
     requeue_counts,
+    stop_cause,
 )
 from opt.launch.slurm_env import adopt_slurm_environment, expand_hostlist, master_port
 
@@ -165,3 +166,10 @@ def test_limits_and_exclusion_are_counted_from_the_logbook():
     assert excluded_hosts(_cfg("--slurm.exclude_after_failures", "0"), events) == []
     assert not _allocation_vanished(events)
     assert _allocation_vanished([*events, {"kind": "allocation_start"}, {"kind": "run_start"}])
+
+
+def test_a_warning_near_the_time_limit_is_a_timeout_and_earlier_a_preemption():
+    cfg = _cfg("--slurm.time_minutes", "60", "--slurm.signal_delay_s", "300")
+    assert stop_cause(cfg, 3600 - 300 - 30) == "timeout"  # Slurm's signal came 30 s early
+    assert stop_cause(cfg, 3600 - 300 + 20) == "timeout"
+    assert stop_cause(cfg, 1200) == "preemption"

@@ -87,14 +87,18 @@ def sbatch_parameters(cfg: JobConfig) -> dict:
     }
 
 
-def srun_command(cfg: JobConfig, config_file: Path, python: str = sys.executable) -> list[str]:
-    """The job step each allocation runs: one training task per GPU."""
+def srun_command(
+    cfg: JobConfig, config_file: Path, python: str = sys.executable, nodes: int | None = None
+) -> list[str]:
+    """The job step each allocation runs: one training task per GPU on each of ``nodes``
+    (the allocation's own count, which an administrator may have changed; the layout's
+    dp_shard=-1 follows it, and the checkpoint reshards)."""
     command = [
         "srun",
         "--kill-on-bad-exit=1",  # one dead rank ends the step instead of hanging the rest
         "--label",  # every output line prefixed with its rank
         "--unbuffered",
-        f"--nodes={cfg.slurm.nodes}",
+        f"--nodes={nodes or cfg.slurm.nodes}",
         f"--ntasks-per-node={tasks_per_node(cfg)}",
     ]
     if cfg.slurm.cpus_per_task:

@@ -84,16 +84,16 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     book = Logbook(cfg.logbook.dir, cfg.run.name)
     history = _events(book)
     if _allocation_vanished(history):
-        # The previous allocation ended without the driver's word: its node died (Slurm
-        # requeued the job itself) or the driver was killed.
-        # Which of its hosts failed is unknown: none is blamed (or excluded) for it.
+        # The previous allocation ended without the driver's word, and Slurm requeued the
+        # job itself: a preemption (the ranks had saved on the signal) or a dead node.
+        # Which host failed is unknown, so none is blamed (or excluded) for it.
+        saved = run_status.read_status(cfg.run_dir).get("state") == run_status.STOPPED_ON_SIGNAL
+        cause = "preemption" if saved else "node_failure"
         fields = {"hosts": [], "allocation_hosts": _last_allocation(history).get("hosts", []),
-                  "detail": "the previous allocation ended without a report"}  # fmt: skip
-        if (
-            code := _over_limit(cfg, book, history, "node_failure", job_id, None, fields)
-        ) is not None:
+                  "detail": "the previous allocation ended without the driver's report"}  # fmt: skip
+        if (code := _over_limit(cfg, book, history, cause, job_id, None, fields)) is not None:
             return code
-        book.append("requeue", cause="node_failure", job_id=job_id, requeued_by="slurm", **fields)
+        book.append("requeue", cause=cause, job_id=job_id, requeued_by="slurm", **fields)
         history = _events(book)
     book.append(
         "allocation_start",
@@ -119,9 +119,7 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         book.append("gave_up", job_id=job_id, step=step, cause="refused", detail=detail)
         return REFUSED_EXIT
     if outcome.exit_code == 0 and state == run_status.STOPPED_ON_SIGNAL:
-        elapsed = time.monotonic() - started
-        near_limit = elapsed >= cfg.slurm.time_minutes * 60 - cfg.slurm.signal_delay_s - 120
-        cause = "timeout" if near_limit else "preemption"
+        cause = stop_cause(cfg, time.monotonic() - started)
         if (code := _over_limit(cfg, book, history, cause, job_id, step)) is not None:
             return code
         book.append("requeue", cause=cause, job_id=job_id, step=step, tokens=status.get("tokens"),
@@ -146,13 +144,21 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     return _requeue(job_id, exclude)
 
 
+def stop_cause(cfg: JobConfig, elapsed_s: float) -> str:
+    """A warning signal near the time limit is a timeout, any other a preemption. Slurm
+    delivers --signal up to a scheduling pass (~30 s) early or late; 120 s of slack."""
+    near_limit = elapsed_s >= cfg.slurm.time_minutes * 60 - cfg.slurm.signal_delay_s - 120
+    return "timeout" if near_limit else "preemption"
+
+
 def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id: str):
     """srun the training tasks; pass their output through and keep srun's failure reports."""
     env = dict(os.environ)
     env[STOP_SIGNALS_ENV] = f"{cfg.slurm.signal},TERM"
     env["MASTER_ADDR"] = hosts[0]
     env["MASTER_PORT"] = str(master_port(job_id))
-    command = srun_command(cfg, config_file)
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "0")) or None
+    command = srun_command(cfg, config_file, nodes=nodes)
     print("driver: " + " ".join(command), flush=True)
     proc = subprocess.Popen(
         command, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, bufsize=1
