@@ -155,6 +155,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser, func) -> None:
+    """CONFIG [overrides] for the commands that start training."""
+    parser.add_argument("config", help="TOML config file (see configs/)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
+    parser.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from opt.convert import cli as convert_cli
     from opt.data import cli as data_cli
@@ -184,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "[--json] builds the parallel layout on the meta device with a fake process group "
         "and reports per-rank shapes and memory without training.",
     )
-    train.add_argument("config", help="TOML config file (see configs/)")
-    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
-    train.set_defaults(func=cmd_train)
+    _config_arguments(train, cmd_train)
 
     convert_cli.register(sub)
     supervisor_cli.register(sub)
@@ -200,9 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config's [parallel] section chooses the layout; its degrees must multiply to N.",
     )
     local.add_argument("--nproc", type=int, required=True, help="number of processes (ranks)")
-    local.add_argument("config", help="TOML config file")
-    local.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
-    local.set_defaults(func=cmd_launch_local)
+    _config_arguments(local, cmd_launch_local)
     slurm = launch_sub.add_parser(
         "slurm",
         help="submit to Slurm (submitit); requeues itself on timeouts, preemption, failures",
@@ -212,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-minutes, --exclude, --nodelist) sets the allocation. Prints the layout and "
         "the sbatch script first; --dry-run stops there and submits nothing.",
     )
-    slurm.add_argument("config", help="TOML config file")
-    slurm.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value overrides")
-    slurm.set_defaults(func=cmd_launch_slurm)
+    _config_arguments(slurm, cmd_launch_slurm)
 
     status = sub.add_parser(
         "status",

@@ -210,3 +210,19 @@ def test_failures_past_the_limit_end_the_job_and_say_so(slurm_cluster, tmp_path,
     assert gave_up["limit"] == 0 and gave_up["hosts"] == [slurm_cluster.node_name]
     assert "requeue" not in [e["kind"] for e in events]
     job.wait("Slurm to end the job", lambda: job.state().startswith("FAILED"), timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_a_start_that_can_never_work_ends_the_job_instead_of_requeueing(
+    slurm_cluster, tmp_path, pydoc_dataset
+):
+    missing = tmp_path / "purged-from-scratch" / "step_00001000"
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "refused",
+              "--checkpoint.init_from", str(missing))  # fmt: skip
+    job.wait_until_finished()
+    events = job.events()
+    gave_up = events[-1]
+    assert gave_up["kind"] == "gave_up" and gave_up["cause"] == "refused", events
+    assert f"checkpoint not found: {missing}" in gave_up["detail"]
+    assert "requeue" not in [e["kind"] for e in events]
+    job.wait("Slurm to end the job", lambda: job.state().startswith("FAILED"), timeout=60)

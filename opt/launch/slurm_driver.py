@@ -102,10 +102,12 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         hosts=hosts,
         ranks=int(os.environ.get("SLURM_NTASKS", "0")) or None,
     )
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     outcome = run_training_step(cfg, config_file, hosts, job_id)
     status = run_status.read_status(cfg.run_dir)
-    state = status.get("state")
+    # A state written before this allocation (a crash before training began) says nothing
+    # about how this one ended; its step is still the last one known.
+    state = status.get("state") if status.get("updated", 0) >= started_at else None
     step = status.get("step")
     if outcome.exit_code == 0 and state == run_status.FINISHED:
         book.append("allocation_end", job_id=job_id, step=step, result="finished")
