@@ -165,6 +165,7 @@ def _config_arguments(parser: argparse.ArgumentParser, func) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from opt.convert import cli as convert_cli
     from opt.data import cli as data_cli
+    from opt.plan import cli as plan_cli
     from opt.supervisor import cli as supervisor_cli
 
     parser = argparse.ArgumentParser(
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert_cli.register(sub)
     supervisor_cli.register(sub)
+    plan_cli.register(sub)
 
     launch = sub.add_parser("launch", help="start multi-process training")
     launch_sub = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
