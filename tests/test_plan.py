@@ -101,3 +101,25 @@ def test_bad_requests_get_one_line(args, message):
     result = run_cli("plan", *args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_calibration_measures_this_machine_and_is_used_only_for_its_own_gpu(tmp_path):
+    stored = tmp_path / "calibration.json"
+    result = run_cli("plan", "--model", "opt-tiny", "--gpus", "1", "--seq-len", "128",
+                     "--global-batch", "1024", "--tokens", "1M", "--calibrate",
+                     "--calibration", str(stored))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(stored.read_text())
+    assert measured["device"] == "cpu" and measured["accelerator"] is None
+    assert measured["achieved_tflops"] > 0 and 0 < measured["fraction_of_matmul_peak"] < 1.5
+    assert "calibration on cpu does not apply to a100-80gb" in result.stdout
+
+    # A calibration taken on an H100 replaces the default fraction of peak for --gpu h100.
+    stored.write_text(json.dumps({**measured, "device": "NVIDIA H100 80GB HBM3",
+                                  "accelerator": "h100-80gb", "achieved_tflops": 400.0}))  # fmt: skip
+    args = ["--model", "opt-125m", "--gpus", "8", "--tokens", "1B", "--global-batch", "524288",
+            "--calibration", str(stored)]  # fmt: skip
+    h100 = _plan(*args, "--gpu", "h100-80gb")
+    assert h100["achieved_fraction_of_peak"] == pytest.approx(400.0 / 989.0)
+    a100 = _plan(*args, "--gpu", "a100-80gb")
+    assert a100["achieved_fraction_of_peak"] == pytest.approx(0.47)

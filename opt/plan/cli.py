@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from opt.errors import OptError
+from opt.plan.calibrate import DEFAULT_FILE, calibrate, load_calibration
 from opt.plan.hardware import ACCELERATORS, GiB, get_accelerator
 
 OPT_DAYS_NOTE = "OPT-175B: ~33 days on 992 A100-80GB at 147 TFLOP/s per GPU (Zhang et al. 2022)"
@@ -45,6 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--write-config", type=Path, help="write the chosen layout as a TOML config")
     p.add_argument("--pick", type=int, default=1, help="which ranked candidate to write")
+    p.add_argument("--calibrate", action="store_true",
+                   help="first measure this machine (matmul peak, training steps of the "
+                        "model on one device) and store it in --calibration")  # fmt: skip
+    p.add_argument("--calibration", type=Path, default=DEFAULT_FILE,
+                   help=f"calibration file (default {DEFAULT_FILE}); used when it was taken "
+                        "on the --gpu type")  # fmt: skip
+    p.add_argument("--calibrate-micro-batch", type=int, default=1,
+                   help="sequences per calibration step")  # fmt: skip
     p.set_defaults(func=run_plan)
 
 
@@ -81,11 +90,20 @@ def _job_and_cluster(args):
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise OptError("--gpus and --gpus-per-node must be positive")
     gpu = get_accelerator(args.gpu)
-    achieved = args.achieved_tflops / gpu.peak_tflops if args.achieved_tflops else gpu.achieved
+    achieved, source = gpu.achieved, f"the default for {gpu.name}"
+    if args.achieved_tflops:
+        achieved, source = args.achieved_tflops / gpu.peak_tflops, "--achieved-tflops"
+    elif (measured := load_calibration(args.calibration)) is not None:
+        if measured.get("accelerator") == gpu.name:
+            achieved = measured["achieved_tflops"] / gpu.peak_tflops
+            source = f"calibrated on {measured['device']} at {measured['measured_at']}"
+        else:
+            source += (f"; the calibration on {measured['device']} does not apply to "
+                       f"{gpu.name}")  # fmt: skip
     if not 0 < achieved <= 1:
         raise OptError(f"--achieved-tflops must be within (0, {gpu.peak_tflops}]")
     cluster = Cluster(gpu, args.gpus, args.gpus_per_node, achieved, args.pue,
-                      args.carbon_intensity, args.margin)  # fmt: skip
+                      args.carbon_intensity, args.margin, source)  # fmt: skip
     job = Job(model_args, args.model, args.seq_len, parse_count(args.global_batch),
               parse_count(args.tokens))  # fmt: skip
     return job, cluster
@@ -94,6 +112,13 @@ def _job_and_cluster(args):
 def run_plan(args) -> int:
     from opt.plan.planner import plan
 
+    if args.calibrate:
+        job, _ = _job_and_cluster(args)
+        m = calibrate(job.args, args.model, args.seq_len, args.calibrate_micro_batch,
+                      args.calibration)  # fmt: skip
+        print(f"calibrated on {m['device']}: matmul peak {m['matmul_peak_tflops']:.3g} "
+              f"TFLOP/s ({m['dtype']}), training {m['achieved_tflops']:.3g} TFLOP/s "
+              f"({m['fraction_of_matmul_peak']:.0%} of it); stored in {args.calibration}")  # fmt: skip
     job, cluster = _job_and_cluster(args)
     fits, excluded = plan(job, cluster)
     if args.write_config:
@@ -103,6 +128,7 @@ def run_plan(args) -> int:
     if args.json:
         print(json.dumps({"model": job.model, "gpus": cluster.gpus, "gpu": cluster.gpu.name,
                           "achieved_fraction_of_peak": cluster.achieved,
+                          "achieved_source": cluster.achieved_source,
                           "candidates": [c.to_dict() for c in fits[: args.top]],
                           "excluded": [c.to_dict() for c in excluded]}, indent=1))  # fmt: skip
     else:
@@ -123,7 +149,7 @@ def format_plan(job, cluster, fits, excluded) -> str:
         f"{cluster.gpus} x {gpu.name} ({cluster.gpus_per_node} per node); "
         f"{job.tokens / 1e9:g}B tokens, seq {job.seq_len}, ~{job.batch_tokens:,} tokens a step",
         f"assumed: {cluster.achieved * gpu.peak_tflops:.0f} of {gpu.peak_tflops:.0f} bf16 "
-        f"TFLOP/s achieved, PUE {cluster.pue}, {cluster.carbon_kg_per_kwh} kg CO2e/kWh, "
+        f"TFLOP/s achieved ({cluster.achieved_source}), PUE {cluster.pue}, {cluster.carbon_kg_per_kwh} kg CO2e/kWh, "
         f"{cluster.margin:.0%} of memory kept free",
         "",
         f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'acc':>4} {'AC':>9} {'SP':>3} "

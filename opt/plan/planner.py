@@ -44,6 +44,7 @@ class Cluster:
     pue: float = 1.1
     carbon_kg_per_kwh: float = 0.231
     margin: float = 0.10  # of GPU memory, kept free (allocator fragmentation, CUDA context)
+    achieved_source: str = "default"  # where the fraction of peak came from
 
 
 @dataclass(frozen=True)
