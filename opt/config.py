@@ -172,6 +172,10 @@ class SupervisorConfig:
 class LogbookConfig:
     dir: str = "logbook"
     """Root of the public logbooks; this run writes dir/<run.name>/."""
+    pue: float = 1.1
+    """Data-centre power usage effectiveness, for the CO2e in run_stop events."""
+    carbon_intensity: float = 0.231
+    """kg CO2e per kWh of the grid, for the CO2e in run_stop events."""
 
 
 @dataclass

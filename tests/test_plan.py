@@ -17,6 +17,8 @@ from opt.train.trainer import check_job, resolve_model_args
 @pytest.mark.parametrize(
     ("config", "world", "overrides"),
     [
+        ("configs/demo.toml", 2, {"parallel.tp": 2}),  # the tiny shape
+        ("configs/demo.toml", 2, {"parallel.pp": 2}),
         ("configs/opt-125m.toml", 1, {}),
         ("configs/opt-125m.toml", 2, {"parallel.tp": 2}),
         ("configs/opt-125m.toml", 2, {"parallel.pp": 2}),

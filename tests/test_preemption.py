@@ -191,3 +191,23 @@ def test_status_file_follows_the_run(tiny_config):
     status = json.loads((trainer.cfg.run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 3
     assert status["last_checkpoint"].endswith("step_00000003")
+
+
+def test_run_stop_records_compute_and_energy(tiny_config):
+    from opt.train.energy import EnergyMeter
+
+    trainer = _train(tiny_config, 2)
+    stop = [e for e in read_events(trainer.cfg.logbook_dir / "events.jsonl")
+            if e["kind"] == "run_stop"][-1]  # fmt: skip
+    assert stop["gpu_hours"] == 0.0 and stop["energy_kwh"] is None
+    assert stop["energy_source"] == "CPU run: not estimated"
+
+    # On a GPU without NVML: the GPU type's TDP times the GPU-hours, then PUE and grid.
+    meter = EnergyMeter(torch.device("cpu"), ranks=8, pue=1.1, carbon_kg_per_kwh=0.25)
+    meter.gpu, meter.tdp = "NVIDIA A100-SXM4-80GB", 400.0
+    meter.started -= 3600  # one hour ago
+    usage = meter.usage()
+    assert usage["gpu_hours"] == pytest.approx(8, rel=1e-3)
+    assert usage["energy_kwh"] == pytest.approx(3.2, rel=1e-3)
+    assert usage["co2e_kg"] == pytest.approx(3.2 * 1.1 * 0.25, rel=1e-3)
+    assert "TDP" in usage["energy_source"]

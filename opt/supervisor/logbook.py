@@ -158,7 +158,11 @@ def describe(event: dict) -> str:
     if kind in HARDWARE_KINDS:
         return _describe_hardware(event)
     if kind == "run_stop":
-        return f"run stopped: {event.get('reason', '')}"
+        text = f"run stopped: {event.get('reason', '')}"
+        if event.get("energy_kwh") is not None:
+            text += (f" ({event['gpu_hours']:.2f} GPU-hours, {event['energy_kwh']:.2f} kWh, "
+                     f"{event.get('co2e_kg', 0):.2f} kg CO2e)")  # fmt: skip
+        return text
     if kind == "resume":
         return f"resumed from {event.get('checkpoint')}"
     if kind in ("intervention", "manual_intervention"):

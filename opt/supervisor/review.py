@@ -50,6 +50,9 @@ def summary(events: list[dict]) -> dict:
         "time_lost_to_restarts_s": round(
             sum(e.get("lost_s") or 0.0 for e in events if e.get("kind") == "run_start"), 1
         ),
+        "gpu_hours": round(sum(e.get("gpu_hours") or 0.0 for e in events), 4),
+        "energy_kwh": round(sum(e.get("energy_kwh") or 0.0 for e in events), 4),
+        "co2e_kg": round(sum(e.get("co2e_kg") or 0.0 for e in events), 4),
         "notes": sum(1 for e in events if e.get("kind") == "note"),
         "current": factors,
     }
@@ -71,6 +74,8 @@ def format_summary(run: str, s: dict) -> str:
         f"restarts: {sum(s['restarts_by_cause'].values())}{by_cause_text(s['restarts_by_cause'])}",
         f"lost to restarts: {s['steps_lost_to_restarts']} steps, "
         f"{s['tokens_lost_to_restarts']:,} tokens, {s['time_lost_to_restarts_s'] / 3600:.2f} h",
+        f"compute: {s['gpu_hours']:,.2f} GPU-hours, {s['energy_kwh']:,.2f} kWh, "
+        f"{s['co2e_kg']:,.2f} kg CO2e (CPU runs are not counted)",
         f"starts (fresh or resumed): {s['starts']}; notes: {s['notes']}",
         f"current factors: lr_scale {s['current']['lr_scale']}, grad_clip {s['current']['grad_clip']}",
     ]

@@ -40,6 +40,7 @@ from opt.supervisor.logbook import Logbook
 from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
 from opt.train import interventions, lifecycle
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
+from opt.train.energy import EnergyMeter
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
@@ -213,6 +214,8 @@ class Trainer:
         self.stopped_on_signal = False
         # The scheduler's warning signal (set by `opt launch slurm`): stop and save.
         self.stop_signal = StopOnSignal.from_environment(self.device)
+        self.energy = EnergyMeter(self.device, self.dims.world_size, cfg.logbook.pue,
+                                  cfg.logbook.carbon_intensity)  # fmt: skip
         self.reconciled: dict | None = None  # a rollback finished from the logbook at resume
         # Background checkpoint writes get their own gloo group: their collectives must
         # not interleave with the training loop's on the default group.
@@ -519,7 +522,7 @@ class Trainer:
         except BaseException as err:
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             self.log_event("run_stop", step=self.step, tokens=self.tokens_seen,
-                           reason=f"error: {error}")  # fmt: skip
+                           reason=f"error: {error}", **self.energy.usage())  # fmt: skip
             if lead:
                 lifecycle.write_status(self, FAILED, error=error)
             raise
@@ -529,7 +532,8 @@ class Trainer:
             if self.stop_signal is not None:
                 self.stop_signal.restore_defaults()
         reason = self.stop_reason or "finished: reached max_steps"
-        self.log_event("run_stop", step=self.step, tokens=self.tokens_seen, reason=reason)
+        self.log_event("run_stop", step=self.step, tokens=self.tokens_seen, reason=reason,
+                       **self.energy.usage())  # fmt: skip
         if lead:
             state = STOPPED_FOR_HUMAN if self.human_needed else FINISHED
             lifecycle.write_status(self, STOPPED_ON_SIGNAL if self.stopped_on_signal else state,
