@@ -64,6 +64,23 @@ class ModelArgs:
     def replace(self, **changes) -> ModelArgs:
         return dataclasses.replace(self, **changes)
 
+    def reshaped(
+        self, n_layers: int = 0, n_heads: int = 0, d_model: int = 0, vocab_size: int = 0
+    ) -> ModelArgs:
+        """This size with the given dimensions changed (0 keeps one). A new width brings
+        its 4x FFN, and the word embeddings follow it unless they are projected (350M)."""
+        custom = {
+            key: value
+            for key, value in (("n_layers", n_layers), ("n_heads", n_heads),
+                               ("d_model", d_model), ("vocab_size", vocab_size))
+            if value > 0
+        }  # fmt: skip
+        if d_model > 0:
+            custom["ffn_dim"] = 4 * d_model
+            if not self.projects_embeddings:
+                custom["word_embed_dim"] = d_model
+        return self.replace(**custom) if custom else self  # re-validates, e.g. heads | d_model
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

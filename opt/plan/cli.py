@@ -73,18 +73,9 @@ def _job_and_cluster(args):
     from opt.models.sizes import get_model_args
     from opt.plan.planner import Cluster, Job
 
-    model_args = get_model_args(args.model)
-    custom = {}
-    if args.layers:
-        custom["n_layers"] = args.layers
-    if args.heads:
-        custom["n_heads"] = args.heads
-    if args.d_model:
-        custom.update(d_model=args.d_model, ffn_dim=4 * args.d_model)
-        if not model_args.projects_embeddings:
-            custom["word_embed_dim"] = args.d_model
-    if custom:
-        model_args = model_args.replace(**custom)
+    model_args = get_model_args(args.model).reshaped(
+        args.layers or 0, args.heads or 0, args.d_model or 0
+    )
     if args.seq_len > model_args.max_positions:
         raise OptError(f"--seq-len {args.seq_len} exceeds max_positions {model_args.max_positions}")
     if args.gpus < 1 or args.gpus_per_node < 1:

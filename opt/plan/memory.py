@@ -17,10 +17,8 @@ import torch
 
 from opt.models.model import OPTModel
 from opt.models.sizes import ModelArgs
+from opt.parallel.dry_run import GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES
 from opt.parallel.pipeline import build_stage_model, split_layers, stage_costs, stage_ids
-
-# fp32 master weights and gradients; AdamW keeps two fp32 moments per parameter.
-PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 4, 4, 8
 
 # Which dimension the TP plan splits: column-parallel weights (and biases) by output rows,
 # row-parallel weights by input columns, the embedding by vocabulary. Others: replicated.

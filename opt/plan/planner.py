@@ -25,10 +25,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from opt.models.sizes import ModelArgs
+from opt.parallel.pipeline import split_layers, stage_costs
 from opt.plan.activations import activation_bytes, autocast_weight_copy_bytes
 from opt.plan.flops import training_flops
 from opt.plan.hardware import Accelerator, GiB
-from opt.plan.memory import pipeline_parameters, training_state_bytes
+from opt.plan.memory import training_state_bytes
 
 CHECKPOINTING = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -155,10 +156,10 @@ def memory_per_gpu(job: Job, cluster: Cluster, c: Candidate) -> dict[str, int]:
 
 
 def _layers(job: Job, pp: int) -> list[int]:
-    return [
-        sum(1 for name, _ in params if name.endswith(".attn.q_proj.weight"))
-        for params in pipeline_parameters(job.args, pp, 1, job.seq_len)
-    ]
+    """Blocks on each pipeline rank (one stage per rank), as the pipeline splits them."""
+    if pp == 1:
+        return [job.args.n_layers]
+    return [len(r) for r in split_layers(job.args.n_layers, pp, stage_costs(job.args, job.seq_len))]
 
 
 def _estimate_time(job: Job, cluster: Cluster, c: Candidate) -> None:

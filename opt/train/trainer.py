@@ -72,20 +72,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_model_args(cfg: JobConfig) -> ModelArgs:
-    args = get_model_args(cfg.model.name)
-    custom = {
-        key: getattr(cfg.model, key)
-        for key in ("n_layers", "n_heads", "d_model", "vocab_size")
-        if getattr(cfg.model, key) > 0
-    }
-    if "d_model" in custom:
-        custom["ffn_dim"] = 4 * custom["d_model"]
-        if not args.projects_embeddings:
-            custom["word_embed_dim"] = custom["d_model"]
-    if cfg.model.dropout >= 0:
-        custom["dropout"] = cfg.model.dropout
-    if custom:
-        args = args.replace(**custom)  # re-validates the shape, e.g. heads dividing d_model
+    m = cfg.model
+    args = get_model_args(m.name).reshaped(m.n_layers, m.n_heads, m.d_model, m.vocab_size)
+    if m.dropout >= 0:
+        args = args.replace(dropout=m.dropout)
     if cfg.data.seq_len > args.max_positions:
         raise OptError(
             f"data.seq_len={cfg.data.seq_len} exceeds {cfg.model.name}'s "
