@@ -6,21 +6,19 @@
     python bench/train_throughput.py --dtypes fp32 --profile 3
 
 Both sides train the same shape on the same token batches with the same dtype, dropout,
-optimizer and clipping, in one process with one thread count:
+optimizer, clipping and thread count:
 
 - ours: ``Trainer.train_step()`` exactly as a run calls it (data loading, forward, loss,
-  backward, clip, fused AdamW), built from a config like any run;
-- HF: a randomly initialised ``OPTForCausalLM`` (``attn_implementation`` left at its default,
-  sdpa; ``use_cache`` off, as for any training) holding a copy of our initial weights, with
-  HF's own loss, ``build_optimizer`` (same fused AdamW and decay grouping) and
-  ``clip_grad_norm_``. Its batches come from a second loader over the same stream, so step i
-  of both sides sees the same tokens. HF's loss shifts ``labels`` internally, which would
-  leave seq_len - 1 predictions; passing ``shift_labels=targets`` as well makes it score the
-  same seq_len predictions as ours, on the same (B, seq_len) input.
+  backward, clip, fused AdamW), built from a config like any run, with its default speed
+  switches (README: Speed);
+- HF: ``OPTForCausalLM`` with our initial weights, HF's own loss and the same optimizer and
+  clipping, in a worker process of its own (bench/hf_peer.py) that runs with the defaults a
+  transformers user has.
 
-Steps alternate (ours, HF, ours, HF, ...) so machine noise hits both alike; each dtype reports
-the median step time of the measured steps. MFU divides ``training_flops_per_token`` x tok/s
-(the same model FLOPs for both) by a matmul peak measured in the same dtype in this run.
+Steps alternate (ours, HF, ours, HF, ...) so machine noise hits both alike, and each waits
+while the other runs; each dtype reports the median step time of the measured steps. MFU
+divides ``training_flops_per_token`` x tok/s (the same model FLOPs for both) by a matmul
+peak measured in the same dtype in this run, through the kernels the trainer uses.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import resource
 import shlex
 import statistics
@@ -49,15 +46,17 @@ from pathlib import Path
 import torch
 import transformers
 
-from opt.config import JobConfig, load_config
-from opt.convert.hf import hf_config_from_args, our_key_to_hf
+from opt.config import load_config
 from opt.data.prepare import ensure_builtin_dataset
+from opt.models import kernels
 from opt.models.sizes import OPT_VOCAB_SIZE, ModelArgs
-from opt.train.data_setup import build_loader
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
-from opt.train.optim import build_optimizer
-from opt.train.precision import AUTOCAST_DTYPES, autocast
+from opt.train.precision import AUTOCAST_DTYPES
 from opt.train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_peer import HFPeer
+from profiling import profile_steps
 
 DTYPES = ("fp32", "bf16")
 QUICK = {"layers": 2, "seq_len": 128, "warmup": 1, "steps": 2, "peak_repeats": 1}
@@ -72,7 +71,7 @@ FILE_HEADER = (
 
 
 # ----- the two sides ------------------------------------------------------------------------
-def build_config(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> JobConfig:
+def config_overrides(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> list[str]:
     """A run config for one precision: grad_accum 1, no TensorBoard, no peak measurement."""
     overrides = {
         "run.name": f"bench-{precision}",
@@ -85,68 +84,13 @@ def build_config(args: argparse.Namespace, precision: str, data: Path, tmp: Path
         "train.micro_batch_size": args.batch,
         "train.batch_tokens": args.batch * args.seq_len,
         "train.precision": precision,
-        "train.device": "cpu",
+        "train.device": args.device,
         "checkpoint.dir": str(tmp / "checkpoints"),
         "metrics.tensorboard": False,
         "metrics.peak_tflops": 1.0,  # > 0: the trainer measures nothing itself
     }
     # json.dumps gives TOML-compatible literals for strings, ints, floats and booleans.
-    return load_config(None, [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])
-
-
-class HFSide:
-    """transformers' OPTForCausalLM trained the way ``Trainer.train_step`` trains ours."""
-
-    def __init__(self, trainer: Trainer):
-        cfg, model_args = trainer.cfg, trainer.model_args
-        self.precision = cfg.train.precision
-        self.grad_clip = cfg.optim.grad_clip
-        self.schedule = trainer.schedule
-        self.step = 0
-        hf_config = transformers.OPTConfig(**hf_config_from_args(model_args))
-        hf_config.use_cache = False  # a KV cache is for generation, not training
-        self.model = transformers.OPTForCausalLM(hf_config)
-        _copy_weights(trainer.model, self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        # Same dataset, seq_len and seed as the trainer's loader: the same batch at each step.
-        self.loader, _ = build_loader(cfg, model_args)
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.model.config._attn_implementation
-
-    def train_step(self) -> float:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        ((inputs, targets),) = self.loader.next_microbatches(1)
-        with autocast(self.precision, CPU):
-            # labels= is what turns HF's loss on; shift_labels= makes it score all seq_len
-            # targets instead of dropping the last one after its internal shift.
-            loss = self.model(input_ids=inputs, labels=inputs, shift_labels=targets).loss
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        # float() as in the trainer, which reads the norm to skip fp16 overflow steps.
-        float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule(self.step)
-        self.optimizer.step()
-        self.step += 1
-        return float(loss.detach())
-
-
-@torch.no_grad()
-def _copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
-    """Start HF from our initial weights, so the two losses can be compared as a sanity check."""
-    hf_state = hf.state_dict()
-    copied = set()
-    for key, value in ours.state_dict().items():
-        hf_key = our_key_to_hf(key)
-        hf_state[hf_key].copy_(value)
-        copied.add(hf_key)
-    missing = set(hf_state) - copied - {"lm_head.weight"}  # lm_head is tied to embed_tokens
-    if missing:
-        raise RuntimeError(f"HF parameters with no counterpart in our model: {sorted(missing)}")
+    return [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
 
 
 # ----- measuring ----------------------------------------------------------------------------
@@ -158,6 +102,7 @@ class Result:
     tokens_per_step: int
     flops_per_token: float
     peak_flops: float
+    native_peak_flops: float  # bf16 on CPU: torch's own bf16 kernels, when the trainer's differ
     ours_times: list[float]
     hf_times: list[float]
     ours_loss: float  # first measured step: same weights and batch, so close up to dropout
@@ -173,10 +118,10 @@ class Result:
         return self.tokens_per_s(side) * self.flops_per_token / self.peak_flops
 
 
-def matmul_peak(precision: str, repeats: int) -> float:
+def matmul_peak(precision: str, repeats: int, device: str = "cpu") -> float:
     """The trainer's own peak measurement (FLOP/s): median of ``repeats`` timed matmuls."""
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
-    return measure_matmul_peak(dtype, CPU, repeats=repeats)
+    return measure_matmul_peak(dtype, torch.device(device), repeats=repeats)
 
 
 def _timed(step: Callable[[], object]) -> tuple[float, object]:
@@ -191,22 +136,28 @@ def _page_faults() -> int:
 
 
 def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> Result:
-    cfg = build_config(args, precision, data, tmp)
+    overrides = config_overrides(args, precision, data, tmp)
+    cfg = load_config(None, overrides)
+    hf = HFPeer(overrides, args.threads)  # its own process: started before ours allocates
     trainer = Trainer(cfg)
-    hf = HFSide(trainer)
     print(
         f"[{precision}] measuring the {precision} matmul peak ({args.peak_repeats + 1} matmuls)...",
         flush=True,
     )
-    peak = matmul_peak(precision, args.peak_repeats)
-    print(f"[{precision}] peak {peak / 1e9:.1f} GFLOP/s; HF attention: {hf.attn_implementation}")
+    peak = matmul_peak(precision, args.peak_repeats, args.device)
+    native_peak = peak
+    if precision == "bf16" and kernels.cpu_bf16_via_fp32_enabled(torch.device(args.device)):
+        kernels.set_cpu_bf16_compute("native")
+        native_peak = matmul_peak(precision, 1)  # slow: a single timed matmul
+        kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
+    print(f"[{precision}] peak {peak / 1e9:.1f} GFLOP/s (native kernels: "
+          f"{native_peak / 1e9:.1f}); HF attention: {hf.attn_implementation}", flush=True)  # fmt: skip
     ours_times, hf_times, losses = [], [], []
     for i in range(args.warmup + args.steps):
         faults = _page_faults()
         ours_time, ours_result = _timed(trainer.train_step)
-        ours_faults, faults = _page_faults() - faults, _page_faults()
-        hf_time, hf_loss = _timed(hf.train_step)
-        hf_faults = _page_faults() - faults
+        ours_faults = _page_faults() - faults
+        hf_time, hf_loss, hf_faults = hf.train_step()
         phase = "warmup" if i < args.warmup else "step"
         print(
             f"[{precision}] {phase} {i + 1:>2}: ours {ours_time:7.3f}s loss {ours_result.loss:.4f}"
@@ -219,9 +170,12 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
             hf_times.append(hf_time)
             losses.append((ours_result.loss, hf_loss))
     if args.profile:
-        profile_both(trainer, hf, args.profile, precision)
+        print(profile_steps(trainer.train_step, args.profile, f"ours {precision}"))
+        print(hf.profile(args.profile))
+    hf.close()
     result = Result(
         precision=precision,
+        native_peak_flops=native_peak,
         model_args=trainer.model_args,
         hf_attention=hf.attn_implementation,
         tokens_per_step=cfg.train.batch_tokens,
@@ -237,91 +191,6 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
     return result
 
 
-# ----- profiling ----------------------------------------------------------------------------
-# An op's self CPU time goes to the first category matching its own name or, failing that,
-# to the nearest enclosing op or autograd node that matches (e.g. the fill_ and add run by
-# EmbeddingBackward0 count as embedding, the mul_ of _foreach_mul_ as optimizer+clip).
-CATEGORIES = (
-    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
-    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
-    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
-    ("embedding", ("embedding",)),
-    ("optimizer+clip", ("adamw", "optimizer.", "_foreach", "vector_norm")),
-    ("dropout", ("dropout", "bernoulli")),
-    ("layernorm", ("layer_norm",)),
-    ("casts/copies", ("aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")),
-)
-
-
-def _match(name: str) -> str | None:
-    lowered = name.lower()
-    for category, patterns in CATEGORIES:
-        if any(p in lowered for p in patterns):
-            return category
-    return None
-
-
-def _category(event) -> str:
-    node = event
-    while node is not None:
-        category = _match(node.name)
-        if category is not None:
-            return category
-        node = node.cpu_parent
-    return "other"
-
-
-def _top_ops(events: list, steps: int, limit: int = 15) -> str:
-    """key_averages()-style table of the ops with the most self CPU time, per step."""
-    self_us: dict[str, float] = {}
-    total_us: dict[str, float] = {}
-    calls: dict[str, int] = {}
-    for event in events:
-        self_us[event.name] = self_us.get(event.name, 0.0) + event.self_cpu_time_total
-        total_us[event.name] = total_us.get(event.name, 0.0) + event.cpu_time_total
-        calls[event.name] = calls.get(event.name, 0) + 1
-    everything = sum(self_us.values())
-    lines = [
-        f"{'op':<64} {'self ms/step':>12} {'self %':>7} {'total ms/step':>13} {'calls/step':>10}"
-    ]
-    for name in sorted(self_us, key=self_us.get, reverse=True)[:limit]:
-        lines.append(
-            f"{name[:64]:<64} {self_us[name] / 1e3 / steps:12.1f} "
-            f"{self_us[name] / everything:7.1%} {total_us[name] / 1e3 / steps:13.1f} "
-            f"{calls[name] / steps:10.0f}"
-        )
-    return "\n".join(lines)
-
-
-def profile_both(trainer: Trainer, hf: HFSide, steps: int, precision: str) -> None:
-    """torch.profiler over ``steps`` interleaved steps per side; op table and time breakdown."""
-    from torch.profiler import ProfilerActivity, profile
-
-    sides = {"ours": trainer.train_step, "HF": hf.train_step}
-    events: dict[str, list] = {name: [] for name in sides}
-    wall = dict.fromkeys(sides, 0.0)
-    for _ in range(steps):  # one profiler per step, alternating sides like the timed steps
-        for name, step in sides.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                seconds, _ = _timed(step)
-            wall[name] += seconds / steps
-            events[name].extend(prof.events())
-    for name in sides:
-        print(f"\n=== profile: {name}, {precision}, {steps} steps (self CPU time) ===")
-        print(_top_ops(events[name], steps))
-        by_category: dict[str, float] = {}
-        for event in events[name]:
-            category = _category(event)
-            by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total
-        ops = sum(by_category.values()) / 1e6 / steps
-        print(f"{name} {precision}: {wall[name]:.3f} s/step wall (profiled), {ops:.3f} s in ops")
-        for category, us in sorted(by_category.items(), key=lambda kv: -kv[1]):
-            seconds = us / 1e6 / steps
-            print(f"  {category:<15} {seconds:7.3f} s/step  {seconds / wall[name]:6.1%}")
-        untracked = wall[name] - ops
-        print(f"  {'not in ops':<15} {untracked:7.3f} s/step  {untracked / wall[name]:6.1%}")
-
-
 # ----- reporting ----------------------------------------------------------------------------
 def machine_info(threads: int) -> dict[str, str]:
     cpu = "unknown CPU"
@@ -330,6 +199,8 @@ def machine_info(threads: int) -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    if torch.cuda.is_available():
+        cpu = f"{torch.cuda.get_device_name()} with {cpu}"
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return {
@@ -380,7 +251,8 @@ def heading(args: argparse.Namespace) -> str:
     layers = f", {args.layers} layer{'s' * (args.layers != 1)}" if args.layers else ""
     shape = f"{args.model} shape{layers}"
     batch = f", batch {args.batch}" if args.batch != 1 else ""
-    return f"## CPU training throughput ({shape}, seq {args.seq_len}{batch})"
+    where = "CPU" if args.device == "cpu" else "GPU"
+    return f"## {where} training throughput ({shape}, seq {args.seq_len}{batch})"
 
 
 def section_body(
@@ -508,6 +380,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "median taken (default 3; quick 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="weight init / data order seed")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cuda: one GPU, both sides on it (e.g. --model opt-1.3b --dtypes bf16); the "
+        "figures then go under a GPU heading (default: cpu)",
+    )
     parser.add_argument(
         "--profile",
         type=int,

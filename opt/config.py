@@ -56,6 +56,10 @@ class DataConfig:
     """Tokenizer file or directory; empty means tokenizer.json beside the token files."""
     seq_len: int = 2048
     """Tokens per training sequence."""
+    prefetch: bool = True
+    """Build the next step's batches in a background thread while this step computes."""
+    pin_memory: bool = True
+    """On GPUs, stage batches in page-locked host memory so the copy to the device is async."""
 
 
 @dataclass
@@ -96,6 +100,22 @@ class TrainConfig:
     """fp32, bf16 (autocast) or fp16 (autocast with dynamic loss scaling, OPT's setting)."""
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)."""
+    compile: str = "auto"
+    """torch.compile each block: on, off, or auto (on for GPUs; off on CPUs, where inductor's
+    blocks measured slower than eager ones)."""
+    attention: str = "auto"
+    """SDPA kernel: auto (PyTorch picks: flash on GPUs for bf16/fp16), flash, efficient,
+    cudnn or math. flash is also the fused CPU kernel; efficient and cudnn need a GPU."""
+    loss_chunk: int = 4096
+    """Fused head + cross-entropy over chunks of this many tokens, never holding the whole
+    batch's logits; 0 builds the full logits (always so under tp > 1 or pp > 1, where the
+    loss is vocab-parallel or runs in the pipeline's last stage)."""
+    cpu_bf16_compute: str = "auto"
+    """bf16 matmuls and attention on a CPU: native kernels, fp32 (exact fp32 copies of the
+    bf16 operands, result rounded to bf16), or auto (fp32 on CPUs without AVX-512 BF16/AMX)."""
+    keep_host_memory: bool = True
+    """Keep freed host memory for reuse instead of returning it to the kernel and faulting
+    it back in every step (glibc; see opt/train/host_memory.py)."""
 
 
 @dataclass
@@ -118,6 +138,9 @@ class ParallelConfig:
     """none, full (recompute every block) or selective (keep matmul/attention outputs)."""
     timeout_s: float = 600.0
     """A collective that waits longer than this fails instead of hanging the job."""
+    fsdp_mixed_precision: bool = True
+    """Under bf16, FSDP gathers block parameters in bf16 and reduces gradients in fp32;
+    the sharded fp32 master weights and optimizer state are unchanged."""
 
 
 @dataclass
@@ -200,8 +223,9 @@ class CheckpointConfig:
     """auto (newest complete checkpoint, if any), none, or a checkpoint directory."""
     init_from: str = ""
     """Start a fresh run from the weights of this checkpoint (e.g. `opt convert from-hf`)."""
-    async_save: bool = False
-    """Write checkpoints in the background; the manifest commits once every shard is on disk."""
+    async_save: bool = True
+    """Write checkpoints in the background; the manifest commits once every shard is on disk.
+    Saves for a stop (signal, supervisor) are synchronous whatever this says."""
 
 
 @dataclass
@@ -292,6 +316,9 @@ PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 LADDER_MOVES = ("skip", "rollback", "lower_lr_clip", "skip_data", "reset_optimizer", "stop")
 DRILL = re.compile(r"^(spike|nan|scale_collapse)@(\d+)(?:x(\d+))?(!?)$")
 ACTIVATION_CHECKPOINT = ("none", "full", "selective")
+COMPILE = ("auto", "on", "off")
+ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")
+CPU_BF16_COMPUTE = ("auto", "native", "fp32")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
@@ -400,6 +427,14 @@ def validate(config: JobConfig) -> None:
         )
     if config.train.device not in ("auto", "cpu", "cuda"):
         raise OptError(f"train.device must be auto, cpu or cuda, got {config.train.device!r}")
+    choices = {"train.compile": COMPILE, "train.attention": ATTENTION,
+               "train.cpu_bf16_compute": CPU_BF16_COMPUTE}  # fmt: skip
+    for key, allowed in choices.items():
+        value = getattr(config.train, key.split(".")[1])
+        if value not in allowed:
+            raise OptError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if config.train.loss_chunk < 0:
+        raise OptError(f"train.loss_chunk must not be negative, got {config.train.loss_chunk}")
     positive = {
         "data.seq_len": config.data.seq_len,
         "train.micro_batch_size": config.train.micro_batch_size,

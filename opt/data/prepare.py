@@ -15,7 +15,6 @@ import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -88,14 +87,19 @@ def _write_tokens(
     """Stream every document's ids + EOS into ``f``; return doc offsets and the file's sha256."""
     offsets = array("q", [0])  # compact: one int64 per document, however many there are
     digest = hashlib.sha256()
+    # The ids are all we keep: `encode_batch_fast` (tokenizers >= 0.20) skips computing the
+    # character offsets that `encode_batch` adds to every token.
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     for batch, n_bytes in _batches(documents):
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings))
-        ids = chain.from_iterable((*e.ids, eos) for e in encodings)
-        block = np.fromiter(ids, dtype, int(lengths.sum())).tobytes()
+        start = offsets[-1]
+        ids: list[int] = []
+        for encoding in encode_batch(batch, add_special_tokens=False):
+            ids += encoding.ids  # list operations run in C; a generator per token did not
+            ids.append(eos)
+            offsets.append(start + len(ids))
+        block = np.array(ids, dtype).tobytes()
         f.write(block)
         digest.update(block)
-        offsets.extend((np.cumsum(lengths) + offsets[-1]).tolist())
         bar.update(n_bytes)
     return offsets, digest.hexdigest()
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt.errors import OptError
+from opt.models import kernels
+from opt.models.fused_loss import chunked_cross_entropy
 from opt.models.init import init_parameters
 from opt.models.sizes import ModelArgs
 
@@ -30,10 +32,10 @@ class Attention(nn.Module):
         self.attn_dropout = args.attn_dropout
         d = args.d_model
         # Separate q/k/v (not one fused qkv) so a column-parallel plan shards each by heads.
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = kernels.Linear(d, d)
+        self.k_proj = kernels.Linear(d, d)
+        self.v_proj = kernels.Linear(d, d)
+        self.out_proj = kernels.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -41,8 +43,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
+        y = kernels.attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
         )  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, D)
         return self.out_proj(y)
@@ -51,8 +53,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.fc1 = nn.Linear(args.d_model, args.ffn_dim)
-        self.fc2 = nn.Linear(args.ffn_dim, args.d_model)
+        self.fc1 = kernels.Linear(args.d_model, args.ffn_dim)
+        self.fc2 = kernels.Linear(args.ffn_dim, args.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x)))
@@ -84,7 +86,12 @@ class LMHead(nn.Module):
     tensor-parallel plan can lay out its input; the weight is the embedding matrix."""
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, weight)  # (B, T, D) -> (B, T, V)
+        return kernels.linear(h, weight)  # (B, T, D) -> (B, T, V)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 # Wrappers (activation checkpointing, torch.compile) insert these into parameter names.
@@ -112,6 +119,9 @@ class OPTModel(nn.Module):
         self.emit_logits = True
         # Parallel wrappers that cannot take sparse gradients (FSDP, DTensor) switch this off.
         self.sparse_embedding_grad = True
+        # Tokens per chunk of the fused head + cross-entropy (forward with targets); 0 turns
+        # it off: the whole batch's logits are built and the loss is F.cross_entropy.
+        self.loss_chunk = 0
         self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_dim)
         self.embed_positions = nn.Embedding(args.max_positions + POSITION_OFFSET, args.d_model)
         self.project_in = (
@@ -145,19 +155,25 @@ class OPTModel(nn.Module):
         positions = torch.arange(POSITION_OFFSET, seq + POSITION_OFFSET, device=tokens.device)
         return h + self.embed_positions(positions)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, V)
+    def head(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) from hidden states (B, T, D); with targets, the mean loss."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
         # Tied output: reuse the embedding matrix instead of a separate lm_head parameter.
-        return self.lm_head(h, self.embed_tokens.weight)
+        if targets is not None and self.loss_chunk > 0:
+            return chunked_cross_entropy(h, self.embed_tokens.weight, targets, self.loss_chunk)
+        logits = self.lm_head(h, self.embed_tokens.weight)
+        return logits if targets is None else cross_entropy(logits, targets)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with ``targets`` the mean next-token loss (computed inside forward so
+        that a wrapper's hooks, FSDP's unsharding included, cover the tied head)."""
         h = self.embed(tokens) if self.embed_positions is not None else tokens
         for layer in self.layers.values():
             h = layer(h)
-        return self.head(h) if self.emit_logits else h
+        return self.head(h, targets) if self.emit_logits else h
 
     def init_rule(self, name: str) -> tuple[str, float]:
         """OPT's init for one parameter: (normal, 0.006) for weights, with the projections

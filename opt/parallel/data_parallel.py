@@ -6,11 +6,13 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from opt.config import ParallelConfig
 from opt.models.model import OPTModel
 
 # Selective recompute keeps what is expensive to recompute (matmuls, attention) and
@@ -47,14 +49,42 @@ def apply_activation_checkpointing(model: OPTModel, mode: str) -> None:
         model.layers[layer_id] = wrapped
 
 
-def apply_fsdp(model: OPTModel, dp_mesh: DeviceMesh, reshard_after_forward: bool) -> None:
+def fsdp_param_dtype(precision: str, par: ParallelConfig) -> torch.dtype | None:
+    """The dtype FSDP gathers block parameters in, or None to gather the fp32 masters."""
+    if precision == "bf16" and par.fsdp_mixed_precision:
+        return torch.bfloat16
+    return None
+
+
+def apply_fsdp(
+    model: OPTModel,
+    dp_mesh: DeviceMesh,
+    reshard_after_forward: bool,
+    param_dtype: torch.dtype | None = None,
+) -> None:
     """One FSDP unit per block, and the root (embeddings, final norm, tied head) as one.
 
     ``dp_mesh`` is 1-D for ZeRO-3 or (replicate, shard) for HSDP. With pipeline
     parallelism the blocks stay unsharded between the microbatches of a step
     (``reshard_after_forward=False``), trading memory for one all-gather per step.
+
+    With ``param_dtype`` (bf16 training) the blocks gather their matmul weights and biases
+    in that dtype, half the traffic and memory of fp32, and reduce gradients in fp32. Their
+    LayerNorms are FSDP units of their own that stay fp32: autocast runs LayerNorm in fp32,
+    and the CPU kernel refuses bf16 parameters on fp32 input. The blocks' inputs are not
+    cast, so the residual stream stays fp32 as under plain autocast; the root (embeddings,
+    final norm, head) keeps fp32 parameters, as autocast would use them.
     """
     model.sparse_embedding_grad = False
+    shard = partial(fully_shard, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    block_policy = MixedPrecisionPolicy()
+    if param_dtype is not None:
+        block_policy = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        if param_dtype is not None:
+            for norm in [m for m in block.modules() if isinstance(m, nn.LayerNorm)]:
+                shard(norm)
+        shard(block, mp_policy=block_policy)
+    shard(model)

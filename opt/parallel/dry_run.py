@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from opt.config import JobConfig
 from opt.models.model import canonical_name, count_parameters
 from opt.parallel import distributed
+from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.parallelize import parallelize
 
 # fp32 master weights and gradients; AdamW keeps two fp32 moments per parameter.
@@ -51,7 +52,10 @@ def dry_run_report(cfg: JobConfig, world_size: int) -> dict:
             # FSDP pads the last) shard of every tensor.
             distributed.init_fake(world_size, pp_rank * ranks_per_stage)
             meshes = dims.build_meshes("cpu") if world_size > 1 else None
-            model = parallelize(args, dims, meshes, cfg.parallel, cfg.data.seq_len, pp_rank)
+            model = parallelize(
+                args, dims, meshes, cfg.parallel, cfg.data.seq_len, pp_rank,
+                fsdp_param_dtype=fsdp_param_dtype(cfg.train.precision, cfg.parallel),
+            )  # fmt: skip
             split = model.layer_split
             stages.append(_stage_report(pp_rank, model))
     finally:

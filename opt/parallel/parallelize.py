@@ -99,8 +99,11 @@ def parallelize(
     par: ParallelConfig,
     seq_len: int,
     pp_rank: int = 0,
+    compile_blocks: bool = False,
+    fsdp_param_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
-    """Build this rank's part(s) on the meta device with every parallelism applied."""
+    """Build this rank's part(s) on the meta device with every parallelism applied, in
+    torchtitan's order: tensor parallel, activation checkpointing, compile, FSDP."""
     n_stages = check_layout(args, dims, par)
     with torch.device("meta"):
         full = OPTModel(args)
@@ -114,9 +117,12 @@ def parallelize(
         if dims.tp > 1:
             apply_tensor_parallel(part, meshes["tp"], par.sequence_parallel)
         apply_activation_checkpointing(part, par.activation_checkpoint)
+        if compile_blocks:
+            for block in part.layers.values():
+                block.compile()  # in place: parameter names stay those of the plain model
         if dims.dp > 1:
             dp_mesh = meshes["dp_shard"] if dims.dp_replicate == 1 else meshes["hsdp"]
-            apply_fsdp(part, dp_mesh, reshard_after_forward=dims.pp == 1)
+            apply_fsdp(part, dp_mesh, dims.pp == 1, fsdp_param_dtype)
     return ParallelModel(dims, parts, indices, n_stages, split)
 
 

@@ -204,7 +204,7 @@ def _stop(trainer: Trainer, reason: str, event: dict) -> None:
     trainer.stop_requested = True
     if reason == "kill switch":
         trainer.stop_reason = "kill switch: stopped at a step boundary by the operator"
-        trainer.save_checkpoint()  # a healthy state: resume continues from it
+        trainer.save_checkpoint(sync=True)  # a healthy state: resume continues from it
         switch = trainer.cfg.run_dir / KILL_SWITCH_FILE
         if trainer.rank == 0 and switch.exists():
             switch.rename(switch.with_name("STOP.consumed"))  # so a restart trains on

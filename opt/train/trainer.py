@@ -8,17 +8,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from opt import checkpoint as ckpt
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.resume import newest_complete_checkpoint, verify_together
 from opt.config import JobConfig, to_toml
+from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
 from opt.faults import maybe_inject_fault
+from opt.models import kernels
+from opt.models.model import cross_entropy
 from opt.models.sizes import ModelArgs, get_model_args
 from opt.parallel import distributed
+from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.dims import ParallelDims
 from opt.parallel.grads import (
     align_grad_placements,
@@ -42,6 +45,7 @@ from opt.train import interventions, lifecycle
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
 from opt.train.energy import EnergyMeter
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
+from opt.train.host_memory import retain_freed_memory
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
 from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
@@ -64,11 +68,6 @@ class StepResult:
     loss_scale: float
     skipped: bool
     decision: Decision = field(default_factory=Decision)
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in fp32 whatever the autocast dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def resolve_model_args(cfg: JobConfig) -> ModelArgs:
@@ -138,6 +137,7 @@ class Trainer:
             cfg, distributed.launched_world_size()
         )
         self.device = _resolve_device(cfg.train.device)
+        check_speed_switches(cfg, self.device)
         bf16_on_gpu = cfg.train.precision == "bf16" and self.device.type == "cuda"
         if bf16_on_gpu and not torch.cuda.is_bf16_supported():
             raise OptError("train.precision=bf16 needs a GPU with bf16 support")
@@ -151,6 +151,12 @@ class Trainer:
         self.loader, self.dataset_prefix = distributed.first_rank_then_all(
             lambda: build_loader(cfg, self.model_args, dp_rank, self.dims.dp)
         )
+        if cfg.data.prefetch:
+            pin = cfg.data.pin_memory and self.device.type == "cuda"
+            self.loader = PrefetchingLoader(self.loader, pin_memory=pin)
+        if cfg.train.keep_host_memory:
+            retain_freed_memory()
+        kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
         # Dropout: the same masks across a TP group where activations are replicated, and
         # different ones where each rank holds its own sequence shard (SP) or batch.
         tp_stream = tp_rank if cfg.parallel.sequence_parallel else 0
@@ -158,10 +164,16 @@ class Trainer:
             cfg.run.seed + ((pp_rank * self.dims.dp + dp_rank) * self.dims.tp + tp_stream)
         )
         self.parallel = parallelize(
-            self.model_args, self.dims, self.meshes, cfg.parallel, cfg.data.seq_len, pp_rank
-        )
+            self.model_args, self.dims, self.meshes, cfg.parallel, cfg.data.seq_len, pp_rank,
+            compile_blocks=compile_enabled(cfg, self.device),
+            fsdp_param_dtype=fsdp_param_dtype(cfg.train.precision, cfg.parallel),
+        )  # fmt: skip
         materialize(self.parallel, self.device, cfg.run.seed)
         self.model_parts = self.parallel.parts
+        # The fused head + loss needs the whole head on this rank, outside any pipeline.
+        self.fused_loss = cfg.train.loss_chunk > 0 and self.dims.tp == 1 and self.dims.pp == 1
+        for part in self.model_parts:
+            part.loss_chunk = cfg.train.loss_chunk if self.fused_loss else 0
         self.model = self.model_parts[0]
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.model_parts]
         self.optimizer = self.optimizers[0]
@@ -264,9 +276,21 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def _compute_context(self) -> contextlib.ExitStack:
+        """Autocast and the chosen attention kernel, around every forward."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(autocast(self.cfg.train.precision, self.device))
+        stack.enter_context(kernels.attention_backend(self.cfg.train.attention))
+        return stack
+
     def forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of one micro-batch, backpropagated with the 1/grad_accum weight."""
-        with autocast(self.cfg.train.precision, self.device):
+        if self.fused_loss:
+            with self._compute_context():
+                loss = self.model(inputs, targets)
+            self.scaler.scale_loss(loss / self.grad_accum).backward()
+            return loss.detach()
+        with self._compute_context():
             logits = self.model(inputs)  # (B, T, V), vocab-sharded under TP
         with self._loss_context():
             loss = cross_entropy(logits, targets)
@@ -284,7 +308,7 @@ class Trainer:
         args = (inputs,) if self.parallel.has_first_stage else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
-        with autocast(self.cfg.train.precision, self.device), self._loss_context():
+        with self._compute_context(), self._loss_context():
             self.pp_schedule.step(*args, **kwargs)
         if not losses:
             return torch.zeros((), device=self.device)
@@ -519,6 +543,8 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
+            if isinstance(self.loader, PrefetchingLoader):
+                self.loader.close()
             if self.stop_signal is not None:
                 self.stop_signal.restore_defaults()
         reason = self.stop_reason or "finished: reached max_steps"
@@ -550,6 +576,19 @@ def _log_values(result: StepResult) -> dict[str, float]:
         "lr": result.lr,
         "loss_scale": result.loss_scale,
     }
+
+
+def compile_enabled(cfg: JobConfig, device: torch.device) -> bool:
+    """``train.compile``; auto compiles on GPUs only: on CPUs inductor's blocks measured
+    slower than eager ones (BENCHMARKS.md), and compiling costs time at every start."""
+    if cfg.train.compile == "auto":
+        return device.type == "cuda"
+    return cfg.train.compile == "on"
+
+
+def check_speed_switches(cfg: JobConfig, device: torch.device) -> None:
+    if device.type != "cuda" and cfg.train.attention in ("efficient", "cudnn"):
+        raise OptError(f"train.attention={cfg.train.attention} needs a GPU; use flash or math")
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -1,0 +1,426 @@
+"""What a checkpoint costs: the stall an async save adds to training, and save/load bandwidth.
+
+    python bench/checkpoint_cost.py                        # opt-125m shape cut to 4 layers, seq 512
+    python bench/checkpoint_cost.py --quick                # smoke run: 1 layer, seq 128, 2 repetitions
+    python bench/checkpoint_cost.py --write BENCHMARKS.md
+
+1. Stall. The real trainer steps as ``Trainer.fit`` does (``train_step``, then
+   ``finish_checkpoint(only_if_done=True)``, then ``save_checkpoint()`` on a save step, with
+   ``checkpoint.async_save`` on as by default). A save step is timed together with every
+   following step until the background save is committed (at least one), so staging, the
+   commit and background writing that slows the next steps all count. Stall = that window's
+   time - its number of steps x the median plain step; reported against one plain step.
+2. Bandwidth. ``save_checkpoint(sync=True)`` and ``load_training_state`` (checksums verified,
+   as a resume does) in MB/s of checkpoint files, against ``dd`` on the same filesystem
+   writing and reading as many bytes. Our commit fsyncs every file, so dd writes with
+   ``conv=fdatasync``. Reads come from the page cache on both sides (both files were just
+   written); dd with ``iflag=direct`` gives the disk's own read speed where O_DIRECT works.
+   Ours and dd alternate within each repetition, so load from other processes hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from opt.checkpoint import latest_checkpoint, load_training_state, verify_checkpoint
+from opt.config import load_config
+from opt.data.prepare import ensure_builtin_dataset
+from opt.models.sizes import get_model_args
+from opt.train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import machine_info, write_section
+
+TITLE = "## Checkpoint cost: async-save stall and save/load bandwidth vs dd (CPU)"
+QUICK = {"layers": 1, "seq_len": 128, "reps": 2, "plain": 2, "warmup": 1}
+DEFAULTS = {"layers": 4, "seq_len": 512, "reps": 5, "plain": 3, "warmup": 2}
+MIN_REPS = 5
+MB = 1e6  # dd's unit
+DD_BLOCK = 4 << 20
+STALL_TARGET = 0.05
+BANDWIDTH_TARGET = 0.5
+
+
+def config_overrides(args: argparse.Namespace, data: Path, tmp: Path) -> list[str]:
+    """A run config: grad_accum 1, async saves (the default), one checkpoint kept."""
+    overrides = {
+        "run.name": "bench-checkpoint",
+        "run.dir": str(tmp / "runs"),
+        "run.seed": 0,
+        "model.name": args.model,
+        "model.n_layers": args.layers,
+        "data.path": str(data),
+        "data.seq_len": args.seq_len,
+        "train.micro_batch_size": 1,
+        "train.batch_tokens": args.seq_len,
+        "train.device": "cpu",
+        "checkpoint.dir": str(tmp / "checkpoints"),
+        "checkpoint.keep_last": 1,  # every measured commit prunes the previous checkpoint
+        "checkpoint.resume": "none",
+        "logbook.dir": str(tmp / "logbook"),
+        "metrics.tensorboard": False,
+        "metrics.peak_tflops": 1.0,
+    }
+    return [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+# ----- 1. the stall of an async save ---------------------------------------------------------
+@dataclass
+class Window:
+    """One async save: the save step and the steps until its commit."""
+
+    step_times: list[float]  # each: train_step + finish_checkpoint(only_if_done) (+ save)
+    save_call: float  # save_checkpoint() alone: staging to host memory, background writes start
+    commit: float  # the finish_checkpoint call that committed: fsync, hash, manifest, prune
+    waited: bool  # committed by a blocking finish after max_follow steps
+
+    def stall(self, plain_step: float) -> float:
+        return sum(self.step_times) - len(self.step_times) * plain_step
+
+
+@dataclass
+class Stall:
+    plain: list[float] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
+    checkpoint_bytes: int = 0
+    verified: str = ""
+
+    @property
+    def plain_step(self) -> float:
+        return statistics.median(self.plain)
+
+    def stalls(self) -> list[float]:
+        return [w.stall(self.plain_step) for w in self.windows]
+
+
+def fit_step(trainer: Trainer, save: bool) -> tuple[float, float, float]:
+    """One iteration of Trainer.fit's loop: (total, save_checkpoint call, finish call) seconds."""
+    start = time.perf_counter()
+    trainer.train_step()
+    finish_start = time.perf_counter()
+    trainer.finish_checkpoint(only_if_done=True)
+    save_start = time.perf_counter()
+    if save:
+        trainer.save_checkpoint()
+    end = time.perf_counter()
+    return end - start, end - save_start, save_start - finish_start
+
+
+def measure_stall(trainer: Trainer, args: argparse.Namespace) -> Stall:
+    result = Stall()
+    # Unmeasured: warmup steps and one full async save cycle (DCP's first save sets up its
+    # writer thread and planner caches; from the second one on, each commit prunes one).
+    for _ in range(args.warmup):
+        fit_step(trainer, save=False)
+    fit_step(trainer, save=True)
+    trainer.finish_checkpoint()
+    for rep in range(args.reps):
+        for _ in range(args.plain):
+            result.plain.append(fit_step(trainer, save=False)[0])
+        total, save_call, _ = fit_step(trainer, save=True)
+        times, commit, waited = [total], 0.0, False
+        while trainer.pending_checkpoint is not None or len(times) < 2:
+            if len(times) > args.max_follow:
+                start = time.perf_counter()
+                trainer.finish_checkpoint()
+                commit = time.perf_counter() - start
+                times[-1] += commit
+                waited = True
+                break
+            pending = trainer.pending_checkpoint is not None
+            total, _, finish = fit_step(trainer, save=False)
+            times.append(total)
+            if pending and trainer.pending_checkpoint is None:
+                commit = finish
+        window = Window(times, save_call, commit, waited)
+        result.windows.append(window)
+        print(
+            f"[stall] save {rep + 1}: {len(times)} steps {sum(times):.3f} s (save call "
+            f"{save_call:.3f} s, commit {commit:.3f} s); plain step so far "
+            f"{result.plain_step:.3f} s -> stall {window.stall(result.plain_step):.3f} s",
+            flush=True,
+        )
+    trainer.finish_checkpoint()
+    path = latest_checkpoint(trainer.cfg.checkpoint_dir)
+    if path is None:
+        raise SystemExit("no complete checkpoint after finish_checkpoint()")
+    manifest = verify_checkpoint(path)  # every file present, sizes and SHA-256 as committed
+    if manifest["step"] != trainer.last_saved_step:
+        raise SystemExit(f"{path} is step {manifest['step']}, expected {trainer.last_saved_step}")
+    result.checkpoint_bytes = dir_bytes(path)
+    result.verified = f"{path.name}: {len(manifest['files'])} files, checksums verified"
+    print(f"[stall] {result.verified}", flush=True)
+    return result
+
+
+# ----- 2. save and load bandwidth against dd -------------------------------------------------
+@dataclass
+class Bandwidth:
+    bytes: int = 0
+    save: list[float] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
+    verify: list[float] = field(default_factory=list)  # the checksum pass alone, within load
+    dd_write: list[float] = field(default_factory=list)
+    dd_read: list[float] = field(default_factory=list)  # page cache, like ours
+    dd_read_direct: list[float] = field(default_factory=list)  # O_DIRECT: the disk itself
+
+    def mb_s(self, name: str) -> float:
+        return self.bytes / MB / statistics.median(getattr(self, name))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _dd(*operands: str) -> float | None:
+    """Wall seconds of one dd run, or None if it failed (e.g. O_DIRECT unsupported)."""
+    start = time.perf_counter()
+    done = subprocess.run(["dd", *operands, "status=none"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    return elapsed if done.returncode == 0 else None
+
+
+def measure_bandwidth(trainer: Trainer, args: argparse.Namespace, tmp: Path) -> Bandwidth:
+    result = Bandwidth()
+    root = trainer.cfg.checkpoint_dir
+    dd_file = tmp / "dd.bin"  # beside the checkpoints: the same filesystem
+    direct = True
+    for rep in range(args.reps):
+        for old in root.iterdir():  # a fresh directory each time, nothing to prune or replace
+            shutil.rmtree(old)
+        start = time.perf_counter()
+        path = trainer.save_checkpoint(sync=True)
+        result.save.append(time.perf_counter() - start)
+        result.bytes = dir_bytes(path)
+        start = time.perf_counter()
+        load_training_state(path, trainer.model_parts, trainer.optimizers, layout=trainer.layout)
+        result.load.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        verify_checkpoint(path)
+        result.verify.append(time.perf_counter() - start)
+
+        count = math.ceil(result.bytes / DD_BLOCK)
+        dd_file.unlink(missing_ok=True)
+        block = f"bs={DD_BLOCK}"
+        write = _dd("if=/dev/zero", f"of={dd_file}", block, f"count={count}", "conv=fdatasync")
+        if write is None:
+            raise SystemExit(f"dd could not write {dd_file}")
+        result.dd_write.append(write * result.bytes / (count * DD_BLOCK))  # same bytes as ours
+        read = _dd(f"if={dd_file}", "of=/dev/null", block)
+        result.dd_read.append(read * result.bytes / (count * DD_BLOCK))
+        if direct:
+            read = _dd(f"if={dd_file}", "of=/dev/null", block, "iflag=direct")
+            direct = read is not None
+            if direct:
+                result.dd_read_direct.append(read * result.bytes / (count * DD_BLOCK))
+        print(
+            f"[bandwidth] {rep + 1}: {result.bytes / MB:.0f} MB; save {result.save[-1]:.2f} s, "
+            f"load {result.load[-1]:.2f} s (checksums {result.verify[-1]:.2f} s); dd write "
+            f"{result.dd_write[-1]:.2f} s, read {result.dd_read[-1]:.2f} s"
+            + (f", direct read {result.dd_read_direct[-1]:.2f} s" if direct else ""),
+            flush=True,
+        )
+    dd_file.unlink(missing_ok=True)
+    return result
+
+
+# ----- reporting -----------------------------------------------------------------------------
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def section_body(
+    args: argparse.Namespace, trainer: Trainer, stall: Stall, bw: Bandwidth, command: str,
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+) -> str:  # fmt: skip
+    info = machine_info(torch.get_num_threads())
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    m = trainer.model_args
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    step = stall.plain_step
+    stalls = stall.stalls()
+    med_stall = statistics.median(stalls)
+    windows = stall.windows
+    med = statistics.median
+    steps_per_window = med([len(w.step_times) for w in windows])
+    waited = sum(w.waited for w in windows)
+    ratios = {
+        "save": bw.mb_s("save") / bw.mb_s("dd_write"),
+        "load": bw.mb_s("load") / bw.mb_s("dd_read"),
+    }
+    rows = [
+        "| | ours | ours MB/s | dd | dd MB/s | ours/dd | target >= 50% |",
+        "|---|---|---|---|---|---|---|",
+        f"| write | `save_checkpoint(sync=True)` {med(bw.save):.2f} s | {bw.mb_s('save'):.0f} | "
+        f"`conv=fdatasync` {med(bw.dd_write):.2f} s | {bw.mb_s('dd_write'):.0f} | "
+        f"{ratios['save']:.0%} | {_met(ratios['save'] >= BANDWIDTH_TARGET)} |",
+        f"| read | `load_training_state` {med(bw.load):.2f} s | {bw.mb_s('load'):.0f} | "
+        f"page cache {med(bw.dd_read):.2f} s | {bw.mb_s('dd_read'):.0f} | "
+        f"{ratios['load']:.0%} | {_met(ratios['load'] >= BANDWIDTH_TARGET)} |",
+    ]
+    if bw.dd_read_direct:
+        rows.append(
+            f"| read (disk) | | | `iflag=direct` {med(bw.dd_read_direct):.2f} s | "
+            f"{bw.mb_s('dd_read_direct'):.0f} | {bw.mb_s('load') / bw.mb_s('dd_read_direct'):.0%} | |"
+        )
+    fmt_load = lambda v: " ".join(f"{x:.2f}" for x in v)  # noqa: E731
+    return "\n".join(
+        [
+            f"- Date: {date}",
+            f"- Machine: {info['cpu']}; {info['software']}; {info['threads']} threads; "
+            f"load average {fmt_load(load[0])} at start, {fmt_load(load[1])} at the end "
+            "(the machine is shared)",
+            f"- Command: `{command}`",
+            f"- Model: {args.model} shape cut to {m.n_layers} layer{'s' * (m.n_layers != 1)} "
+            f"({n_params / 1e6:.1f}M parameters), seq {args.seq_len}, micro-batch 1, fp32, "
+            f"fused AdamW; checkpoint = weights + AdamW moments + trainer state + RNG + config "
+            f"+ tokenizer = {stall.checkpoint_bytes / MB:.0f} MB on disk "
+            f"(MB = 10^6 bytes), written with torch.distributed.checkpoint, every file fsynced "
+            "and hashed (SHA-256) into the manifest at commit",
+            "",
+            "Stall of an async save (`checkpoint.async_save = true`, the default):",
+            "",
+            "| median plain step | save step + steps until committed | stall | stall / step "
+            "| target < 5% |",
+            "|---|---|---|---|---|",
+            f"| {step:.3f} s | {steps_per_window:.0f} steps, {med([sum(w.step_times) for w in windows]):.3f} s "
+            f"| {med_stall:.3f} s | {med_stall / step:.1%} | {_met(med_stall / step < STALL_TARGET)} |",
+            "",
+            f"Medians of {args.reps} saves, each after {args.plain} plain steps (plain-step "
+            f"median over all {len(stall.plain)} of them, after {args.warmup} warmup steps and "
+            "one unmeasured save). Steps run as `Trainer.fit` runs them: `train_step()`, then "
+            "`finish_checkpoint(only_if_done=True)` (which commits a save whose writes are "
+            "done), then `save_checkpoint()` on the save step. The window is the save step and "
+            "every step after it until the commit (at least one), so staging, background "
+            "writes competing with the step for the cores, and the commit all count; stall = "
+            "window time - its steps x the plain step. Within it (medians): the "
+            f"`save_checkpoint()` call {med([w.save_call for w in windows]):.3f} s (staging to "
+            "host memory), the committing `finish_checkpoint` "
+            f"{med([w.commit for w in windows]):.3f} s (fsync + SHA-256 of every file, "
+            "manifest, rename, pruning the previous checkpoint), and the rest, "
+            f"{med([w.stall(step) - w.save_call - w.commit for w in windows]):.3f} s, is steps "
+            "slowed by the background writer, which runs on the cores the step computes on. "
+            f"Stalls per save: {', '.join(f'{s:.3f}' for s in stalls)} s."
+            + (
+                f" {waited} of {len(windows)} saves were not committed after {args.max_follow} "
+                "steps and were waited for."
+                if waited
+                else ""
+            )
+            + f" The last one checked complete: {stall.verified}.",
+            "",
+            f"Save and load bandwidth ({bw.bytes / MB:.0f} MB a checkpoint, medians of "
+            f"{args.reps}; the same temporary directory for ours and dd):",
+            "",
+            *rows,
+            "",
+            "Ours: `save_checkpoint(sync=True)` of the trainer into an empty checkpoint "
+            "directory (gather the state dicts, write with DCP, fsync and hash every file, "
+            "write the manifest, rename), and `load_training_state(path, model_parts, "
+            "optimizers, layout=...)` from it (verify sizes and SHA-256 against the manifest, "
+            "then read with DCP into the model and optimizer) - the checksum pass alone takes "
+            f"{med(bw.verify):.2f} s of the load. dd: "
+            f"`dd if=/dev/zero of=FILE bs=4M count=N conv=fdatasync` with N x 4 MiB >= the "
+            "checkpoint's bytes (time scaled to the same bytes), since our commit fsyncs "
+            "every file; `dd if=FILE of=/dev/null bs=4M` right after, so it reads the page "
+            "cache as our load does (there is no root here to drop caches)"
+            + (
+                "; `iflag=direct` reads the disk itself, bypassing the cache."
+                if bw.dd_read_direct
+                else "; O_DIRECT reads failed on this filesystem, so there is no disk read figure."
+            ),
+        ]
+    )
+
+
+# ----- command line --------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Checkpoint cost: the stall an async save adds to training steps, and "
+        "save/load bandwidth against dd on the same filesystem.",
+    )
+    parser.add_argument("--model", default="opt-125m", help="size name (default: opt-125m)")
+    parser.add_argument("--layers", type=int, help="layers kept of the size (default 4; quick 1)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512; quick 128)")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        help=f"measured saves, and save/load/dd repetitions; at least {MIN_REPS} (quick 2)",
+    )
+    parser.add_argument("--plain", type=int, help="plain steps before each save (default 3)")
+    parser.add_argument("--warmup", type=int, help="unmeasured steps first (default 2)")
+    parser.add_argument(
+        "--max-follow",
+        type=int,
+        default=20,
+        help="steps after a save to wait for its commit before blocking on it (default 20)",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="where the temporary directory goes: checkpoints and dd's file (default: $TMPDIR)",
+    )
+    parser.add_argument("--write", type=Path, metavar="FILE", help="replace this section in FILE")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 layer, seq 128, 2 repetitions"
+    )
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.reps < MIN_REPS and not args.quick:
+        parser.error(f"--reps must be at least {MIN_REPS} for a median (or use --quick)")
+    if min(args.layers, args.seq_len, args.reps, args.plain, args.max_follow) < 1:
+        parser.error("--layers, --seq-len, --reps, --plain and --max-follow must be positive")
+    return args
+
+
+def _command(argv: list[str]) -> str:
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(Path.cwd())
+    return shlex.join(["python", str(script), *argv])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="opt-ckpt-bench-", dir=args.dir) as name:
+        tmp = Path(name)
+        vocab = get_model_args(args.model).vocab_size
+        data = ensure_builtin_dataset(tmp / "data", vocab_size=vocab)
+        trainer = Trainer(load_config(None, config_overrides(args, data, tmp)))
+        print(f"checkpoints and dd's file under {tmp}", flush=True)
+        try:
+            stall = measure_stall(trainer, args)
+            bw = measure_bandwidth(trainer, args, tmp)
+        finally:
+            trainer.finish_checkpoint()
+            if hasattr(trainer.loader, "close"):  # the PrefetchingLoader's thread
+                trainer.loader.close()
+        body = section_body(args, trainer, stall, bw, _command(argv), (load_start, os.getloadavg()))
+    print(f"\n{TITLE}\n\n{body}")
+    if args.write:
+        write_section(args.write, TITLE, body)
+        print(f"wrote section {TITLE!r} to {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""transformers' OPTForCausalLM trained the way ``Trainer.train_step`` trains ours, in a
+process of its own, so it runs with everything at the defaults a transformers user has
+(glibc's allocator settings included: our trainer changes them for its own process).
+
+The benchmark starts ``python bench/hf_peer.py CONFIG_JSON`` and drives it over stdin and
+stdout, one JSON line per command, so steps still alternate with ours:
+
+    {"cmd": "step"}          -> {"seconds": s, "loss": x, "faults": n}
+    {"cmd": "profile", "steps": n} -> {"text": "..."}
+    {"cmd": "quit"}
+
+The model is a randomly initialised ``OPTForCausalLM`` (``attn_implementation`` left at its
+default, sdpa; ``use_cache`` off, as for any training) holding our initial weights for the
+same seed, with HF's own loss, ``build_optimizer`` (the same fused AdamW and decay grouping)
+and ``clip_grad_norm_``. Its batches come from a loader over the same stream as ours, so step
+i of both sides sees the same tokens. HF's loss shifts ``labels`` internally, which would
+leave seq_len - 1 predictions; passing ``shift_labels=targets`` as well makes it score the
+same seq_len predictions as ours, on the same (B, seq_len) input.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub
+
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from opt.config import load_config
+from opt.convert.hf import hf_config_from_args, our_key_to_hf
+from opt.models.model import build_model
+from opt.train.data_setup import build_loader
+from opt.train.optim import LinearWarmupDecay, build_optimizer
+from opt.train.precision import autocast
+from opt.train.trainer import resolve_model_args
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profiling import profile_steps
+
+CPU = torch.device("cpu")
+
+
+class HFSide:
+    def __init__(self, overrides: list[str]):
+        cfg = load_config(None, overrides)
+        model_args = resolve_model_args(cfg)
+        self.device = torch.device(cfg.train.device)
+        self.precision = cfg.train.precision
+        self.grad_clip = cfg.optim.grad_clip
+        self.schedule = LinearWarmupDecay(cfg.optim.lr, cfg.schedule, cfg.train.batch_tokens)
+        self.step = 0
+        hf_config = transformers.OPTConfig(**hf_config_from_args(model_args))
+        hf_config.use_cache = False  # a KV cache is for generation, not training
+        self.model = transformers.OPTForCausalLM(hf_config)
+        _copy_weights(build_model(model_args, CPU, cfg.run.seed), self.model)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loader, _ = build_loader(cfg, model_args)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation
+
+    def train_step(self) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        ((inputs, targets),) = self.loader.next_microbatches(1)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with autocast(self.precision, self.device):
+            # labels= is what turns HF's loss on; shift_labels= makes it score all seq_len
+            # targets instead of dropping the last one after its internal shift.
+            loss = self.model(input_ids=inputs, labels=inputs, shift_labels=targets).loss
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        # float() as in the trainer, which reads the norm to skip fp16 overflow steps.
+        float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(self.step)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+
+@torch.no_grad()
+def _copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
+    hf_state = hf.state_dict()
+    copied = set()
+    for key, value in ours.state_dict().items():
+        hf_key = our_key_to_hf(key)
+        hf_state[hf_key].copy_(value)
+        copied.add(hf_key)
+    missing = set(hf_state) - copied - {"lm_head.weight"}  # lm_head is tied to embed_tokens
+    if missing:
+        raise RuntimeError(f"HF parameters with no counterpart in our model: {sorted(missing)}")
+
+
+class HFPeer:
+    """The benchmark's handle on the worker process."""
+
+    def __init__(self, overrides: list[str], threads: int):
+        spec = json.dumps({"overrides": overrides, "threads": threads})
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        self.attn_implementation = self._read()["attention"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the HF worker exited with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def _ask(self, **command) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def train_step(self) -> tuple[float, float, int]:
+        """(seconds, loss, minor page faults) of one step, timed inside the worker."""
+        reply = self._ask(cmd="step")
+        return reply["seconds"], reply["loss"], reply["faults"]
+
+    def profile(self, steps: int) -> str:
+        return self._ask(cmd="profile", steps=steps)["text"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _serve(spec: dict) -> None:
+    torch.set_num_threads(spec["threads"])
+    transformers.logging.set_verbosity_error()
+    side = HFSide(spec["overrides"])
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything else printed must not corrupt the protocol
+    out.write(json.dumps({"attention": side.attn_implementation}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "quit":
+            return
+        if command["cmd"] == "step":
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            loss = side.train_step()
+            seconds = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            reply = {"seconds": seconds, "loss": loss, "faults": faults}
+        else:
+            reply = {"text": profile_steps(side.train_step, command["steps"], "HF")}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    _serve(json.loads(sys.argv[1]))
