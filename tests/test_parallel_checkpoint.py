@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, TINY_OVERRIDES, _toml, run_cli
 from safetensors.torch import load_file
 
-from opt.checkpoint import list_checkpoints, verify_checkpoint
+from opt.checkpoint import list_checkpoints, manifest, verify_checkpoint
 from opt.config import load_config, to_toml
 
 LAYOUT_FLAGS = {
@@ -91,7 +91,8 @@ def sharded_checkpoint(config_file) -> Path:
 def test_sharded_checkpoint_is_complete_and_records_its_layout(sharded_checkpoint):
     info = verify_checkpoint(sharded_checkpoint)  # every file's size and sha256
     assert info["layout"]["tp"] == 2 and info["layout"]["pp"] == 2
-    assert len(list(sharded_checkpoint.glob("*.distcp"))) == 4  # one shard file per rank
+    # IO_THREADS shard files per rank, written (and hashed) in parallel
+    assert len(list(sharded_checkpoint.glob("*.distcp"))) == 4 * manifest.IO_THREADS
     assert not list(sharded_checkpoint.parent.glob(".*.tmp"))
 
 

@@ -14,12 +14,13 @@ import re
 import shutil
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -90,26 +91,39 @@ def set_rng_state(state: dict) -> None:
 @dataclass
 class PendingCheckpoint:
     """An async save in flight. Its shards are still being written to the temporary
-    directory; the manifest (which makes it a checkpoint) is committed by ``finish``."""
+    directory; the manifest (which makes it a checkpoint) is committed by ``finish``.
+
+    On rank 0 the fsync and SHA-256 of every file also run in the background, once DCP's
+    writes are done, so that the commit in the training loop is only the manifest and a
+    rename. DCP resolves rank 0's (the coordinator's) future only after every rank's
+    writes and the metadata are done, so neither step needs a further collective."""
 
     final: Path
     tmp: Path
     meta: dict
     future: Future
 
+    def __post_init__(self) -> None:
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-seal")
+        self._sealed = self._sealer.submit(self._seal)
+
+    def _seal(self) -> dict | None:
+        self.future.result()
+        return manifest.seal_files(self.tmp) if rank_and_world()[0] == 0 else None
+
     def done(self) -> bool:
-        return self.future.done()
+        return self._sealed.done()
 
     def finish(self) -> Path:
-        """Wait for this rank's writes; rank 0 then commits. DCP resolves rank 0's (the
-        coordinator's) future only after every rank's writes and the metadata are done,
-        so the commit needs no further collective."""
+        """Wait for this rank's writes (and on rank 0 the hashing); rank 0 then commits."""
         try:
-            self.future.result()
+            files = self._sealed.result()
         except Exception as err:  # a failed background write on any rank
             raise OptError(f"async checkpoint {self.final} failed: {_first_line(err)}") from None
+        finally:
+            self._sealer.shutdown()
         if rank_and_world()[0] == 0:
-            manifest.commit(self.tmp, self.final, self.meta)
+            manifest.commit(self.tmp, self.final, self.meta, files)
         return self.final
 
 
@@ -161,10 +175,12 @@ def save_checkpoint(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     future = None
+    # IO_THREADS files per rank, written in parallel, and later hashed in parallel.
+    writer = FileSystemWriter(tmp, thread_count=manifest.IO_THREADS)
     if async_save:
-        future = dcp.async_save(state, checkpoint_id=tmp, process_group=process_group)
+        future = dcp.async_save(state, storage_writer=writer, process_group=process_group)
     else:
-        dcp.save(state, checkpoint_id=tmp)
+        dcp.save(state, storage_writer=writer)
     meta = {
         "step": (trainer_state or {}).get("step", 0),
         "saved_at": time.time(),  # when training first reached this step: for time lost

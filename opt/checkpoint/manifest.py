@@ -13,10 +13,14 @@ import json
 import os
 import shutil
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opt.errors import OptError
 from opt.fsutil import fsync_dir, fsync_file, sha256_file
+
+# Data files each rank writes (DCP writer threads), and threads that fsync and hash them.
+IO_THREADS = 2
 
 MANIFEST = "manifest.json"
 FORMAT = "opt-checkpoint-v1"
@@ -35,15 +39,24 @@ def begin(final: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, final: Path, meta: dict) -> Path:
-    """fsync every file, write the manifest, and rename ``tmp`` to ``final`` atomically."""
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        fsync_file(path)
-        files[str(path.relative_to(tmp))] = {
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-        }
+def _sealed_entry(path: Path) -> dict:
+    fsync_file(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def seal_files(tmp: Path) -> dict:
+    """fsync and hash every file of ``tmp``: the manifest's ``files``. Files are done in
+    parallel (hashlib and fsync release the GIL): a rank writes IO_THREADS data files."""
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        entries = list(pool.map(_sealed_entry, paths))
+    return {str(p.relative_to(tmp)): e for p, e in zip(paths, entries, strict=True)}
+
+
+def commit(tmp: Path, final: Path, meta: dict, files: dict | None = None) -> Path:
+    """fsync every file, write the manifest, and rename ``tmp`` to ``final`` atomically;
+    ``files`` are the entries of ``seal_files`` when the caller has them already."""
+    files = seal_files(tmp) if files is None else files
     manifest = {"format": FORMAT, **meta, "files": files}
     _write_json_durably(tmp / MANIFEST, manifest)
     fsync_dir(tmp)
@@ -94,8 +107,13 @@ def verify_checkpoint(
                 f"corrupt checkpoint {path}: {name} has {file.stat().st_size} bytes, "
                 f"the manifest says {entry['bytes']}"
             )
-        hashed = checksums and (hash_only is None or name in hash_only)
-        if hashed and sha256_file(file) != entry["sha256"]:
+    if not checksums:
+        return manifest
+    names = [n for n in manifest["files"] if hash_only is None or n in hash_only]
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        digests = list(pool.map(lambda n: sha256_file(path / n), names))
+    for name, digest in zip(names, digests, strict=True):
+        if digest != manifest["files"][name]["sha256"]:
             raise OptError(f"corrupt checkpoint {path}: {name} fails its checksum")
     return manifest
 
