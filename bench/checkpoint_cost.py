@@ -21,11 +21,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -45,7 +43,7 @@ from opt.models.sizes import get_model_args
 from opt.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import machine_info, write_section
+from report import command_line, machine_info, write_section
 
 TITLE = "## Checkpoint cost: async-save stall and save/load bandwidth vs dd (CPU)"
 QUICK = {"layers": 1, "seq_len": 128, "reps": 2, "plain": 2, "warmup": 1}
@@ -395,13 +393,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _command(argv: list[str]) -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *argv])
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -419,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
             trainer.finish_checkpoint()
             if hasattr(trainer.loader, "close"):  # the PrefetchingLoader's thread
                 trainer.loader.close()
-        body = section_body(args, trainer, stall, bw, _command(argv), (load_start, os.getloadavg()))
+        body = section_body(
+            args, trainer, stall, bw, command_line(argv), (load_start, os.getloadavg())
+        )
     print(f"\n{TITLE}\n\n{body}")
     if args.write:
         write_section(args.write, TITLE, body)

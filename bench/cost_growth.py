@@ -22,13 +22,11 @@ computes about half of it, so a causal-aware ratio (attention FLOPs halved) is s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import json
 import math
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,7 +44,8 @@ from opt.models.sizes import OPT_VOCAB_SIZE
 from opt.train.flops import training_flops_per_token
 from opt.train.trainer import Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))  # train_throughput, imported in main()
+sys.path.insert(0, str(Path(__file__).parent))
+from report import aligned_table, command_line, machine_info, write_section
 
 TITLE = "## Cost growth: sequence length and width against the FLOP model (CPU)"
 QUICK_TITLE = "## Cost growth: sequence length and width against the FLOP model (CPU, --quick)"
@@ -284,13 +283,7 @@ def markdown_table(series: Series) -> str:
                 f"{m.max_rss / MiB:.0f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-
-    def line(cells) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+    return aligned_table(rows)
 
 
 def causal_note(seq: Series) -> str:
@@ -528,22 +521,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _command(argv: list[str]) -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *argv])
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.point:
         print(RESULT_MARKER + json.dumps(asdict(run_point(json.loads(args.point)))), flush=True)
         return
-    # Imported here rather than at the top: train_throughput brings transformers, whose
-    # import (~5 s and its memory) every point's process would otherwise pay.
-    from train_throughput import machine_info, write_section
 
     info = machine_info(args.threads)
     print(f"{info['cpu']}\n{info['software']}; torch threads: {args.threads}", flush=True)
@@ -564,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         args.svg.write_text(svg_figure(series))
         link = os.path.relpath(args.svg.resolve(), args.write.resolve().parent)
         write_section(
-            args.write, title, section_body(series, args, info, _command(argv), load, link)
+            args.write, title, section_body(series, args, info, command_line(argv), load, link)
         )
         print(f"wrote {args.svg} and section {title!r} to {args.write}")
 

@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from opt.models.sizes import get_model_args
 from opt.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import machine_info, write_section
+from report import command_line, machine_info, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.toml"
@@ -406,17 +405,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _command(argv: list[str]) -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *argv])
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    command = _command(argv)
+    command = command_line(argv)
     sections = []
     with tempfile.TemporaryDirectory(prefix="opt-data-bench-") as name:
         tmp = Path(name)

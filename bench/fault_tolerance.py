@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_throughput import write_section  # noqa: E402  (after the path it lives on)
+from report import write_section  # noqa: E402  (after the path it lives on)
 
 TITLE = "## Fault tolerance: per-step cost, checkpoint verification, preemption (CPU)"
 MiB = 2**20

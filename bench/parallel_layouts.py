@@ -139,7 +139,7 @@ def dry_run_times(repeats: int) -> list[float]:
 
 
 def report(args, layouts: dict[str, list[float]], stall: dict[str, float], dry: list[float]) -> str:
-    from train_throughput import machine_info
+    from report import machine_info
 
     info = machine_info(threads=2)
     peer = statistics.median(layouts["1 process (peer)"])
@@ -214,7 +214,7 @@ def main() -> None:
     body = report(args, layouts, stall, dry)
     print(body)
     if args.write:
-        from train_throughput import write_section
+        from report import write_section
 
         write_section(args.write, TITLE, body)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from report import command_line, machine_info, write_section
 
 # (label, precision, overrides that differ from the defaults)
 VARIANTS = (
@@ -91,9 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(run_variant(json.loads(args.worker))))
         return
-    # Here, not at the top: train_throughput imports transformers, which the per-variant
-    # worker processes should not pay for.
-    from train_throughput import _command, machine_info, write_section
 
     from opt.data.prepare import ensure_builtin_dataset
     from opt.models.sizes import OPT_VOCAB_SIZE
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         body = "\n".join([
             f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
             f"- Machine: {info['cpu']}; {info['software']}; {info['threads']} threads",
-            f"- Command: `{_command(argv)}`",
+            f"- Command: `{command_line(argv)}`",
             f"- Micro-batch {args.batch} x {args.seq_len} tokens, dropout off, one process per "
             f"variant; {args.rounds} rounds of {args.warmup} warm-up + {args.steps} measured steps",
             "",

@@ -92,7 +92,7 @@ def main() -> None:
     print(body)
     if args.write:
         sys.path.insert(0, str(REPO / "bench"))
-        from train_throughput import write_section
+        from report import write_section
 
         write_section(args.write, TITLE, body)
 

@@ -33,7 +33,6 @@ import contextlib
 import gc
 import json
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -57,17 +56,13 @@ from opt.train.trainer import Trainer
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_peer import HFPeer
 from profiling import profile_steps
+from report import aligned_table, command_line, machine_info, write_section
 
 DTYPES = ("fp32", "bf16")
 QUICK = {"layers": 2, "seq_len": 128, "warmup": 1, "steps": 2, "peak_repeats": 1}
 DEFAULTS = {"layers": 0, "seq_len": 512, "warmup": 2, "steps": 5, "peak_repeats": 3}
 MIN_STEPS = 5
 CPU = torch.device("cpu")
-FILE_HEADER = (
-    "# Benchmarks\n\n"
-    "Each section is reproduced by running the command it lists from the repository root; "
-    "`--write` replaces that section in place.\n"
-)
 
 
 # ----- the two sides ------------------------------------------------------------------------
@@ -192,23 +187,6 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
 
 
 # ----- reporting ----------------------------------------------------------------------------
-def machine_info(threads: int) -> dict[str, str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    if torch.cuda.is_available():
-        cpu = f"{torch.cuda.get_device_name()} with {cpu}"
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    return {
-        "cpu": f"{cpu}, {cores} logical cores ({usable} usable), "
-        f"{torch.backends.cpu.get_cpu_capability()}",
-        "software": f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "threads": str(threads),
-    }
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -238,13 +216,7 @@ def markdown_table(results: list[Result]) -> str:
                 f"{r.step_time('hf'):.3f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-
-    def line(cells) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+    return aligned_table(rows)
 
 
 def heading(args: argparse.Namespace) -> str:
@@ -281,68 +253,36 @@ def section_body(
             markdown_table(results),
             "",
             f"Figures are medians of {args.steps} interleaved steps (ours, HF, ours, HF, ...) "
-            f"after {args.warmup} warmup step{'s' * (args.warmup != 1)}, per dtype, all in one process. Ours is "
-            "`Trainer.train_step()` (data loading, forward, backward, clip, fused AdamW); HF is "
+            f"after {args.warmup} warmup step{'s' * (args.warmup != 1)}, per dtype. Ours is "
+            "`Trainer.train_step()` with the default speed switches (data loading, forward, "
+            "fused head and loss, backward, clip, fused AdamW), in this process; HF is "
             f"`OPTForCausalLM` ({results[0].hf_attention} attention) with its own loss, on the "
-            "same batches, with the same optimizer and clipping. bf16 is `torch.autocast` "
-            "around the forward on both. "
+            "same batches, with the same optimizer and clipping, in a worker process of its "
+            "own with a transformers user's defaults (bench/hf_peer.py); each side idles while "
+            "the other runs. bf16 is `torch.autocast` around the forward on both. "
             f"MFU = {flops / 1e9:.3f} GFLOP/token (`training_flops_per_token`) x tok/s / the "
-            "median FLOP/s of a 2048x2048 matmul in the same dtype, measured in the same run. "
+            "median FLOP/s of a 2048x2048 matmul in the same dtype, measured in the same run "
+            "through the trainer's matmul. "
             f"Step-time range (min-max): {spreads}.",
-            *_peak_caveat(results),
+            *_native_peaks(results),
         ]
     )
 
 
-def _peak_caveat(results: list[Result]) -> list[str]:
-    """A note for an MFU above 100%: then the measured "peak" is not one for that dtype."""
-    over = [r.precision for r in results if max(r.mfu("ours"), r.mfu("hf")) > 1.0]
-    if not over:
-        return []
-    return [
-        "",
-        f"MFU above 100% ({', '.join(over)}) means the square-matmul peak is no peak for that "
-        "dtype here: without native bf16 (AVX-512 BF16/AMX) torch's CPU bf16 matmul falls "
-        "back to a kernel whose speed depends on operand layout, and `a @ b` in "
-        "`measure_matmul_peak` takes a slower path than the `x @ W.T` of `F.linear`. The "
-        "ours/HF ratio is unaffected.",
+def _native_peaks(results: list[Result]) -> list[str]:
+    """Where the trainer's matmul for a dtype is not PyTorch's own kernel, both peaks."""
+    lines = [
+        f"{r.precision}: this CPU has no bf16 instructions, so the trainer computes bf16 "
+        f"matmuls with fp32 kernels (`train.cpu_bf16_compute = auto`); the peak above is "
+        f"that matmul's, {r.peak_flops / 1e9:.1f} GFLOP/s, and PyTorch's native bf16 kernel "
+        f"reached {r.native_peak_flops / 1e9:.1f} GFLOP/s on this square `a @ b` (faster in "
+        "the `x @ W.T` layout of `F.linear`); HF's bf16 runs on the native kernels."
+        for r in results
+        if r.native_peak_flops != r.peak_flops
     ]
+    return ["", *lines] if lines else []
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace the section under ``title`` (up to the next # or ## heading), or append one."""
-    text = path.read_text() if path.exists() else FILE_HEADER
-    lines = text.splitlines()
-    section = [title, "", *body.splitlines()]
-    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
-    if start is None:
-        lines = [*_strip_trailing_blank(lines), "", *section]
-    else:
-        end = _section_end(lines, start)
-        after = lines[end:]
-        lines = [*lines[:start], *section, *([""] if after else []), *after]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-
-
-def _section_end(lines: list[str], start: int) -> int:
-    in_fence = False
-    for i in range(start + 1, len(lines)):
-        if lines[i].lstrip().startswith("```"):
-            in_fence = not in_fence
-        elif not in_fence and (lines[i].startswith("# ") or lines[i].startswith("## ")):
-            return i
-    return len(lines)
-
-
-def _strip_trailing_blank(lines: list[str]) -> list[str]:
-    while lines and not lines[-1].strip():
-        lines = lines[:-1]
-    return lines
-
-
-# ----- command line -------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="CPU training throughput of opt's Trainer vs transformers' OPTForCausalLM "
@@ -425,13 +365,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _command(argv: list[str]) -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *argv])
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     verbosity = transformers.logging.get_verbosity()
@@ -457,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.write and len(results) < len(args.dtypes):
                 # A long bf16 run that dies still leaves the dtypes measured so far.
                 pending = args.dtypes[len(results) :]
-                body = section_body(args, results, _command(argv), pending)
+                body = section_body(args, results, command_line(argv), pending)
                 write_section(args.write, heading(args), body)
     title = heading(args)
     print(f"\n{title}\n")
@@ -466,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nMedians of {args.steps} interleaved steps after {args.warmup} warmup; "
         f"{args.batch * args.seq_len} tokens/step; {args.threads} threads."
     )
-    for line in _peak_caveat(results):
+    for line in _native_peaks(results):
         print(line)
     for r in results:
         print(
@@ -474,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             "(same weights and batch; they differ by dropout only)"
         )
     if args.write:
-        write_section(args.write, title, section_body(args, results, _command(argv)))
+        write_section(args.write, title, section_body(args, results, command_line(argv)))
         print(f"wrote section {title!r} to {args.write}")
 
 
