@@ -8,9 +8,11 @@ AVX2 machine of BENCHMARKS.md a bf16 ``F.linear`` reaches 19 GFLOP/s and a bf16 
 ``train.cpu_bf16_compute = "fp32"`` (what ``auto`` picks on such CPUs) computes those ops
 from exact fp32 copies of their bf16-rounded operands with fp32 kernels, and rounds the
 result to bf16. A bf16 GEMM accumulates in fp32 anyway, so the values are a bf16 GEMM's up
-to summation order; inputs, outputs and saved activations stay bf16, and everything outside
-these ops (LayerNorm, softmax statistics, the loss, the optimizer) is as under plain
-autocast. On GPUs and bf16-capable CPUs nothing changes.
+to summation order; inputs and outputs stay bf16, and everything outside these ops
+(LayerNorm, softmax statistics, the loss, the optimizer) is as under plain autocast. Linears
+save their bf16 operands for backward, as a bf16 linear does; attention saves the fp32
+copies it ran on, twice the bytes of bf16 (the activation model of `opt plan`, which is for
+GPUs, does not count them). On GPUs and bf16-capable CPUs nothing changes.
 """
 
 from __future__ import annotations
