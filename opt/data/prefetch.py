@@ -47,17 +47,17 @@ class PrefetchingLoader:
         start = time.perf_counter()
         key = _state_key(self.loader, grad_accum)
         batches = None
-        if self._ahead is not None and self._ahead[0] == key:
-            batches, stream_after = self._ahead[1].result()
-            self.loader.stream = stream_after
-        if self._ahead is not None and batches is None:
-            self._ahead[1].result()  # a stale read-ahead: let it finish, then drop it
+        if self._ahead is not None:
+            built_from, future = self._ahead
+            result = future.result()  # a stale read-ahead is waited for too, then dropped
+            if built_from == key:
+                batches, self.loader.stream = result
         if batches is None:
             batches = self._pinned(self.loader.next_microbatches(grad_accum))
         # The copy is taken here, in the training thread: the thread never sees the
         # loader's own state, which the supervisor may change before the next step.
         ahead = copy.copy(self.loader)
-        ahead.stream = _copy_stream(self.loader.stream)
+        ahead.stream = self.loader.stream.copy()
         future = self._pool.submit(self._read_ahead, ahead, grad_accum)
         self._ahead = (_state_key(self.loader, grad_accum), future)
         self.wait_s += time.perf_counter() - start
@@ -79,9 +79,3 @@ class PrefetchingLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _copy_stream(stream):
-    clone = copy.copy(stream)  # shares the cached permutation, which is never mutated
-    clone._skips = list(stream._skips)
-    return clone

@@ -18,6 +18,7 @@ so they survive later checkpoints and restarts.
 from __future__ import annotations
 
 import bisect
+import copy
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,13 @@ class SampleStream:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._cached = (epoch, torch.randperm(self.num_samples, generator=generator))
         return self._cached[1]
+
+    def copy(self) -> SampleStream:
+        """An independent stream at the same position with the same skips (it shares the
+        cached permutation, which is never mutated)."""
+        clone = copy.copy(self)
+        clone._skips = list(self._skips)
+        return clone
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints and lists, so it can go into any checkpoint format."""

@@ -32,15 +32,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         w = weight.to(dtype)
-        w_for_grad = weight.to(grad_dtype)
+        w_for_grad = w if grad_dtype == dtype else weight.to(grad_dtype)  # one 154 MB cast
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = torch.arange(min(chunk, n), device=hidden.device)
         for start in range(0, n, chunk):
-            h = hidden[start : start + chunk]
+            h = hidden[start : start + chunk].to(dtype)
+            h_for_grad = h if grad_dtype == dtype else hidden[start : start + chunk].to(grad_dtype)
             t = targets[start : start + chunk]
-            logits = gemm(h.to(dtype), w.t()).float()  # (c, V)
+            logits = gemm(h, w.t()).float()  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             # d(mean loss)/d(logits) = (softmax - onehot) / n, built in place of the logits.
@@ -48,7 +49,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[rows[: len(t)], t] -= 1.0
             g = grad_logits.div_(n).to(grad_dtype)
             grad_hidden[start : start + chunk] = gemm(g, w_for_grad)
-            chunk_grad_weight = gemm(g.t(), h.to(grad_dtype))
+            chunk_grad_weight = gemm(g.t(), h_for_grad)
             if grad_weight is None:  # no zero-filled buffer and no add for the first chunk
                 grad_weight = chunk_grad_weight.float()
             else:
