@@ -7,7 +7,7 @@ stdout, one JSON line per command, so steps still alternate with ours:
 
     {"cmd": "step"}          -> {"seconds": s, "loss": x, "faults": n}
     {"cmd": "profile", "steps": n} -> {"text": "..."}
-    {"cmd": "quit"}
+    {"cmd": "quit"}          -> {"peak_bytes": n} (GPU memory at its peak; 0 on a CPU)
 
 The model is a randomly initialised ``OPTForCausalLM`` (``attn_implementation`` left at its
 default, sdpa; ``use_cache`` off, as for any training) holding our initial weights for the
@@ -16,6 +16,11 @@ and ``clip_grad_norm_``. Its batches come from a loader over the same stream as 
 i of both sides sees the same tokens. HF's loss shifts ``labels`` internally, which would
 leave seq_len - 1 predictions; passing ``shift_labels=targets`` as well makes it score the
 same seq_len predictions as ours, on the same (B, seq_len) input.
+
+On a GPU the model is built on the card, where HF's own init takes seconds, and our weights
+are drawn there too (a 6.7B model drawn on the host and copied would cost minutes). Where
+the run recomputes activations (``parallel.activation_checkpoint = "full"``), HF does too,
+through its own activation checkpointing; it has no selective mode.
 """
 
 from __future__ import annotations
@@ -46,8 +51,6 @@ from opt.train.trainer import resolve_model_args
 sys.path.insert(0, str(Path(__file__).parent))
 from profiling import profile_steps
 
-CPU = torch.device("cpu")
-
 
 class HFSide:
     def __init__(self, overrides: list[str]):
@@ -60,9 +63,18 @@ class HFSide:
         self.step = 0
         hf_config = transformers.OPTConfig(**hf_config_from_args(model_args))
         hf_config.use_cache = False  # a KV cache is for generation, not training
-        self.model = transformers.OPTForCausalLM(hf_config)
-        _copy_weights(build_model(model_args, CPU, cfg.run.seed), self.model)
-        self.model.to(self.device)
+        with torch.device(self.device):
+            self.model = transformers.OPTForCausalLM(hf_config)
+        _copy_weights(build_model(model_args, self.device, cfg.run.seed), self.model)
+        recompute = cfg.parallel.activation_checkpoint
+        if recompute == "full":  # renamed in transformers 5.x; the old name warns there
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable or self.model.gradient_checkpointing_enable)()
+        elif recompute != "none":
+            raise SystemExit(f"HF has no {recompute!r} activation checkpointing")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # our copy of the weights is gone
+            torch.cuda.reset_peak_memory_stats()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.loader, _ = build_loader(cfg, model_args)
 
@@ -88,6 +100,8 @@ class HFSide:
             group["lr"] = self.schedule(self.step)
         self.optimizer.step()
         self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the optimizer's kernels are part of the step
         return float(loss.detach())
 
 
@@ -114,6 +128,7 @@ class HFPeer:
             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         self.attn_implementation = self._read()["attention"]
+        self.peak_bytes = 0.0
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -134,11 +149,13 @@ class HFPeer:
     def profile(self, steps: int) -> str:
         return self._ask(cmd="profile", steps=steps)["text"]
 
-    def close(self) -> None:
+    def close(self) -> float:
+        """Stop the worker (once); its peak GPU memory in bytes (0 on a CPU)."""
         if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.peak_bytes = self._ask(cmd="quit")["peak_bytes"]
             self.proc.stdin.close()
         self.proc.wait(timeout=60)
+        return self.peak_bytes
 
 
 def _serve(spec: dict) -> None:
@@ -152,9 +169,15 @@ def _serve(spec: dict) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "quit":
+            cuda = side.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated() if cuda else 0
+            out.write(json.dumps({"peak_bytes": peak}) + "\n")
+            out.flush()
             return
         if command["cmd"] == "step":
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            if side.device.type == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             loss = side.train_step()
             seconds = time.perf_counter() - start

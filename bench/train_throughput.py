@@ -1,9 +1,11 @@
-"""CPU training throughput of our OPT trainer, side by side with transformers' OPTForCausalLM.
+"""Training throughput of our OPT trainer, side by side with transformers' OPTForCausalLM.
 
     python bench/train_throughput.py                      # opt-125m shape, 1 x 512, fp32 + bf16
     python bench/train_throughput.py --quick              # smoke run: 2 layers, seq 128, 2 steps
     python bench/train_throughput.py --write BENCHMARKS.md
     python bench/train_throughput.py --dtypes fp32 --profile 3
+    python bench/train_throughput.py --device cuda --model opt-1.3b --dtypes bf16 \
+        --seq-len 2048 --batch 8                          # one GPU (bench/gpu_throughput.sh)
 
 Both sides train the same shape on the same token batches with the same dtype, dropout,
 optimizer, clipping and thread count:
@@ -15,10 +17,14 @@ optimizer, clipping and thread count:
   clipping, in a worker process of its own (bench/hf_peer.py) that runs with the defaults a
   transformers user has.
 
-Steps alternate (ours, HF, ours, HF, ...) so machine noise hits both alike, and each waits
-while the other runs; each dtype reports the median step time of the measured steps. MFU
-divides ``training_flops_per_token`` x tok/s (the same model FLOPs for both) by a matmul
-peak measured in the same dtype in this run, through the kernels the trainer uses.
+On a CPU, steps alternate (ours, HF, ours, HF, ...) so machine noise hits both alike, and
+each waits while the other runs. On a GPU the sides run one after the other, HF first, each
+alone on the card: a GPU is not shared with other jobs, and a 6.7B model with its AdamW
+state leaves no room for a second one. Each dtype reports the median step time of the
+measured steps. MFU divides ``training_flops_per_token`` x tok/s (the same model FLOPs for
+both) by a matmul peak measured in the same dtype in this run, through the kernels the
+trainer uses; on a GPU also by the card's datasheet dense bf16 peak, the convention of the
+published MFU figures (OPT, Megatron-LM, torchtitan).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from opt.config import load_config
 from opt.data.prepare import ensure_builtin_dataset
 from opt.models import kernels
 from opt.models.sizes import OPT_VOCAB_SIZE, ModelArgs
+from opt.plan.hardware import ACCELERATORS
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.precision import AUTOCAST_DTYPES
 from opt.train.trainer import Trainer
@@ -85,7 +92,9 @@ def config_overrides(args: argparse.Namespace, precision: str, data: Path, tmp: 
         "metrics.peak_tflops": 1.0,  # > 0: the trainer measures nothing itself
     }
     # json.dumps gives TOML-compatible literals for strings, ints, floats and booleans.
-    return [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return [f"--{k}={json.dumps(v)}" for k, v in overrides.items()] + [
+        f"--{setting}" for setting in args.set
+    ]
 
 
 # ----- measuring ----------------------------------------------------------------------------
@@ -102,6 +111,9 @@ class Result:
     hf_times: list[float]
     ours_loss: float  # first measured step: same weights and batch, so close up to dropout
     hf_loss: float
+    datasheet_flops: float = 0.0  # GPUs: the card's dense bf16 peak; 0 when unknown / CPU
+    ours_memory: float = 0.0  # GPUs: peak bytes allocated by each side
+    hf_memory: float = 0.0
 
     def step_time(self, side: str) -> float:
         return statistics.median(self.ours_times if side == "ours" else self.hf_times)
@@ -109,19 +121,40 @@ class Result:
     def tokens_per_s(self, side: str) -> float:
         return self.tokens_per_step / self.step_time(side)
 
-    def mfu(self, side: str) -> float:
-        return self.tokens_per_s(side) * self.flops_per_token / self.peak_flops
+    def mfu(self, side: str, peak: float = 0.0) -> float:
+        return self.tokens_per_s(side) * self.flops_per_token / (peak or self.peak_flops)
+
+
+GPU_PEAK_MATMUL = 8192  # a 2048^3 matmul takes tens of microseconds on a GPU: too short
 
 
 def matmul_peak(precision: str, repeats: int, device: str = "cpu") -> float:
     """The trainer's own peak measurement (FLOP/s): median of ``repeats`` timed matmuls."""
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
+    if device == "cuda":
+        return measure_matmul_peak(dtype, torch.device(device), GPU_PEAK_MATMUL, 10 * repeats)
     return measure_matmul_peak(dtype, torch.device(device), repeats=repeats)
 
 
-def _timed(step: Callable[[], object]) -> tuple[float, object]:
+def datasheet_peak(device: str) -> float:
+    """Dense bf16 FLOP/s of this GPU model from `opt plan`'s table; 0 if it is not there."""
+    if device != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name().lower()
+    for accelerator in ACCELERATORS.values():
+        if accelerator.name.split("-")[0] in name:
+            return accelerator.peak_tflops * 1e12
+    return 0.0
+
+
+def _timed(step: Callable[[], object], device: str = "cpu") -> tuple[float, object]:
+    """Wall time of ``step``; on a GPU until its queued kernels (the optimizer's) finish."""
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
@@ -133,7 +166,15 @@ def _page_faults() -> int:
 def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> Result:
     overrides = config_overrides(args, precision, data, tmp)
     cfg = load_config(None, overrides)
+    gpu = args.device == "cuda"
+    steps = args.warmup + args.steps
     hf = HFPeer(overrides, args.threads)  # its own process: started before ours allocates
+    hf_times, hf_losses, hf_memory = [], [], 0.0
+    if gpu:  # HF alone on the card first; its process exits and frees it before ours starts
+        hf_times, hf_losses = _run_side("HF", precision, steps, args.warmup, hf.train_step)
+        if args.profile:
+            print(hf.profile(args.profile))
+        hf_memory = hf.close()
     trainer = Trainer(cfg)
     print(
         f"[{precision}] measuring the {precision} matmul peak ({args.peak_repeats + 1} matmuls)...",
@@ -147,26 +188,36 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
         kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
     print(f"[{precision}] peak {peak / 1e9:.1f} GFLOP/s (native kernels: "
           f"{native_peak / 1e9:.1f}); HF attention: {hf.attn_implementation}", flush=True)  # fmt: skip
-    ours_times, hf_times, losses = [], [], []
-    for i in range(args.warmup + args.steps):
+
+    def ours_step() -> tuple[float, float, int]:
         faults = _page_faults()
-        ours_time, ours_result = _timed(trainer.train_step)
-        ours_faults = _page_faults() - faults
-        hf_time, hf_loss, hf_faults = hf.train_step()
-        phase = "warmup" if i < args.warmup else "step"
-        print(
-            f"[{precision}] {phase} {i + 1:>2}: ours {ours_time:7.3f}s loss {ours_result.loss:.4f}"
-            f" {ours_faults / 1e3:4.0f}k faults | HF {hf_time:7.3f}s loss {hf_loss:.4f}"
-            f" {hf_faults / 1e3:4.0f}k faults",
-            flush=True,
-        )
-        if i >= args.warmup:
-            ours_times.append(ours_time)
-            hf_times.append(hf_time)
-            losses.append((ours_result.loss, hf_loss))
+        seconds, result = _timed(trainer.train_step, args.device)
+        return seconds, result.loss, _page_faults() - faults
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+        ours_times, ours_losses = _run_side("ours", precision, steps, args.warmup, ours_step)
+    else:
+        ours_times, ours_losses, hf_times, hf_losses = [], [], [], []
+        for i in range(steps):
+            ours_time, ours_loss, ours_faults = ours_step()
+            hf_time, hf_loss, hf_faults = hf.train_step()
+            phase = "warmup" if i < args.warmup else "step"
+            print(
+                f"[{precision}] {phase} {i + 1:>2}: ours {ours_time:7.3f}s loss {ours_loss:.4f}"
+                f" {ours_faults / 1e3:4.0f}k faults | HF {hf_time:7.3f}s loss {hf_loss:.4f}"
+                f" {hf_faults / 1e3:4.0f}k faults",
+                flush=True,
+            )
+            if i >= args.warmup:
+                ours_times.append(ours_time)
+                hf_times.append(hf_time)
+                ours_losses.append(ours_loss)
+                hf_losses.append(hf_loss)
     if args.profile:
         print(profile_steps(trainer.train_step, args.profile, f"ours {precision}"))
-        print(hf.profile(args.profile))
+        if not gpu:
+            print(hf.profile(args.profile))
     hf.close()
     result = Result(
         precision=precision,
@@ -178,18 +229,37 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
         peak_flops=peak,
         ours_times=ours_times,
         hf_times=hf_times,
-        ours_loss=losses[0][0],
-        hf_loss=losses[0][1],
+        ours_loss=ours_losses[0],
+        hf_loss=hf_losses[0],
+        datasheet_flops=datasheet_peak(args.device),
+        ours_memory=torch.cuda.max_memory_allocated() if gpu else 0.0,
+        hf_memory=hf_memory,
     )
-    del trainer, hf
-    gc.collect()  # two models with AdamW state each: free them before the next dtype
     return result
+
+
+def _run_side(
+    side: str, precision: str, steps: int, warmup: int, step: Callable[[], tuple]
+) -> tuple[list[float], list[float]]:
+    """Run one side's steps back to back; the measured steps' times and losses."""
+    times, losses = [], []
+    for i in range(steps):
+        seconds, loss, _ = step()
+        phase = "warmup" if i < warmup else "step"
+        print(
+            f"[{precision}] {side} {phase} {i + 1:>2}: {seconds:7.3f}s loss {loss:.4f}", flush=True
+        )
+        if i >= warmup:
+            times.append(seconds)
+            losses.append(loss)
+    return times, losses
 
 
 # ----- reporting ----------------------------------------------------------------------------
 
 
 def markdown_table(results: list[Result]) -> str:
+    gpu = any(r.datasheet_flops or r.ours_memory for r in results)
     header = (
         "dtype",
         "ours tok/s",
@@ -197,9 +267,11 @@ def markdown_table(results: list[Result]) -> str:
         "ours/HF",
         "ours MFU",
         "HF MFU",
+        *(("ours MFU (datasheet)", "HF MFU (datasheet)") if gpu else ()),
         "matmul peak (GFLOP/s)",
         "ours s/step",
         "HF s/step",
+        *(("ours peak GiB", "HF peak GiB") if gpu else ()),
     )
     rows = [header]
     for r in results:
@@ -211,12 +283,18 @@ def markdown_table(results: list[Result]) -> str:
                 f"{r.tokens_per_s('ours') / r.tokens_per_s('hf'):.3f}",
                 f"{r.mfu('ours'):.1%}",
                 f"{r.mfu('hf'):.1%}",
+                *((_datasheet_mfu(r, "ours"), _datasheet_mfu(r, "hf")) if gpu else ()),
                 f"{r.peak_flops / 1e9:.1f}",
                 f"{r.step_time('ours'):.3f}",
                 f"{r.step_time('hf'):.3f}",
+                *((f"{r.ours_memory / 2**30:.1f}", f"{r.hf_memory / 2**30:.1f}") if gpu else ()),
             )
         )
     return aligned_table(rows)
+
+
+def _datasheet_mfu(r: Result, side: str) -> str:
+    return f"{r.mfu(side, r.datasheet_flops):.1%}" if r.datasheet_flops else "unknown card"
 
 
 def heading(args: argparse.Namespace) -> str:
@@ -224,7 +302,8 @@ def heading(args: argparse.Namespace) -> str:
     shape = f"{args.model} shape{layers}"
     batch = f", batch {args.batch}" if args.batch != 1 else ""
     where = "CPU" if args.device == "cpu" else "GPU"
-    return f"## {where} training throughput ({shape}, seq {args.seq_len}{batch})"
+    layout = "".join(f", {s}" for s in args.set)
+    return f"## {where} training throughput ({shape}, seq {args.seq_len}{batch}{layout})"
 
 
 def section_body(
@@ -239,6 +318,22 @@ def section_body(
         f"HF {min(r.hf_times):.2f}-{max(r.hf_times):.2f} s"
         for r in results
     )
+    gpu = args.device == "cuda"
+    order = (
+        "Figures are medians of {steps} steps after {warmup} warmup step{s}, per dtype, each "
+        "side alone on the GPU (HF first, in its own process, which exits before ours starts)."
+        if gpu
+        else "Figures are medians of {steps} interleaved steps (ours, HF, ours, HF, ...) "
+        "after {warmup} warmup step{s}, per dtype."
+    ).format(steps=args.steps, warmup=args.warmup, s="s" * (args.warmup != 1))
+    peak_text = (
+        f"the median FLOP/s of a {GPU_PEAK_MATMUL}x{GPU_PEAK_MATMUL} matmul in the same dtype, "
+        "measured in the same run; MFU (datasheet) divides by the card's dense bf16 peak "
+        f"({results[0].datasheet_flops / 1e12:.0f} TFLOP/s), as published MFU figures do."
+        if gpu
+        else "the median FLOP/s of a 2048x2048 matmul in the same dtype, measured in the same "
+        "run through the trainer's matmul."
+    )
     return "\n".join(
         [
             f"- Date: {date}",
@@ -252,21 +347,32 @@ def section_body(
             "",
             markdown_table(results),
             "",
-            f"Figures are medians of {args.steps} interleaved steps (ours, HF, ours, HF, ...) "
-            f"after {args.warmup} warmup step{'s' * (args.warmup != 1)}, per dtype. Ours is "
+            f"{order} Ours is "
             "`Trainer.train_step()` with the default speed switches (data loading, forward, "
             "fused head and loss, backward, clip, fused AdamW), in this process; HF is "
             f"`OPTForCausalLM` ({results[0].hf_attention} attention) with its own loss, on the "
             "same batches, with the same optimizer and clipping, in a worker process of its "
             "own with a transformers user's defaults (bench/hf_peer.py); each side idles while "
             "the other runs. bf16 is `torch.autocast` around the forward on both. "
-            f"MFU = {flops / 1e9:.3f} GFLOP/token (`training_flops_per_token`) x tok/s / the "
-            "median FLOP/s of a 2048x2048 matmul in the same dtype, measured in the same run "
-            "through the trainer's matmul. "
+            f"{_settings_text(args)}"
+            f"MFU = {flops / 1e9:.3f} GFLOP/token (`training_flops_per_token`) x tok/s / "
+            f"{peak_text} "
             f"Step-time range (min-max): {spreads}.",
             *_native_peaks(results),
         ]
     )
+
+
+def _settings_text(args: argparse.Namespace) -> str:
+    if not args.set:
+        return ""
+    settings = ", ".join(f"`{s}`" for s in args.set)
+    hf_ac = (
+        " HF runs its activation checkpointing to match full recompute."
+        if "parallel.activation_checkpoint=" + json.dumps("full") in args.set
+        else ""
+    )
+    return f"Config settings on both sides: {settings}.{hf_ac} "
 
 
 def _native_peaks(results: list[Result]) -> list[str]:
@@ -320,6 +426,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "median taken (default 3; quick 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="weight init / data order seed")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting for both sides, TOML value (e.g. parallel.activation_checkpoint="
+        "'\"full\"'); repeatable",
+    )
     parser.add_argument(
         "--device",
         default="cpu",
@@ -387,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
         data = ensure_builtin_dataset(Path(tmp) / "data", vocab_size=OPT_VOCAB_SIZE)
         for precision in args.dtypes:
             results.append(measure(args, precision, data, Path(tmp)))
+            gc.collect()  # a model with AdamW state: free it before the next dtype
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
             if args.write and len(results) < len(args.dtypes):
                 # A long bf16 run that dies still leaves the dtypes measured so far.
                 pending = args.dtypes[len(results) :]
