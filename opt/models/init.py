@@ -29,11 +29,14 @@ TILE_1D = TILE_ROWS * TILE_COLS
 LocalView = tuple[torch.Tensor, Sequence[int], Sequence[int]]
 
 
-def _tile_values(seed: int, name: str, index: tuple[int, ...], shape: list[int]) -> np.ndarray:
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=16).digest(), "little")
+
+
+def _tile_values(seed: int, name_key: int, index: tuple[int, ...], shape: list[int]) -> np.ndarray:
     """Standard normals for one tile. The stream is keyed by the full (seed, name, tile)
     through numpy's SeedSequence into PCG64 (128-bit state): torch's CPU generator keeps
     only 32 bits of a seed, which would collide across the millions of tiles of 175B."""
-    name_key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=16).digest(), "little")
     entropy = [seed, name_key, *index]
     generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
     return generator.standard_normal(shape, dtype=np.float32)
@@ -68,13 +71,18 @@ def fill_normal_(
         first, last = start // extent, (start + size - 1) // extent
         ranges.append(range(first, min(last, (full - 1) // extent) + 1))
     target = local if local.device.type == "cpu" else torch.empty(local.shape, dtype=local.dtype)
+    # fp32 tiles are scaled and placed by numpy, which (unlike torch's small-op dispatch)
+    # runs without the GIL, so the threads overlap; a float32 array times a Python float
+    # rounds exactly as torch's float32 mul_ does.
+    array = target.detach().numpy() if target.dtype == torch.float32 else None
+    name_key = _name_key(name)
 
     def fill_tile(index: tuple[int, ...]) -> None:
         tile_lo = [i * e for i, e in zip(index, extents, strict=True)]
         tile_shape = [
             min(e, full - lo) for e, full, lo in zip(extents, global_shape, tile_lo, strict=True)
         ]
-        tile = torch.from_numpy(_tile_values(seed, name, index, tile_shape)).mul_(std)
+        tile = _tile_values(seed, name_key, index, tile_shape)
         # Overlap of the tile with the local block, in global coordinates.
         lo = [max(t, o) for t, o in zip(tile_lo, offset, strict=True)]
         hi = [
@@ -83,7 +91,10 @@ def fill_normal_(
         ]
         src = tuple(slice(a - t, b - t) for a, b, t in zip(lo, hi, tile_lo, strict=True))
         dst = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset, strict=True))
-        target[dst].copy_(tile[src])
+        if array is not None:
+            np.multiply(tile[src], std, out=array[dst])
+        else:
+            target[dst].copy_(torch.from_numpy(tile[src]).mul_(std))
 
     indices = list(itertools.product(*ranges))
     if len(indices) < PARALLEL_MIN_TILES:
