@@ -42,5 +42,5 @@ run opt-1.3b 240 --model opt-1.3b --seq-len 2048 --batch 8 --warmup 3 --steps 10
 run opt-125m 150 --model opt-125m --seq-len 2048 --batch 8 --warmup 3 --steps 10 --write "$out/BENCHMARKS.md"
 # 16 bytes a parameter of fp32 weights, gradients and AdamW state (107 GB) need the
 # H200's memory; full recompute leaves room for the activations of 2 sequences.
-run opt-6.7b 330 --model opt-6.7b --seq-len 2048 --batch 2 --warmup 2 --steps 5 \
+run opt-6.7b 420 --model opt-6.7b --seq-len 2048 --batch 2 --warmup 2 --steps 5 \
     --set 'parallel.activation_checkpoint="full"' --write "$out/BENCHMARKS.md"

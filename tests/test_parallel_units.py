@@ -18,6 +18,7 @@ from conftest import REPO, run_cli
 
 from opt.config import ParallelConfig, load_config
 from opt.errors import OptError
+from opt.models import init as init_module
 from opt.models.init import TILE_1D, TILE_COLS, TILE_ROWS, fill_normal_
 from opt.models.model import OPTModel, build_model, canonical_name
 from opt.models.sizes import ModelArgs
@@ -94,6 +95,25 @@ def test_a_1d_block_filled_at_its_offset_equals_that_slice_of_the_full_fill(offs
     shape = (20_000,)  # two 1-D tiles, the second partial
     assert TILE_1D < shape[0] < 2 * TILE_1D
     assert torch.equal(_block(shape, (offset,), (size,)), _full(shape)[offset : offset + size])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_drawn_in_threads_equal_tiles_drawn_one_by_one(monkeypatch, dtype):
+    """Enough tiles for the thread pool; the serial path must give the same bits, and each
+    tile must be torch's float32 ``standard normal * std`` (what init always produced)."""
+    shape, std = (5 * TILE_ROWS + 3, 3 * TILE_COLS + 7), 0.02
+    assert init_module.PARALLEL_MIN_TILES <= 6 * 4
+    threaded = torch.full(shape, float("nan"), dtype=dtype)
+    fill_normal_(threaded, std, 7, "w", shape, (0, 0))
+    monkeypatch.setattr(init_module, "PARALLEL_MIN_TILES", 10**9)
+    serial = torch.full(shape, float("nan"), dtype=dtype)
+    fill_normal_(serial, std, 7, "w", shape, (0, 0))
+    assert torch.equal(threaded, serial)
+    key = init_module._name_key("w")
+    tile = torch.from_numpy(init_module._tile_values(7, key, (1, 2), [TILE_ROWS, TILE_COLS]))
+    expected = tile.mul_(std).to(dtype)
+    rows, cols = slice(TILE_ROWS, 2 * TILE_ROWS), slice(2 * TILE_COLS, 3 * TILE_COLS)
+    assert torch.equal(threaded[rows, cols], expected)
 
 
 def test_a_sharded_fill_covers_every_element_exactly_once():
