@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
 from opt import checkpoint as ckpt
-from opt.checkpoint import manifest
+from opt.checkpoint import checkpointer, manifest
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.errors import OptError
 from opt.fsutil import sha256_file
@@ -132,6 +133,30 @@ def test_retention_keeps_the_newest_and_protected(tmp_path):
     paths = [_save(tmp_path, step, model, optimizer) for step in (1, 2, 3, 4)]
     ckpt.prune_checkpoints(tmp_path, keep_last=2, protect={paths[0]})
     assert ckpt.list_checkpoints(tmp_path) == [paths[0], paths[2], paths[3]]
+
+
+def test_pruning_in_the_background_hides_at_once_and_deletes_later(tmp_path, monkeypatch):
+    """The loop's commit only renames; the deletion runs in a thread. A leftover hidden
+    directory (a job killed mid-delete) is swept by the next prune."""
+    model, optimizer = _trained()
+    paths = [_save(tmp_path, step, model, optimizer) for step in (1, 2, 3)]
+    (tmp_path / ".step_00000000.discarded").mkdir()  # left by a killed job
+    release = threading.Event()
+    real_delete = checkpointer._delete_all
+
+    def held_delete(hidden):
+        release.wait(timeout=30)
+        real_delete(hidden)
+
+    monkeypatch.setattr(checkpointer, "_delete_all", held_delete)
+    future = ckpt.prune_checkpoints(tmp_path, keep_last=1, background=True)
+    # Before any file is deleted, resume sees only the kept checkpoint.
+    assert ckpt.list_checkpoints(tmp_path) == [paths[2]]
+    assert not paths[0].exists() and (tmp_path / f".{paths[0].name}.discarded").is_dir()
+    assert not future.done()
+    release.set()
+    future.result(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [paths[2].name]
 
 
 def test_weights_only_checkpoint_loads_weights_but_cannot_resume(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,7 @@ class Trainer:
         )
         self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.rank == 0 else None
         self.pending_checkpoint: ckpt.PendingCheckpoint | None = None
+        self.pruning: Future | None = None  # rank 0: old checkpoints being deleted
         self.last_saved_step = -1
         self.stopped_on_signal = False
         # The scheduler's warning signal (set by `opt launch slurm`): stop and save.
@@ -432,15 +434,24 @@ class Trainer:
             return
         pending.finish()
         self.pending_checkpoint = None
-        self._prune()
+        # Deleting the oldest checkpoint's files would cost the loop as much as the commit.
+        self._prune(background=True)
 
-    def _prune(self) -> None:
+    def _prune(self, background: bool = False) -> None:
         if self.rank == 0:
-            ckpt.prune_checkpoints(
+            self.wait_for_pruning()
+            self.pruning = ckpt.prune_checkpoints(
                 self.cfg.checkpoint_dir,
                 self.cfg.checkpoint.keep_last,
                 protect=interventions.protected_checkpoints(self),
+                background=background,
             )
+
+    def wait_for_pruning(self) -> None:
+        """Until the checkpoints pruned in the background are deleted (rank 0)."""
+        if self.pruning is not None:
+            self.pruning.result()
+            self.pruning = None
 
     def restore(self) -> Path | None:
         """Resume per ``checkpoint.resume``, or start from ``init_from`` weights; returns the source."""
@@ -533,6 +544,7 @@ class Trainer:
                 if lead:
                     lifecycle.write_status(self, RUNNING, loss=result.loss)
             self.finish_checkpoint()
+            self.wait_for_pruning()  # a finished run leaves exactly keep_last checkpoints
         except BaseException as err:
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             self.log_event("run_stop", step=self.step, tokens=self.tokens_seen,
