@@ -10,9 +10,10 @@ from exact fp32 copies of their bf16-rounded operands with fp32 kernels, and rou
 result to bf16. A bf16 GEMM accumulates in fp32 anyway, so the values are a bf16 GEMM's up
 to summation order; inputs and outputs stay bf16, and everything outside these ops
 (LayerNorm, softmax statistics, the loss, the optimizer) is as under plain autocast. Linears
-save their bf16 operands for backward, as a bf16 linear does; attention saves the fp32
-copies it ran on, twice the bytes of bf16 (the activation model of `opt plan`, which is for
-GPUs, does not count them). On GPUs and bf16-capable CPUs nothing changes.
+save their bf16 inputs for backward, as a bf16 linear does, and an fp32 copy of each
+bf16-rounded weight (twice a bf16 weight's bytes); attention saves the fp32 copies it ran
+on, twice the bytes of bf16 (the activation model of `opt plan`, which is for GPUs, does
+not count them). On GPUs and bf16-capable CPUs nothing changes.
 """
 
 from __future__ import annotations
@@ -67,25 +68,28 @@ def _bf16_exact_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 class _LinearViaFp32(torch.autograd.Function):
-    """bf16 ``x @ w.T + b`` computed by fp32 kernels; saves bf16 operands for backward (the
-    memory of a bf16 linear), gradients rounded to bf16 as autocast's would be."""
+    """bf16 ``x @ w.T + b`` computed by fp32 kernels, gradients rounded to bf16 as autocast's
+    would be. Saves the input in bf16 (a bf16 linear's activation memory) and the weight as
+    the fp32 copy of its bf16 rounding, which backward multiplies by as it is: converting
+    the weight again there was a third of the conversion traffic, and on a short sequence
+    the weights, not the activations, are most of the bytes converted."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x16, w16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        x16, w32 = x.to(torch.bfloat16), _bf16_exact_fp32(weight)
         b32 = None if bias is None else _bf16_exact_fp32(bias)
-        ctx.save_for_backward(x16, w16)
+        ctx.save_for_backward(x16, w32)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return F.linear(x16.float(), w16.float(), b32).to(torch.bfloat16)
+        return F.linear(x16.float(), w32, b32).to(torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad):
-        x16, w16 = ctx.saved_tensors
+        x16, w32 = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         g = _bf16_exact_fp32(grad)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ w16.float()).to(torch.bfloat16).to(x_dtype)
+            grad_x = (g @ w32).to(torch.bfloat16).to(x_dtype)
         if ctx.needs_input_grad[1]:
             flat_g, flat_x = g.reshape(-1, g.shape[-1]), x16.reshape(-1, x16.shape[-1]).float()
             grad_w = (flat_g.T @ flat_x).to(torch.bfloat16).to(w_dtype)
