@@ -181,13 +181,13 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
         flush=True,
     )
     peak = matmul_peak(precision, args.peak_repeats, args.device)
-    native_peak = peak
+    native_peak = 0.0  # set where the trainer's matmul is not PyTorch's own bf16 kernel
     if precision == "bf16" and kernels.cpu_bf16_via_fp32_enabled(torch.device(args.device)):
         kernels.set_cpu_bf16_compute("native")
         native_peak = matmul_peak(precision, 1)  # slow: a single timed matmul
         kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
     print(f"[{precision}] peak {peak / 1e9:.1f} GFLOP/s (native kernels: "
-          f"{native_peak / 1e9:.1f}); HF attention: {hf.attn_implementation}", flush=True)  # fmt: skip
+          f"{(native_peak or peak) / 1e9:.1f}); HF attention: {hf.attn_implementation}", flush=True)  # fmt: skip
 
     def ours_step() -> tuple[float, float, int]:
         faults = _page_faults()
@@ -199,6 +199,7 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
         ours_times, ours_losses = _run_side("ours", precision, steps, args.warmup, ours_step)
     else:
         ours_times, ours_losses, hf_times, hf_losses = [], [], [], []
+        peaks = [peak]
         for i in range(steps):
             ours_time, ours_loss, ours_faults = ours_step()
             hf_time, hf_loss, hf_faults = hf.train_step()
@@ -214,6 +215,12 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
                 hf_times.append(hf_time)
                 ours_losses.append(ours_loss)
                 hf_losses.append(hf_loss)
+                # A shared CPU's speed drifts over a long run: the peak is sampled along
+                # with the steps, so that MFU's denominator is the machine the steps ran on.
+                peaks.append(matmul_peak(precision, args.peak_repeats))
+        peak = statistics.median(peaks)
+        print(f"[{precision}] matmul peak over the run: median {peak / 1e9:.1f} GFLOP/s of "
+              f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}", flush=True)  # fmt: skip
     if args.profile:
         print(profile_steps(trainer.train_step, args.profile, f"ours {precision}"))
         if not gpu:
@@ -221,7 +228,7 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
     hf.close()
     result = Result(
         precision=precision,
-        native_peak_flops=native_peak,
+        native_peak_flops=native_peak or peak,
         model_args=trainer.model_args,
         hf_attention=hf.attn_implementation,
         tokens_per_step=cfg.train.batch_tokens,
@@ -331,8 +338,10 @@ def section_body(
         "measured in the same run; MFU (datasheet) divides by the card's dense bf16 peak "
         f"({results[0].datasheet_flops / 1e12:.0f} TFLOP/s), as published MFU figures do."
         if gpu
-        else "the median FLOP/s of a 2048x2048 matmul in the same dtype, measured in the same "
-        "run through the trainer's matmul."
+        else "the FLOP/s of a 2048x2048 matmul in the same dtype through the trainer's "
+        f"matmul: the median of {args.peak_repeats} timed matmuls, sampled before the steps "
+        "and after each measured pair, median over those samples (a shared CPU's speed "
+        "drifts during a run)."
     )
     return "\n".join(
         [
