@@ -9,6 +9,7 @@ nothing the project loads is ever unpickled freely.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -346,11 +347,7 @@ def _delete_all(paths: list[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)  # a sweep may race a background delete
 
 
-_DELETER: ThreadPoolExecutor | None = None
-
-
+@functools.cache
 def _deleter() -> ThreadPoolExecutor:
-    global _DELETER
-    if _DELETER is None:
-        _DELETER = ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-prune")
-    return _DELETER
+    """One deleting thread per process, made on first use."""
+    return ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-prune")

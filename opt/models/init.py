@@ -10,6 +10,7 @@ checkpoint, while only the local shard is ever allocated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -24,6 +25,7 @@ import torch
 # twice what it keeps. Tensors of more than two dimensions tile their last two.
 TILE_ROWS, TILE_COLS = 16, 1024
 TILE_1D = TILE_ROWS * TILE_COLS
+PARALLEL_MIN_TILES = 16  # fewer tiles than this are drawn in the calling thread
 
 # (name, local tensor, global shape, global offset of the local tensor)
 LocalView = tuple[torch.Tensor, Sequence[int], Sequence[int]]
@@ -107,17 +109,11 @@ def fill_normal_(
         local.copy_(target)
 
 
-PARALLEL_MIN_TILES = 16
-_POOL: ThreadPoolExecutor | None = None
-
-
+@functools.cache
 def _tile_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(
-            max_workers=min(32, len(os.sched_getaffinity(0))), thread_name_prefix="opt-init"
-        )
-    return _POOL
+    """One pool per process, made on first use."""
+    workers = min(32, len(os.sched_getaffinity(0)))
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opt-init")
 
 
 def plain_view(param: torch.Tensor) -> LocalView:
