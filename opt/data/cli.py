@@ -48,6 +48,11 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="PREFIX", help="output prefix")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--no-word-cache",
+        action="store_true",
+        help="encode every word with `tokenizers` (same ids, several times slower)",
+    )
     p.set_defaults(func=_prepare)
 
 
@@ -77,6 +82,7 @@ def _prepare(args: argparse.Namespace) -> int:
         total_bytes=total_bytes(sources),
         show_progress=not args.no_progress,
         source={"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)},
+        word_cache=not args.no_word_cache,
     )
     paths = DatasetPaths.of(args.out)
     print(
