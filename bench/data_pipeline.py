@@ -1,7 +1,7 @@
 """The data pipeline's cost: how long a training step waits for data, and tokenization speed.
 
     python bench/data_pipeline.py                        # both parts, default sizes
-    python bench/data_pipeline.py --quick                # smoke run: few steps, a 2 MB corpus
+    python bench/data_pipeline.py --quick                # smoke run: few steps, a 10 MB corpus
     python bench/data_pipeline.py --write BENCHMARKS.md
     python bench/data_pipeline.py --skip-tokenize        # only the data wait
 
@@ -11,12 +11,12 @@
    ``loader.next_microbatches`` is timed inside ``train_step``: that is the time the step
    waits for data. Two configs: the opt-125m shape (cut to a few layers) at seq 512, and
    configs/demo.toml (opt-tiny, seq 128, 16 sequences a step in 2 micro-batches).
-2. Tokenization. ``opt data prepare CORPUS.jsonl --tokenizer TOKENIZER --out PREFIX`` (run
-   in-process through ``opt.cli.main``, so process start is not counted) on a corpus of the
-   built-in pydoc documents repeated to a few tens of MB, with the tokenizer the demo
+2. Tokenization. ``python -m opt data prepare CORPUS.jsonl --tokenizer TOKENIZER --out
+   PREFIX`` (the whole command, process start included) on a corpus of the built-in pydoc
+   documents repeated to 100 MB, with the tokenizer the demo
    trains on that corpus (vocabulary 8192). MB of document text per second, divided by the
-   cores this process may run on; against the same command with ``--no-word-cache`` and
-   ``Tokenizer.encode_batch_fast`` alone. The cold rows encode the distinct documents once
+   cores this process may run on; against the same command with ``--workers 1`` and with
+   ``--no-word-cache``, and ``Tokenizer.encode_batch_fast`` alone. The cold rows encode the distinct documents once
    with an empty word cache, against ``encode_batch_fast`` on them.
 """
 
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +39,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from opt.cli import main as opt_main
 from opt.config import load_config
 from opt.data.corpus import builtin_documents
 from opt.data.fast_encode import fast_encoder, unicode_class_table
@@ -53,8 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.toml"
 WAIT_TITLE = "## Data pipeline: time a step waits for data (CPU)"
 TOKENIZE_TITLE = "## Data pipeline: tokenization throughput of `opt data prepare` (CPU)"
-QUICK = {"layers": 1, "steps": 4, "warmup": 1, "corpus_mb": 2.0, "runs": 2}
-DEFAULTS = {"layers": 2, "steps": 20, "warmup": 3, "corpus_mb": 20.0, "runs": 5}
+QUICK = {"layers": 1, "steps": 4, "warmup": 1, "corpus_mb": 10.0, "runs": 2}
+DEFAULTS = {"layers": 2, "steps": 20, "warmup": 3, "corpus_mb": 100.0, "runs": 5}
 MIN_RUNS = 5
 MB = 1e6
 WAIT_TARGET = 0.01
@@ -197,12 +197,15 @@ def measure_wait(
 # ----- 2. tokenization -----------------------------------------------------------------------
 # What is timed, in this order within each run: the label of its row, and what it runs.
 TOKENIZE_ROWS = {
-    "prepare": "`opt data prepare` (word cache: the default)",
+    "prepare": "`opt data prepare` (the default: word cache, {cores} worker processes)",
+    "prepare_1": "`opt data prepare --workers 1` (word cache, one process)",
     "prepare_nocache": "`opt data prepare --no-word-cache` (the peer: `tokenizers` alone)",
-    "encode": "`{encoder}` alone, batches of 1024",
-    "cold": "word cache from empty, on the {n} distinct documents",
+    "encode": "`{encoder}` alone, in-process, batches of 1024",
+    "cold": "word cache from empty, in-process, on the {n} distinct documents",
     "cold_peer": "`{encoder}` on the same {n} documents",
 }
+PREPARE_FLAGS = {"prepare": [], "prepare_1": ["--workers", "1"],
+                 "prepare_nocache": ["--no-word-cache"]}  # fmt: skip
 
 
 @dataclass
@@ -234,8 +237,8 @@ def build_corpus(path: Path, target_mb: float) -> tuple[int, int]:
 
 
 def prepare_command(corpus: Path, tokenizer: Path, out: Path) -> list[str]:
-    return ["data", "prepare", str(corpus), "--tokenizer", str(tokenizer), "--out", str(out),
-            "--no-progress"]  # fmt: skip
+    return [sys.executable, "-m", "opt", "data", "prepare", str(corpus), "--tokenizer",
+            str(tokenizer), "--out", str(out), "--no-progress"]  # fmt: skip
 
 
 def measure_tokenize(args: argparse.Namespace, tmp: Path) -> TokenizeResult:
@@ -252,12 +255,13 @@ def measure_tokenize(args: argparse.Namespace, tmp: Path) -> TokenizeResult:
     times: dict[str, list[float]] = {f"{n}{cpu}": [] for n in TOKENIZE_ROWS for cpu in ("", "_cpu")}
     outputs = {}
     for run in range(args.runs):  # alternating, so noise from other processes hits both
-        for name, extra in (("prepare", []), ("prepare_nocache", ["--no-word-cache"])):
+        for name, flags in PREPARE_FLAGS.items():
             out = tmp / name / "corpus"
-            with _timed(times, name), contextlib.redirect_stdout(io.StringIO()):
-                rc = opt_main([*prepare_command(corpus, tokenizer_path, out), *extra])
-            if rc != 0:
-                raise SystemExit(f"opt data prepare failed with exit status {rc}")
+            with _timed(times, name):
+                done = subprocess.run([*prepare_command(corpus, tokenizer_path, out), *flags],
+                                      capture_output=True, text=True)  # fmt: skip
+            if done.returncode != 0:
+                raise SystemExit(f"opt data prepare failed: {done.stderr.strip()[-500:]}")
             outputs[name] = json.loads(out.with_suffix(".json").read_text())
         with _timed(times, "encode"):
             for i in range(0, len(docs), 1024):
@@ -269,7 +273,7 @@ def measure_tokenize(args: argparse.Namespace, tmp: Path) -> TokenizeResult:
             cold_peer = encode(distinct, add_special_tokens=False)
         if [ids.tolist() for ids in cold] != [e.ids for e in cold_peer]:
             raise SystemExit("the word cache's ids differ from the tokenizer's")
-        if outputs["prepare"]["sha256"] != outputs["prepare_nocache"]["sha256"]:
+        if len({meta["sha256"] for meta in outputs.values()}) != 1:
             raise SystemExit("opt data prepare wrote different tokens with the word cache")
         timings = [
             f"{n} {times[n][-1]:.2f} s ({times[n + '_cpu'][-1]:.2f} CPU s)" for n in TOKENIZE_ROWS
@@ -283,11 +287,19 @@ def measure_tokenize(args: argparse.Namespace, tmp: Path) -> TokenizeResult:
 
 @contextlib.contextmanager
 def _timed(times: dict[str, list[float]], name: str):
-    """Append the wall and CPU seconds (all threads: the tokenizer's too) of the block."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    """Append the wall and CPU seconds of the block: every thread of this process and of
+    the child processes it ran (and their own children: the workers), user and system."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     yield
     times[name].append(time.perf_counter() - wall)
-    times[f"{name}_cpu"].append(time.process_time() - cpu)
+    times[f"{name}_cpu"].append(_cpu_seconds() - cpu)
+
+
+def _cpu_seconds() -> float:
+    own, children = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 # ----- reporting -----------------------------------------------------------------------------
@@ -351,7 +363,7 @@ def wait_body(args, results: list[WaitResult], command: str, load: tuple) -> str
 def tokenize_body(args, r: TokenizeResult, command: str, load: tuple) -> str:
     rows = []
     for name, label in TOKENIZE_ROWS.items():
-        label = label.format(encoder=r.encoder, n=len(builtin_documents("pydoc")))
+        label = label.format(encoder=r.encoder, n=len(builtin_documents("pydoc")), cores=r.cores)
         per_core = r.mb_s(name) / r.cores
         target = _met(per_core >= TOKENIZE_TARGET) if name == "prepare" else ""
         rows.append(
@@ -372,20 +384,23 @@ def tokenize_body(args, r: TokenizeResult, command: str, load: tuple) -> str:
             "|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Medians of {args.runs} runs, each running the rows in turn. `opt data prepare "
-            "CORPUS.jsonl --tokenizer tokenizer.json --out PREFIX --no-progress` runs "
-            "in-process through `opt.cli.main` (reading and parsing the JSON lines, "
-            "tokenizing, writing PREFIX.bin/.idx/.json with fsync). With the word cache "
-            "(`opt/data/fast_encode.py`) words are split with numpy and looked up in a dict "
-            "of the ids `tokenizers` gave them, and only new words go to `tokenizers`; both "
-            "prepare rows wrote byte-identical token files in every run (sha256 compared). "
-            "MB/s per core divides by every core this process may use, although the word "
-            "cache runs on one (`tokenizers` runs on all). MB per CPU-second divides by the "
-            "CPU time of all of this process's threads (`time.process_time`), which other "
-            "processes on a shared machine do not inflate. The corpus repeats the same "
-            "documents, so after the first repeat every word is cached: the cold rows give "
-            "the other end, a new encoder on the distinct documents once (every word new "
-            "at its first use; the ids compared equal to the peer's).",
+            f"Medians of {args.runs} runs, each running the rows in turn. The prepare rows run "
+            "the whole command, `python -m opt data prepare CORPUS.jsonl --tokenizer "
+            "tokenizer.json --out PREFIX --no-progress [flags]`, as a user would: process "
+            "start, reading and parsing the JSON lines, tokenizing, writing "
+            "PREFIX.bin/.idx/.json with fsync. The word cache (`opt/data/fast_encode.py`) "
+            "splits words with numpy and looks them up in a dict of the ids `tokenizers` gave "
+            "them; only new words go to `tokenizers`. By default one worker process per usable "
+            "core runs it (`opt/data/encode_pool.py`), with the parent reading and writing. "
+            "All three prepare rows wrote byte-identical token files in every run (sha256 "
+            "compared). MB/s per core divides by every core the process may use "
+            f"(os.sched_getaffinity: {r.cores}), also for the one-process row. MB per "
+            "CPU-second divides by the CPU time (user + system) of every thread and process "
+            "involved, workers included, which other processes on a shared machine do not "
+            "inflate. The corpus repeats the same documents, so after each worker's first "
+            "batch every word is cached: the cold rows give the other end, a new encoder on "
+            "the distinct documents once in this process (every word new at its first use; "
+            "the ids compared equal to the peer's).",
         ]
     )
 
@@ -402,7 +417,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="measured steps per trainer (default 20)")
     parser.add_argument("--warmup", type=int, help="unmeasured steps per trainer (default 3)")
     parser.add_argument(
-        "--corpus-mb", type=float, help="size of the tokenization corpus (default 20; quick 2)"
+        "--corpus-mb", type=float, help="size of the tokenization corpus (default 100; quick 10)"
     )
     parser.add_argument(
         "--runs", type=int, help=f"tokenization runs, at least {MIN_RUNS} (default 5; quick 2)"
@@ -411,7 +426,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-tokenize", action="store_true", help="only the data-wait part")
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace these sections in FILE")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 layer, 4 steps, a 2 MB corpus, 2 runs"
+        "--quick", action="store_true", help="smoke run: 1 layer, 4 steps, a 10 MB corpus, 2 runs"
     )
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():

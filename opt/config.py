@@ -226,6 +226,11 @@ class CheckpointConfig:
     async_save: bool = True
     """Write checkpoints in the background; the manifest commits once every shard is on disk.
     Saves for a stop (signal, supervisor) are synchronous whatever this says."""
+    async_staging: bool = True
+    """With async_save: copy the tensors to host memory in a background thread too, waiting
+    for the copy only before the next optimizer step. The host buffers are kept for the run
+    (pinned on a GPU): the size of each rank's model and optimizer state. Off: the copy is
+    made inside the save call, into buffers freed after the write."""
 
 
 @dataclass

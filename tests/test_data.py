@@ -462,6 +462,9 @@ def test_cli_errors_write_nothing(tmp_path: Path, tokenizer: Tokenizer) -> None:
         run_data_cli(
             "prepare", tmp_path / "x.txt", "--tokenizer", tmp_path, "--out", tmp_path / "ds"
         )
+    with pytest.raises(OptError, match="--workers must be at least 1, not 0"):
+        run_data_cli("prepare", bad, "--tokenizer", tmp_path, "--out", tmp_path / "ds",
+                     "--workers", "0")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "tokenizer.json"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import unicodedata
 from pathlib import Path
@@ -11,11 +10,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
-from opt.data import fast_encode
+from opt.data import fast_encode, prepare
 from opt.data.corpus import builtin_documents
 from opt.data.fast_encode import CachedByteLevelEncoder, fast_encoder
 from opt.data.prepare import prepare_dataset
 from opt.data.tokenizer import load_tokenizer, train_tokenizer
+from opt.errors import OptError
 
 # Characters that exercise every rule of GPT-2's split: blanks and other whitespace in runs,
 # apostrophes and the contraction letters, letters, digits and punctuation from several
@@ -110,12 +110,30 @@ def test_other_pipelines_are_not_mirrored(tokenizer: Tokenizer) -> None:
         assert fast_encoder(other) is None
 
 
-def test_prepare_writes_the_same_files_either_way(tmp_path: Path, tokenizer: Tokenizer) -> None:
+@pytest.mark.parametrize(
+    "variant", [{"word_cache": False}, {"word_cache": True}, {"word_cache": True, "workers": 2}]
+)
+def test_prepare_writes_the_same_files_every_way(
+    tmp_path: Path, tokenizer: Tokenizer, monkeypatch, variant: dict
+) -> None:
+    """With or without the word cache, in one process or in two worker processes (small
+    batches, so that both workers get several and the order of their results matters)."""
+    monkeypatch.setattr(prepare, "_WORKER_BATCH_BYTES", 64 << 10)
     docs = builtin_documents("pydoc") + random_docs(random.Random(3), 200, max_len=200)
-    digests = []
-    for word_cache in (True, False):
-        prefix = tmp_path / str(word_cache) / "ds"
-        meta = prepare_dataset(docs, tokenizer, prefix, show_progress=False, word_cache=word_cache)
-        files = [prefix.with_suffix(s).read_bytes() for s in (".bin", ".idx")]
-        digests.append((meta["sha256"], [hashlib.sha256(f).hexdigest() for f in files]))
-    assert digests[0] == digests[1]
+    expected_prefix = tmp_path / "expected"
+    prepare_dataset(docs, tokenizer, expected_prefix, show_progress=False, word_cache=False)
+    prefix = tmp_path / "ds"
+    prepare_dataset(docs, tokenizer, prefix, show_progress=False, **variant)
+    for suffix in (".bin", ".idx", ".json"):
+        expected = expected_prefix.with_suffix(suffix).read_bytes()
+        assert prefix.with_suffix(suffix).read_bytes() == expected, suffix
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_invalid_unicode_is_a_clear_error(tmp_path: Path, tokenizer: Tokenizer, workers) -> None:
+    """A lone surrogate (what a JSON "\\ud800" escape decodes to) names its document, and
+    leaves no dataset behind."""
+    docs = ["fine", "broken \ud800 text", "fine again"]
+    with pytest.raises(OptError, match=r"document 2 is not valid Unicode .*'broken \\ud800'"):
+        prepare_dataset(docs, tokenizer, tmp_path / "ds", show_progress=False, workers=workers)
+    assert list(tmp_path.iterdir()) == []

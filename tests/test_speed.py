@@ -169,15 +169,50 @@ def test_compile_auto_stays_eager_on_cpu(tiny_config):
 
 
 def test_synchronous_checkpoints_resume_exactly_like_async_ones(tiny_config):
-    runs = {}
-    for async_save in (True, False):
-        name = f"async-{async_save}"
-        common = dict(run__name=name, checkpoint__async_save=async_save)
+    runs = []
+    for async_save, staging in ((True, True), (True, False), (False, False)):
+        name = f"async-{async_save}-{staging}"
+        common = dict(
+            run__name=name, checkpoint__async_save=async_save, checkpoint__async_staging=staging
+        )
         Trainer(tiny_config(train__max_steps=2, checkpoint__every=2, **common)).fit()
         resumed = Trainer(tiny_config(train__max_steps=4, **common))
-        runs[async_save] = [r.loss for r in resumed.fit()]
+        runs.append([r.loss for r in resumed.fit()])
     straight = Trainer(tiny_config(train__max_steps=4, run__name="straight")).fit()
-    assert runs[True] == runs[False] == [r.loss for r in straight][2:]
+    assert runs == [[r.loss for r in straight][2:]] * 3
+
+
+def test_background_staging_copies_the_weights_of_the_save_step(tiny_config, monkeypatch):
+    """The copy of an async save runs beside the next steps; the optimizer waits for it.
+
+    The copy is slowed down here so that, without that wait, the next optimizer step would
+    change the weights before they are copied, and the checkpoint would hold the wrong ones.
+    """
+    import time
+
+    from opt.checkpoint.staging import BackgroundStager
+
+    copy = BackgroundStager._copy
+
+    def slow_copy(self, *args):
+        time.sleep(0.5)
+        return copy(self, *args)
+
+    monkeypatch.setattr(BackgroundStager, "_copy", slow_copy)
+    common = dict(checkpoint__keep_last=0, model__dropout=0.0)
+    trainer = Trainer(tiny_config(run__name="staged", train__max_steps=4, **common))
+    trainer.train_step(), trainer.train_step()
+    start = time.perf_counter()
+    trainer.save_checkpoint()
+    assert time.perf_counter() - start < 0.4  # the copy is not made inside the call
+    later = [trainer.train_step().loss for _ in range(2)]
+    assert trainer.staging_wait_s > 0.1  # the first optimizer step after the save waited
+    trainer.finish_checkpoint()
+    trainer.close_checkpoint_stager()
+    step_2 = str(tiny_config().checkpoint_dir.parent / "staged" / "step_00000002")
+    resumed = Trainer(tiny_config(run__name="resumed", checkpoint__resume=step_2, **common))
+    resumed.restore()
+    assert [resumed.train_step().loss for _ in range(2)] == later
 
 
 # ----- prefetching ----------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from opt.checkpoint.checkpointer import (
     save_checkpoint,
 )
 from opt.checkpoint.manifest import verify_checkpoint
+from opt.checkpoint.staging import BackgroundStager
 
 __all__ = [
+    "BackgroundStager",
     "PendingCheckpoint",
     "latest_checkpoint",
     "list_checkpoints",

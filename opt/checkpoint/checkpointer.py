@@ -16,13 +16,14 @@ import re
 import shutil
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -95,38 +96,58 @@ class PendingCheckpoint:
     """An async save in flight. Its shards are still being written to the temporary
     directory; the manifest (which makes it a checkpoint) is committed by ``finish``.
 
-    On rank 0 the fsync and SHA-256 of every file also run in the background, once DCP's
-    writes are done, so that the commit in the training loop is only the manifest and a
-    rename. DCP resolves rank 0's (the coordinator's) future only after every rank's
-    writes and the metadata are done, so neither step needs a further collective."""
+    ``written`` is the background job: DCP's write of the staged tensors and then, on rank
+    0, the fsync and SHA-256 of every file, so that the commit in the training loop is only
+    the manifest and a rename. DCP's save returns on rank 0 (the coordinator) only after
+    every rank's writes and the metadata are done, so no further collective is needed.
+    ``staged`` completes when the tensors are copied, if the copy is in the background."""
 
     final: Path
     tmp: Path
     meta: dict
-    future: Future
-
-    def __post_init__(self) -> None:
-        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-seal")
-        self._sealed = self._sealer.submit(self._seal)
-
-    def _seal(self) -> dict | None:
-        self.future.result()
-        return manifest.seal_files(self.tmp) if rank_and_world()[0] == 0 else None
+    written: Future
+    staged: Future | None = None
 
     def done(self) -> bool:
-        return self._sealed.done()
+        return self.written.done()
+
+    def wait_until_staged(self) -> None:
+        """Until the background copy of the tensors is complete: after it, the live ones may
+        change. A failed copy fails the save, which ``finish`` reports."""
+        if self.staged is not None:
+            wait([self.staged])
 
     def finish(self) -> Path:
         """Wait for this rank's writes (and on rank 0 the hashing); rank 0 then commits."""
         try:
-            files = self._sealed.result()
+            files = self.written.result()
         except Exception as err:  # a failed background write on any rank
             raise OptError(f"async checkpoint {self.final} failed: {_first_line(err)}") from None
-        finally:
-            self._sealer.shutdown()
         if rank_and_world()[0] == 0:
             manifest.commit(self.tmp, self.final, self.meta, files)
         return self.final
+
+
+def _write_in_background(
+    state: dict, tmp: Path, writer: FileSystemWriter, process_group, stager: AsyncStager | None
+) -> tuple[Future, Future | None]:
+    """Start an async save: (the write-and-seal job, the background copy or None).
+
+    Like ``dcp.async_save``, but on one long-lived thread: DCP starts a new thread for every
+    save, and on a busy CPU waiting for it to start cost the loop tens of milliseconds.
+    """
+    # The stager's copy is a Future if it runs in the background; the writer's own is a
+    # fresh host copy, made here and freed after the write.
+    staging = (stager or writer).stage(state)
+    staged = staging if isinstance(staging, Future) else None
+    rank = rank_and_world()[0]
+
+    def write() -> dict | None:
+        host_state = staged.result() if staged is not None else staging
+        dcp.save(host_state, storage_writer=writer, process_group=process_group)
+        return manifest.seal_files(tmp) if rank == 0 else None
+
+    return _background_writer().submit(write), staged
 
 
 def save_checkpoint(
@@ -140,6 +161,7 @@ def save_checkpoint(
     layout: dict | None = None,
     async_save: bool = False,
     process_group=None,
+    stager: AsyncStager | None = None,
 ) -> Path | PendingCheckpoint:
     """Write a complete checkpoint to ``final`` atomically; every rank must call this.
 
@@ -147,10 +169,13 @@ def save_checkpoint(
     (parallel degrees) is recorded so a resume under the same layout restores each rank's
     RNG stream, and one under another layout knows not to.
 
-    With ``async_save`` the tensors are staged to host memory here and written in the
+    With ``async_save`` the tensors are staged to host memory and written in the
     background (collectives on ``process_group``, which must not be the training group);
     the returned ``PendingCheckpoint`` commits the manifest when ``finish`` is called.
-    Until then the directory is a temporary one that resume never picks.
+    Until then the directory is a temporary one that resume never picks. Staging is done
+    here, unless ``stager`` (a :class:`~opt.checkpoint.staging.BackgroundStager`) copies in
+    the background: then the caller must not change the model or optimizer state before
+    the pending checkpoint's ``wait_until_staged``.
     """
     final = Path(final)
     rank, world = rank_and_world()
@@ -176,11 +201,10 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_FILE)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-    future = None
     # IO_THREADS files per rank, written in parallel, and later hashed in parallel.
     writer = FileSystemWriter(tmp, thread_count=manifest.IO_THREADS)
     if async_save:
-        future = dcp.async_save(state, storage_writer=writer, process_group=process_group)
+        written, staged = _write_in_background(state, tmp, writer, process_group, stager)
     else:
         dcp.save(state, storage_writer=writer)
     meta = {
@@ -190,8 +214,8 @@ def save_checkpoint(
         "layout": layout or {"world_size": world},
         "contents": ["model"] + (["optim", "trainer"] if optimizer is not None else []),
     }
-    if future is not None:
-        return PendingCheckpoint(final, tmp, meta, future)
+    if async_save:
+        return PendingCheckpoint(final, tmp, meta, written, staged)
     barrier()
     if rank == 0:
         manifest.commit(tmp, final, meta)
@@ -345,6 +369,13 @@ def prune_checkpoints(
 def _delete_all(paths: list[Path]) -> None:
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)  # a sweep may race a background delete
+
+
+@functools.cache
+def _background_writer() -> ThreadPoolExecutor:
+    """One thread per process for async saves, made on first use (one save is in flight at
+    a time: a trainer finishes the last before starting the next)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-write")
 
 
 @functools.cache

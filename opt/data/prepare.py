@@ -7,14 +7,14 @@ complete dataset or no metadata at all, never a dataset that looks complete but 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,15 +24,18 @@ from tqdm import tqdm
 
 from opt.data.corpus import builtin_documents
 from opt.data.dataset import FORMAT, DatasetPaths, token_dtype
+from opt.data.encode_pool import Block, EncodePool, encode_block
 from opt.data.fast_encode import fast_encoder
 from opt.data.tokenizer import eos_id, train_tokenizer
 from opt.errors import OptError
 from opt.fsutil import fsync_dir
 
 # Documents are encoded in batches: big enough for `encode_batch` to use every core, small
-# enough that one batch's text and ids stay well within memory.
+# enough that one batch's text and ids stay well within memory. Batches for worker
+# processes are smaller, so that every worker has one early and the last one ends soon.
 _BATCH_DOCS = 1024
 _BATCH_BYTES = 32 << 20
+_WORKER_BATCH_BYTES = 4 << 20
 
 
 def prepare_dataset(
@@ -43,6 +46,7 @@ def prepare_dataset(
     show_progress: bool = True,
     source: Mapping[str, Any] | None = None,
     word_cache: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Tokenize ``documents`` (EOS after each) into ``<out_prefix>.{bin,idx,json}``.
 
@@ -51,15 +55,19 @@ def prepare_dataset(
     metadata that was written. ``word_cache`` encodes through
     :class:`~opt.data.fast_encode.CachedByteLevelEncoder` where the tokenizer allows it (same
     ids, several times faster); off, or for other tokenizers, ``tokenizers`` encodes alone.
+    With the word cache, ``workers`` > 1 encodes in that many processes
+    (:class:`~opt.data.encode_pool.EncodePool`); ``tokenizers`` alone uses every core itself.
     """
     paths = DatasetPaths.of(out_prefix)
     paths.meta.parent.mkdir(parents=True, exist_ok=True)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype, eos = token_dtype(vocab_size), eos_id(tokenizer)
     with _AtomicFiles() as files:
-        with files.create(paths.bin) as f, _progress_bar(total_bytes, show_progress) as bar:
-            encode = _batch_encoder(tokenizer, word_cache)
-            offsets, sha256 = _write_tokens(documents, encode, eos, dtype, f, bar)
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(files.create(paths.bin))
+            bar = stack.enter_context(_progress_bar(total_bytes, show_progress))
+            blocks = _encoded_blocks(documents, tokenizer, eos, dtype, word_cache, workers, stack)
+            offsets, sha256 = _write_tokens(blocks, f, bar)
         if len(offsets) == 1:
             raise OptError("empty corpus: no non-empty documents to prepare")
         with files.create(paths.idx) as f:
@@ -81,61 +89,69 @@ def prepare_dataset(
     return meta
 
 
-def _batch_encoder(
-    tokenizer: Tokenizer, word_cache: bool
-) -> Callable[[list[str]], list[Sequence[int]]]:
-    """A function from a batch of documents to their ids (lists or arrays)."""
-    encoder = fast_encoder(tokenizer) if word_cache else None
-    if encoder is not None:
-        return encoder.encode_batch
-    # The ids are all we keep: `encode_batch_fast` (tokenizers >= 0.20) skips computing the
-    # character offsets that `encode_batch` adds to every token.
-    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return lambda batch: [e.ids for e in encode_batch(batch, add_special_tokens=False)]
-
-
-def _write_tokens(
+def _encoded_blocks(
     documents: Iterable[str],
-    encode: Callable[[list[str]], list[Sequence[int]]],
+    tokenizer: Tokenizer,
     eos: int,
     dtype: np.dtype,
-    f: BinaryIO,
-    bar: tqdm,
-) -> tuple[array, str]:
-    """Stream every document's ids + EOS into ``f``; return doc offsets and the file's sha256."""
+    word_cache: bool,
+    workers: int,
+    stack: contextlib.ExitStack,
+) -> Iterator[tuple[Block, int]]:
+    """Each batch's token block (see ``encode_block``) and its size in bytes of text."""
+    encoder = fast_encoder(tokenizer) if word_cache else None
+    if encoder is not None and workers > 1:
+        pool = stack.enter_context(EncodePool(tokenizer, workers, eos, dtype))
+        return pool.map(_batches(documents, _WORKER_BATCH_BYTES))
+    if encoder is not None:
+        encode = encoder.encode_batch
+    else:
+        # The ids are all we keep: `encode_batch_fast` (tokenizers >= 0.20) skips computing
+        # the character offsets that `encode_batch` adds to every token.
+        fast = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        encode = lambda batch: [e.ids for e in fast(batch, add_special_tokens=False)]  # noqa: E731
+    return (
+        (encode_block(encode, batch, eos, dtype), n_bytes)
+        for batch, n_bytes in _batches(documents, _BATCH_BYTES)
+    )
+
+
+def _write_tokens(blocks: Iterable[tuple[Block, int]], f: BinaryIO, bar: tqdm) -> tuple[array, str]:
+    """Write the blocks in order into ``f``; return doc offsets and the file's sha256."""
     offsets = array("q", [0])  # compact: one int64 per document, however many there are
     digest = hashlib.sha256()
-    eos_block = np.array([eos], dtype)
-    for batch, n_bytes in _batches(documents):
-        per_doc = [np.asarray(ids, dtype) for ids in encode(batch)]
-        lengths = np.fromiter(map(len, per_doc), np.int64, len(per_doc)) + 1  # with EOS
+    for (block, lengths), n_bytes in blocks:
         offsets.extend((offsets[-1] + np.cumsum(lengths)).tolist())
-        pieces = [eos_block] * (2 * len(per_doc))
-        pieces[::2] = per_doc
-        block = np.concatenate(pieces).tobytes()
         f.write(block)
         digest.update(block)
         bar.update(n_bytes)
     return offsets, digest.hexdigest()
 
 
-def _batches(documents: Iterable[str]) -> Iterator[tuple[list[str], int]]:
+def _batches(documents: Iterable[str], max_bytes: int) -> Iterator[tuple[list[str], int]]:
     """Group non-empty documents into batches; yield each with its size in UTF-8 bytes."""
     batch: list[str] = []
     n_bytes = 0
-    for doc in documents:
+    for number, doc in enumerate(documents, 1):
         if not doc:
             continue
         batch.append(doc)
-        n_bytes += len(doc.encode("utf-8"))
-        if len(batch) >= _BATCH_DOCS or n_bytes >= _BATCH_BYTES:
+        try:
+            n_bytes += len(doc.encode("utf-8"))
+        except UnicodeEncodeError as err:  # a lone surrogate, from a JSON "\ud800" escape
+            raise OptError(
+                f"document {number} is not valid Unicode ({err.reason} at character "
+                f"{err.start}: {doc[max(0, err.start - 20) : err.start + 1]!r}); no tokenizer "
+                "can encode it"
+            ) from None
+        if len(batch) >= _BATCH_DOCS or n_bytes >= max_bytes:
             yield batch, n_bytes
             batch, n_bytes = [], 0
     if batch:
         yield batch, n_bytes
 
 
-@contextmanager
+@contextlib.contextmanager
 def _progress_bar(total: int | None, enabled: bool) -> Iterator[tqdm]:
     """A tqdm bar in bytes of text on stderr; it ends full even if ``total`` was a guess."""
     bar = tqdm(
@@ -160,7 +176,7 @@ class _AtomicFiles:
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []  # (temp, final)
 
-    @contextmanager
+    @contextlib.contextmanager
     def create(self, final: Path) -> Iterator[BinaryIO]:
         """Open a temp file for ``final``; it is fsynced on leaving the block."""
         tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")

@@ -25,8 +25,6 @@ from opt.plan.hardware import ACCELERATORS
 from opt.train.flops import measure_matmul_peak, training_flops_per_token
 from opt.train.optim import build_optimizer
 
-DEFAULT_FILE = Path.home() / ".cache" / "opt" / "plan-calibration.json"
-
 # Substrings of torch.cuda.get_device_name() that identify our accelerator types.
 DEVICE_NAMES = {"h200": "h200", "h100": "h100-80gb", "a100-sxm4-80gb": "a100-80gb",
                 "a100 80gb": "a100-80gb", "a100-sxm4-40gb": "a100-40gb"}  # fmt: skip

@@ -10,8 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from opt.errors import OptError
-from opt.plan.calibrate import DEFAULT_FILE, calibrate, load_calibration
-from opt.plan.hardware import ACCELERATORS, GiB, get_accelerator
+from opt.plan.hardware import ACCELERATORS, DEFAULT_FILE, GiB, get_accelerator
 
 OPT_DAYS_NOTE = "OPT-175B: ~33 days on 992 A100-80GB at 147 TFLOP/s per GPU (Zhang et al. 2022)"
 
@@ -71,6 +70,7 @@ def parse_count(text: str) -> int:
 
 def _job_and_cluster(args):
     from opt.models.sizes import get_model_args
+    from opt.plan.calibrate import load_calibration
     from opt.plan.planner import Cluster, Job
 
     model_args = get_model_args(args.model).reshaped(
@@ -101,6 +101,7 @@ def _job_and_cluster(args):
 
 
 def run_plan(args) -> int:
+    from opt.plan.calibrate import calibrate
     from opt.plan.planner import plan
 
     if args.calibrate:

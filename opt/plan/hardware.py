@@ -9,8 +9,13 @@ bf16 matmuls reach in training (OPT-175B: 147 of 312 TFLOP/s on A100 = 0.47); `o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from opt.errors import OptError
+
+# Where `opt plan --calibrate` stores what this machine measured. Defined here, not in
+# calibrate.py, so that building the CLI's parser does not import torch.
+DEFAULT_FILE = Path.home() / ".cache" / "opt" / "plan-calibration.json"
 
 GiB = 2**30
 

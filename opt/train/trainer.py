@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,8 @@ class Trainer:
         )
         self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.rank == 0 else None
         self.pending_checkpoint: ckpt.PendingCheckpoint | None = None
+        self.checkpoint_stager = None  # made at the first async save: ckpt.BackgroundStager
+        self.staging_wait_s = 0.0  # time train_step waited for a background copy, in all
         self.pruning: Future | None = None  # rank 0: old checkpoints being deleted
         self.last_saved_step = -1
         self.stopped_on_signal = False
@@ -364,6 +367,7 @@ class Trainer:
         if self.supervisor is not None:
             lr *= self.supervisor.lr_multiplier(step)
         if not skipped:
+            self.wait_until_staged()
             clip_grads_(params, self.grad_clip, grad_norm)
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
@@ -407,6 +411,9 @@ class Trainer:
         if tokenizer is not None:
             extra["tokenizer.json"] = tokenizer.read_bytes()
         self.finish_checkpoint()  # at most one save in flight
+        async_save = self.cfg.checkpoint.async_save and not sync
+        if async_save and self.cfg.checkpoint.async_staging and self.checkpoint_stager is None:
+            self.checkpoint_stager = ckpt.BackgroundStager(self.device)
         result = ckpt.save_checkpoint(
             checkpoint_path(self.cfg.checkpoint_dir, self.step),
             model=self.model_parts,
@@ -415,8 +422,9 @@ class Trainer:
             trainer_state=self.state_dict(),
             extra_files=extra,
             layout=self.layout,
-            async_save=self.cfg.checkpoint.async_save and not sync,
+            async_save=async_save,
             process_group=self.checkpoint_group,
+            stager=self.checkpoint_stager,
         )
         self.last_saved_step = self.step
         if isinstance(result, ckpt.PendingCheckpoint):
@@ -436,6 +444,20 @@ class Trainer:
         self.pending_checkpoint = None
         # Deleting the oldest checkpoint's files would cost the loop as much as the commit.
         self._prune(background=True)
+
+    def wait_until_staged(self) -> None:
+        """Before anything changes the weights or the optimizer state in place: an async
+        save's background copy of them must be complete."""
+        if self.pending_checkpoint is not None:
+            start = time.perf_counter()
+            self.pending_checkpoint.wait_until_staged()
+            self.staging_wait_s += time.perf_counter() - start
+
+    def close_checkpoint_stager(self) -> None:
+        """Free the host buffers of background staging (after the last save's commit)."""
+        if self.checkpoint_stager is not None:
+            self.checkpoint_stager.close()
+            self.checkpoint_stager = None
 
     def _prune(self, background: bool = False) -> None:
         if self.rank == 0:
@@ -544,6 +566,7 @@ class Trainer:
                 if lead:
                     lifecycle.write_status(self, RUNNING, loss=result.loss)
             self.finish_checkpoint()
+            self.close_checkpoint_stager()
             self.wait_for_pruning()  # a finished run leaves exactly keep_last checkpoints
         except BaseException as err:
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
