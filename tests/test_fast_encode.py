@@ -89,7 +89,7 @@ def test_a_full_cache_starts_afresh(tokenizer: Tokenizer, monkeypatch) -> None:
     docs = builtin_documents("pydoc")[:10]
     assert ours(encoder, docs) == theirs(tokenizer, docs)
     assert ours(encoder, docs) == theirs(tokenizer, docs)
-    assert len(encoder._words._lengths) <= 50 + 2000  # bounded by the limit plus one chunk
+    assert encoder._words._length.size <= 50 + 2000  # bounded by the limit plus one chunk
 
 
 def test_gpt2_vocab_and_merges_files(tmp_path: Path, tokenizer: Tokenizer) -> None:
@@ -97,6 +97,13 @@ def test_gpt2_vocab_and_merges_files(tmp_path: Path, tokenizer: Tokenizer) -> No
     gpt2 = load_tokenizer(tmp_path)
     docs = random_docs(random.Random(7), 40, max_len=60) + builtin_documents("pydoc")[:5]
     assert ours(fast_encoder(gpt2), docs) == theirs(gpt2, docs)
+
+
+def test_a_split_that_drifted_is_refused(tokenizer: Tokenizer, monkeypatch) -> None:
+    """Were the pattern to change (here: our copy forgets the 's contraction), the check at
+    construction sees it and the tokenizer is used alone."""
+    monkeypatch.setattr(fast_encode, "_SHORT_CONTRACTIONS", np.array([ord("t")], np.uint32))
+    assert fast_encoder(tokenizer) is None
 
 
 def test_other_pipelines_are_not_mirrored(tokenizer: Tokenizer) -> None:

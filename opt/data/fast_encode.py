@@ -17,15 +17,18 @@ table comes from Unicode data, and every character the first time it appears is 
 against the tokenizer's own pre-tokenizer (:meth:`_verify_classes`); a document with a
 character whose class disagrees, or with an added token's text (``</s>``, say), is encoded
 by ``tokenizers`` whole. Tokenizers of any other shape (a normalizer, BPE dropout, another
-pre-tokenizer) are not accepted by :func:`fast_encoder`, and callers use ``tokenizers``.
+pre-tokenizer), or whose split of a fixed test text differs from ours (another version of
+the pattern), are not accepted by :func:`fast_encoder`, and callers use ``tokenizers``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import random
 import unicodedata
 from collections.abc import Iterator, Sequence
+from itertools import chain
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -183,6 +186,14 @@ class CachedByteLevelEncoder:
             self._verified[fresh] = True
         return not self._disagree[codes].any()
 
+    def splits_like_tokenizer(self, text: str) -> bool:
+        """Whether our split of ``text`` is the tokenizer's own: a check, at construction, that
+        this version of ``tokenizers`` still splits with the pattern mirrored here."""
+        theirs = self._tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        their_starts = np.array([start for _, (start, _end) in theirs], dtype=np.int64)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        return np.array_equal(word_starts(codes, self._classes[codes]), their_starts)
+
     def _verify_classes(self, fresh: np.ndarray) -> np.ndarray:
         """For each code point: does our split match the tokenizer's in every context?
 
@@ -266,32 +277,47 @@ class _Index(dict):
         return -1
 
 
+class _Column:
+    """An int64 array that grows by doubling, so appending costs what is appended."""
+
+    def __init__(self) -> None:
+        self._data = np.zeros(1024, dtype=np.int64)
+        self.size = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        end = self.size + len(values)
+        if end > len(self._data):
+            grown = np.zeros(max(end, 2 * len(self._data)), dtype=np.int64)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : end] = values
+        self.size = end
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._data[: self.size]
+
+
 class _WordTable:
     """Every word seen so far, with all their ids in one flat array, found by index."""
 
     def __init__(self) -> None:
         self._index = _Index()
-        self._ids: list[int] = []
-        self._lengths: list[int] = []
         self._clear()
 
     def _clear(self) -> None:
         self._index.clear()
         self._young = True
-        self._ids.clear()
-        self._lengths.clear()
-        self._add(_DOC_END_CHAR, [])  # index 0: the end of a document, no ids
-        self._to_arrays()
+        self._flat, self._length, self._offset = _Column(), _Column(), _Column()
+        self._add([_DOC_END_CHAR], [[]])  # index 0: the end of a document, no ids
 
-    def _add(self, word: str, ids: Sequence[int]) -> None:
-        self._index[word] = len(self._lengths)
-        self._ids.extend(ids)
-        self._lengths.append(len(ids))
-
-    def _to_arrays(self) -> None:
-        self._flat = np.array(self._ids, dtype=np.int64)
-        self._length = np.array(self._lengths, dtype=np.int64)
-        self._offset = np.cumsum(self._length) - self._length
+    def _add(self, words: list[str], ids: list[Sequence[int]]) -> None:
+        first = self._length.size
+        self._index.update(zip(words, range(first, first + len(words)), strict=True))
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        self._offset.extend(self._flat.size + np.cumsum(lengths) - lengths)
+        self._length.extend(lengths)
+        self._flat.extend(np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())))
 
     def lookup(self, words: list[str], encode) -> np.ndarray:
         """Each word's index; words not seen before are encoded with ``encode`` first.
@@ -321,22 +347,21 @@ class _WordTable:
 
         Returns whether it started afresh.
         """
-        cleared = len(self._lengths) + len(new) > _MAX_CACHED_WORDS
+        cleared = self._length.size + len(new) > _MAX_CACHED_WORDS
         if cleared:
             self._clear()
             new = [w for w in dict.fromkeys(words) if w not in self._index]
-        for word, ids in zip(new, encode(new), strict=True):
-            self._add(word, ids)
-        self._to_arrays()
+        if new:
+            self._add(new, encode(new))
         return cleared
 
     def gather(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ids of the words ``index`` in a row, and where each word's ids end."""
-        lengths = self._length[index]
+        lengths = self._length.values[index]
         ends = np.cumsum(lengths)
         # Output position j holds flat[its word's offset + (j - where its word's ids start)].
-        shift = np.repeat(self._offset[index] - (ends - lengths), lengths)
-        return self._flat[np.arange(ends[-1]) + shift], ends
+        shift = np.repeat(self._offset.values[index] - (ends - lengths), lengths)
+        return self._flat.values[np.arange(ends[-1]) + shift], ends
 
 
 def fast_encoder(tokenizer: Tokenizer) -> CachedByteLevelEncoder | None:
@@ -355,5 +380,16 @@ def fast_encoder(tokenizer: Tokenizer) -> CachedByteLevelEncoder | None:
     )
     bpe = model.get("type") == "BPE" and not model.get("dropout")
     if spec.get("normalizer") is None and byte_level and bpe:
-        return CachedByteLevelEncoder(tokenizer)
+        encoder = CachedByteLevelEncoder(tokenizer)
+        if encoder.splits_like_tokenizer(_self_check_text()):
+            return encoder
     return None
+
+
+@functools.cache
+def _self_check_text() -> str:
+    """Text that exercises every rule of the split: runs of each class, blanks and other
+    whitespace before each, apostrophes with and without contraction letters."""
+    pieces = [*" '  \n\n\t\r\xa0\u3000", *"stmdrevlSTMDx19!.,-", "é", "漢", "'re", "'ll", "'ve"]
+    rng = random.Random(0)
+    return "".join(rng.choice(pieces) for _ in range(4000))
