@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from opt.checkpoint import manifest
+from opt.checkpoint.staging import BackgroundStager
 from opt.errors import OptError
 from opt.models.model import OPTModel, empty_model
 from opt.models.sizes import ModelArgs
@@ -129,7 +129,7 @@ class PendingCheckpoint:
 
 
 def _write_in_background(
-    state: dict, tmp: Path, writer: FileSystemWriter, process_group, stager: AsyncStager | None
+    state: dict, tmp: Path, writer: FileSystemWriter, process_group, stager: BackgroundStager | None
 ) -> tuple[Future, Future | None]:
     """Start an async save: (the write-and-seal job, the background copy or None).
 
@@ -147,7 +147,8 @@ def _write_in_background(
         dcp.save(host_state, storage_writer=writer, process_group=process_group)
         return manifest.seal_files(tmp) if rank == 0 else None
 
-    return _background_writer().submit(write), staged
+    # One thread: one save is in flight at a time (a trainer finishes one before the next).
+    return _thread("opt-ckpt-write").submit(write), staged
 
 
 def save_checkpoint(
@@ -161,7 +162,7 @@ def save_checkpoint(
     layout: dict | None = None,
     async_save: bool = False,
     process_group=None,
-    stager: AsyncStager | None = None,
+    stager: BackgroundStager | None = None,
 ) -> Path | PendingCheckpoint:
     """Write a complete checkpoint to ``final`` atomically; every rank must call this.
 
@@ -363,7 +364,7 @@ def prune_checkpoints(
     if not background:
         _delete_all(hidden)
         return None
-    return _deleter().submit(_delete_all, hidden)
+    return _thread("opt-ckpt-prune").submit(_delete_all, hidden)
 
 
 def _delete_all(paths: list[Path]) -> None:
@@ -372,13 +373,6 @@ def _delete_all(paths: list[Path]) -> None:
 
 
 @functools.cache
-def _background_writer() -> ThreadPoolExecutor:
-    """One thread per process for async saves, made on first use (one save is in flight at
-    a time: a trainer finishes the last before starting the next)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-write")
-
-
-@functools.cache
-def _deleter() -> ThreadPoolExecutor:
-    """One deleting thread per process, made on first use."""
-    return ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-prune")
+def _thread(name: str) -> ThreadPoolExecutor:
+    """One long-lived worker thread per name and process, made on first use."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name)

@@ -39,25 +39,17 @@ class _StreamOrderedStager(DefaultStager):
 
 
 class BackgroundStager:
-    """Copies a state dict to kept host buffers in a background thread (DCP's AsyncStager).
+    """Copies a state dict to kept host buffers in a background thread.
 
     ``stage`` returns a Future of the copy; ``close`` frees the buffers and the thread.
     """
-
-    _synchronize_after_execute = False  # the Future says when the copy is done
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="opt-ckpt-stage")
         self._buffers: list[torch.Tensor | None] = []
+        self._layout: list[tuple | None] = []  # what the buffers were made for
         self._default: DefaultStager | None = None
-
-    @property
-    def should_synchronize_after_execute(self) -> bool:
-        return False
-
-    def synchronize_staging(self) -> None:
-        """Nothing to do: callers wait on the Future that ``stage`` returned."""
 
     def stage(self, state_dict: dict) -> Future:
         leaves, spec = tree_flatten(state_dict)
@@ -67,28 +59,19 @@ class BackgroundStager:
         return self._default_stager().stage(state_dict)
 
     def _copy(self, leaves: list, spec) -> dict:
-        if not self._fits(leaves):
+        layout = [
+            (x.shape, x.dtype, x.stride()) if isinstance(x, torch.Tensor) else None for x in leaves
+        ]
+        if layout != self._layout:
             self._buffers = [
                 torch.empty_like(x) if isinstance(x, torch.Tensor) else None for x in leaves
             ]
+            self._layout = layout
         staged = [
             buffer.copy_(x) if buffer is not None else x
             for buffer, x in zip(self._buffers, leaves, strict=True)
         ]
         return tree_unflatten(staged, spec)
-
-    def _fits(self, leaves: list) -> bool:
-        """Whether the kept buffers have the shapes, dtypes and strides of these tensors."""
-        if len(leaves) != len(self._buffers):
-            return False
-        for buffer, x in zip(self._buffers, leaves, strict=True):
-            if isinstance(x, torch.Tensor) != (buffer is not None):
-                return False
-            if buffer is not None and (
-                buffer.shape != x.shape or buffer.dtype != x.dtype or buffer.stride() != x.stride()
-            ):
-                return False
-        return True
 
     def _default_stager(self) -> DefaultStager:
         if self._default is None:
@@ -104,7 +87,7 @@ class BackgroundStager:
 
     def close(self) -> None:
         self._thread.shutdown()
-        self._buffers = []
+        self._buffers, self._layout = [], []
         if self._default is not None:
             self._default.close()
             self._default = None

@@ -136,8 +136,7 @@ class CachedByteLevelEncoder:
         self._classes[_DOC_END] = BOUNDARY
         self._verified = np.zeros(_N_CODE_POINTS, dtype=bool)
         self._disagree = np.zeros(_N_CODE_POINTS, dtype=bool)
-        self._verified[[_DOC_END, _CUT]] = True
-        self._disagree[[_DOC_END, _CUT]] = True
+        self._verified[[_DOC_END, _CUT]] = True  # not probed: see _streamable
         # Added tokens are split out before the regex runs (and may strip spaces around).
         self._added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
         self._words = _WordTable()
@@ -150,9 +149,14 @@ class CachedByteLevelEncoder:
         return out
 
     def _encode_chunk(self, documents: Sequence[str]) -> list[np.ndarray]:
-        whole = self._needs_tokenizers(documents)
-        fast = [doc for doc, w in zip(documents, whole, strict=True) if not w]
-        by_stream = iter(self._encode_stream(fast))
+        """The chunk as one stream; if it has a document the stream cannot take, the others
+        as one stream and each such document by ``tokenizers``, in its place."""
+        text, codes = _joined(documents)
+        if self._streamable(text, codes, len(documents)):
+            return self._encode_stream(codes)
+        whole = [not self._streamable(*_joined([doc]), 1) for doc in documents]
+        _, codes = _joined([d for d, w in zip(documents, whole, strict=True) if not w])
+        by_stream = iter(self._encode_stream(codes))
         by_tokenizers = iter(
             self._encode_whole([d for d, w in zip(documents, whole, strict=True) if w])
         )
@@ -160,20 +164,14 @@ class CachedByteLevelEncoder:
             np.array(next(by_tokenizers), dtype=np.int64) if w else next(by_stream) for w in whole
         ]
 
-    def _needs_tokenizers(self, documents: Sequence[str]) -> list[bool]:
-        """Which documents the stream cannot encode; the test runs on all of them at once."""
-        text = "".join(documents)
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        suspect = any(token in text for token in self._added) or not self._check_classes(codes)
-        if not suspect:
-            return [False] * len(documents)
-        return [
-            any(token in doc for token in self._added)
-            or not self._check_classes(
-                np.frombuffer(doc.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-            )
-            for doc in documents
-        ]
+    def _streamable(self, text: str, codes: np.ndarray, n_docs: int) -> bool:
+        """Whether the stream can encode ``n_docs`` documents, joined by ``_joined`` into
+        ``text`` and ``codes``: no added token's text, no stream separator of their own, and
+        every character's class verified to agree."""
+        separators = np.count_nonzero(codes == _DOC_END) != n_docs or _CUT_CHAR in text
+        return not (
+            separators or any(t in text for t in self._added) or not self._check_classes(codes)
+        )
 
     def _check_classes(self, codes: np.ndarray) -> bool:
         """Verify characters seen for the first time; False if any disagrees."""
@@ -189,10 +187,15 @@ class CachedByteLevelEncoder:
     def splits_like_tokenizer(self, text: str) -> bool:
         """Whether our split of ``text`` is the tokenizer's own: a check, at construction, that
         this version of ``tokenizers`` still splits with the pattern mirrored here."""
+        return np.array_equal(*self._word_starts_both_ways(text))
+
+    def _word_starts_both_ways(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Where words start in ``text``, in characters: by our split, by the tokenizer's."""
+        # Byte-level pre-tokenizers rename the bytes, so the words are not compared.
         theirs = self._tokenizer.pre_tokenizer.pre_tokenize_str(text)
         their_starts = np.array([start for _, (start, _end) in theirs], dtype=np.int64)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        return np.array_equal(word_starts(codes, self._classes[codes]), their_starts)
+        return word_starts(codes, self._classes[codes]), their_starts
 
     def _verify_classes(self, fresh: np.ndarray) -> np.ndarray:
         """For each code point: does our split match the tokenizer's in every context?
@@ -206,12 +209,7 @@ class CachedByteLevelEncoder:
         if not chars:
             return ok
         probes = [f"x{c}1{c}!{c} {c}1\n" for c in chars]
-        text = "".join(probes)
-        theirs = self._tokenizer.pre_tokenizer.pre_tokenize_str(text)
-        # Byte-level pre-tokenizers rename the bytes; compare where words start, in characters.
-        their_starts = np.array([start for _, (start, _end) in theirs], dtype=np.int64)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        wrong = np.setxor1d(word_starts(codes, self._classes[codes]), their_starts)
+        wrong = np.setxor1d(*self._word_starts_both_ways("".join(probes)))
         # A probe ends in "1\n" before the next one's "x", so no word spans two probes; a
         # difference at a boundary still counts against both neighbours.
         probe = np.searchsorted(np.arange(len(probes)) * len(probes[0]), wrong, side="right") - 1
@@ -221,12 +219,10 @@ class CachedByteLevelEncoder:
         ok[ok] = verdicts
         return ok
 
-    def _encode_stream(self, documents: list[str]) -> list[np.ndarray]:
+    def _encode_stream(self, codes: np.ndarray) -> list[np.ndarray]:
         """Each document's ids, from words cut out of the joined documents at once."""
-        if not documents:
+        if len(codes) == 0:
             return []
-        text = _DOC_END_CHAR.join(documents) + _DOC_END_CHAR
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         words = _cut(codes, word_starts(codes, self._classes[codes]))
         index = self._words.lookup(words, self._encode_whole)
         ids, word_ends = self._words.gather(index)
@@ -238,6 +234,13 @@ class CachedByteLevelEncoder:
             return []
         encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return [e.ids for e in encodings]
+
+
+def _joined(documents: Sequence[str]) -> tuple[str, np.ndarray]:
+    """The documents, each followed by ``_DOC_END``, as text and as code points. Lone
+    surrogates pass through, to be refused by the class check rather than fail here."""
+    text = "".join(doc + _DOC_END_CHAR for doc in documents)
+    return text, np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 def _chunks(documents: Sequence[str], max_chars: int) -> Iterator[Sequence[str]]:

@@ -99,6 +99,7 @@ def _encoded_blocks(
     stack: contextlib.ExitStack,
 ) -> Iterator[tuple[Block, int]]:
     """Each batch's token block (see ``encode_block``) and its size in bytes of text."""
+    # Built here also with workers: it is the check that the word cache applies at all.
     encoder = fast_encoder(tokenizer) if word_cache else None
     if encoder is not None and workers > 1:
         pool = stack.enter_context(EncodePool(tokenizer, workers, eos, dtype))
