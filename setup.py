@@ -17,12 +17,14 @@ setup(
         "tensorboard>=2.14",
         "tqdm",
         "submitit>=1.5",  # `opt launch slurm`
+        "pydantic>=2.7",  # the config tree and the logbook's event schema
+        "tomli-w>=1.0",  # writing the resolved config back as TOML
     ],
     extras_require={
         "dev": [
             "pytest>=8",
             "pytest-timeout",
-            "ruff",
+            "ruff==0.17.6",  # pinned: the suite runs it, and a new release may add rules
             "transformers>=4.40",
         ],
     },

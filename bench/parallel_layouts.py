@@ -57,8 +57,8 @@ def model_overrides(args: argparse.Namespace, data: Path, root: Path) -> list[st
 
 # ----- 1. layouts (each rank runs this file with --worker) -----------------------------------
 def worker(argv: list[str]) -> None:
+    from opt import dist as distributed
     from opt.config import load_config
-    from opt.parallel import distributed
     from opt.train.trainer import Trainer
 
     out, warmup, steps, *overrides = argv

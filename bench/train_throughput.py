@@ -53,10 +53,11 @@ import transformers
 
 from opt.config import load_config
 from opt.data.prepare import ensure_builtin_dataset
+from opt.device import measure_matmul_peak
+from opt.hardware import ACCELERATORS
 from opt.models import kernels
 from opt.models.sizes import OPT_VOCAB_SIZE, ModelArgs
-from opt.plan.hardware import ACCELERATORS
-from opt.train.flops import measure_matmul_peak, training_flops_per_token
+from opt.train.flops import training_flops_per_token
 from opt.train.precision import AUTOCAST_DTYPES
 from opt.train.trainer import Trainer
 
@@ -133,7 +134,9 @@ def matmul_peak(precision: str, repeats: int, device: str = "cpu") -> float:
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
     if device == "cuda":
         return measure_matmul_peak(dtype, torch.device(device), GPU_PEAK_MATMUL, 10 * repeats)
-    return measure_matmul_peak(dtype, torch.device(device), repeats=repeats)
+    cpu = torch.device(device)
+    via_fp32 = kernels.cpu_bf16_via_fp32_enabled(cpu)
+    return measure_matmul_peak(dtype, cpu, repeats=repeats, bf16_via_fp32=via_fp32)
 
 
 def datasheet_peak(device: str) -> float:

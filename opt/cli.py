@@ -47,9 +47,9 @@ SHORTHANDS = {"--resume": "--checkpoint.resume", "--max-steps": "--train.max_ste
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from opt import dist as distributed
     from opt.config import load_config
     from opt.launch.slurm_env import adopt_slurm_environment
-    from opt.parallel import distributed
 
     adopt_slurm_environment()  # a task of `opt launch slurm`: rank and rendezvous from Slurm
     overrides = [SHORTHANDS.get(a, a) for a in args.overrides]
@@ -103,7 +103,7 @@ def _pop_dry_run_flags(overrides: list[str]) -> tuple[bool, int, bool]:
         if not dry_run:
             raise OptError("--world-size is for --dry-run; real runs take it from the launcher")
     elif dry_run:
-        from opt.parallel.distributed import launched_world_size
+        from opt.dist import launched_world_size
 
         world_size = launched_world_size()
     if as_json and not dry_run:

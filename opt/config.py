@@ -115,7 +115,7 @@ class TrainConfig:
     bf16 operands, result rounded to bf16), or auto (fp32 on CPUs without AVX-512 BF16/AMX)."""
     keep_host_memory: bool = True
     """Keep freed host memory for reuse instead of returning it to the kernel and faulting
-    it back in every step (glibc; see opt/train/host_memory.py)."""
+    it back in every step (glibc; see opt/host_memory.py)."""
 
 
 @dataclass

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from opt import dist as distributed
 from opt.config import load_config
 from opt.models.model import canonical_name
-from opt.parallel import distributed
 from opt.train.trainer import Trainer
 
 

@@ -31,10 +31,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from opt import dist as distributed
 from opt.models import kernels
 from opt.models.model import OPTModel, build_model
 from opt.models.sizes import ModelArgs, get_model_args
-from opt.parallel import distributed
 from opt.parallel.data_parallel import apply_activation_checkpointing
 from opt.parallel.tensor_parallel import apply_tensor_parallel
 from opt.plan.activations import (

@@ -251,7 +251,7 @@ def test_prefetch_follows_skips_and_rewinds_exactly(tiny_config):
 # ----- host memory ----------------------------------------------------------------------------
 MALLOC_SCRIPT = """
 import ctypes, sys, torch
-from opt.train.host_memory import retain_freed_memory
+from opt.host_memory import retain_freed_memory
 if sys.argv[1] == "on":
     assert retain_freed_memory()
 class MallInfo2(ctypes.Structure):
@@ -300,7 +300,7 @@ def test_fsdp_bf16_parameters_train_like_one_bf16_process(tiny_config, tmp_path)
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_fsdp_gathers_bf16_block_parameters_and_keeps_fp32_masters(tiny_config, enabled):
-    from opt.parallel import distributed
+    from opt import dist as distributed
     from opt.parallel.data_parallel import fsdp_param_dtype
     from opt.parallel.parallelize import parallelize
     from opt.train.trainer import check_job

@@ -33,10 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from opt.checkpoint import manifest
 from opt.checkpoint.staging import BackgroundStager
+from opt.dist import barrier, rank_and_world
 from opt.errors import OptError
 from opt.models.model import OPTModel, empty_model
 from opt.models.sizes import ModelArgs
-from opt.parallel.distributed import barrier, rank_and_world
 
 # DCP warns on every call without a process group; one process is a supported layout here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opt.errors import OptError
-from opt.fsutil import fsync_dir, fsync_file, sha256_file
+from opt.fsutil import atomic_write, fsync_dir, fsync_file, sha256_file
 
 # Data files each rank writes (DCP writer threads), and threads that fsync and hash them.
 IO_THREADS = 2
@@ -58,8 +58,8 @@ def commit(tmp: Path, final: Path, meta: dict, files: dict | None = None) -> Pat
     ``files`` are the entries of ``seal_files`` when the caller has them already."""
     files = seal_files(tmp) if files is None else files
     manifest = {"format": FORMAT, **meta, "files": files}
-    _write_json_durably(tmp / MANIFEST, manifest)
-    fsync_dir(tmp)
+    # The manifest makes the directory a checkpoint: it goes in last, durably.
+    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
     if final.exists():
         # Re-saving the same step (e.g. after a rollback); the old copy goes only after
         # the new one is complete.
@@ -116,10 +116,3 @@ def verify_checkpoint(
         if digest != manifest["files"][name]["sha256"]:
             raise OptError(f"corrupt checkpoint {path}: {name} fails its checksum")
     return manifest
-
-
-def _write_json_durably(path: Path, value: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from opt.checkpoint import manifest
 from opt.checkpoint.checkpointer import list_checkpoints
+from opt.dist import barrier, rank_and_world
 from opt.errors import OptError
-from opt.parallel.distributed import barrier, rank_and_world
 
 CORRUPT_SUFFIX = ".corrupt"
 

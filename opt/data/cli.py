@@ -11,7 +11,7 @@ from opt.data.dataset import DatasetPaths
 from opt.data.prepare import prepare_dataset, save_tokenizer
 from opt.data.tokenizer import load_tokenizer, train_tokenizer
 from opt.errors import OptError
-from opt.train.host_memory import retain_freed_memory
+from opt.host_memory import retain_freed_memory
 
 # Below this much text one process tokenizes about as soon as several: each worker costs
 # half a CPU-second to start and to fill its word cache (measured on 2 cores).

@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from opt.data.fast_encode import CachedByteLevelEncoder, unicode_class_table
-from opt.train.host_memory import retain_freed_memory
+from opt.host_memory import retain_freed_memory
 
 Encode = Callable[[list[str]], list[Sequence[int]]]
 Block = tuple[bytes, np.ndarray]  # token ids with EOS after each document; their counts

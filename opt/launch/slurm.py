@@ -20,6 +20,7 @@ from pathlib import Path
 
 from opt.config import JobConfig, load_config, to_toml
 from opt.errors import OptError
+from opt.fsutil import atomic_write
 
 # `opt launch slurm --nodes 2` is `--slurm.nodes 2`, and so on.
 SHORT_FLAGS = {
@@ -173,9 +174,7 @@ def launch_slurm(config: str, overrides: list[str], dry_run: bool) -> int:
     folder = slurm_folder(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / JOB_CONFIG
-    tmp = config_file.with_name(f".{JOB_CONFIG}.tmp")
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, config_file)
+    atomic_write(config_file, to_toml(cfg))
     job = _executor(cfg).submit(AllocationDriver(str(config_file)))
     Logbook(cfg.logbook.dir, cfg.run.name).append(
         "job_submitted",

@@ -26,13 +26,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from opt.device import native_bf16_cpu
+
 CPU_BF16_COMPUTE = ("auto", "native", "fp32")
 _policy = {"cpu_bf16_compute": "auto"}
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 matmul instructions (AVX-512 BF16 or AMX)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def set_cpu_bf16_compute(mode: str) -> None:

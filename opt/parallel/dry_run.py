@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
+from opt import dist as distributed
 from opt.config import JobConfig
 from opt.models.model import canonical_name, count_parameters
-from opt.parallel import distributed
 from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.parallelize import parallelize
 

@@ -11,37 +11,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from opt.device import accelerator_of, measure_matmul_peak, synchronize
 from opt.errors import OptError
+from opt.fsutil import atomic_write
+from opt.hardware import ACCELERATORS
 from opt.models.model import build_model
 from opt.models.sizes import ModelArgs
-from opt.plan.hardware import ACCELERATORS
-from opt.train.flops import measure_matmul_peak, training_flops_per_token
+from opt.train.flops import training_flops_per_token
 from opt.train.optim import build_optimizer
-
-# Substrings of torch.cuda.get_device_name() that identify our accelerator types.
-DEVICE_NAMES = {"h200": "h200", "h100": "h100-80gb", "a100-sxm4-80gb": "a100-80gb",
-                "a100 80gb": "a100-80gb", "a100-sxm4-40gb": "a100-40gb"}  # fmt: skip
-
-
-def accelerator_of(device: torch.device) -> tuple[str, str | None]:
-    """(the device's own name, our accelerator type or None)."""
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    lowered = name.lower()
-    return name, next((ours for key, ours in DEVICE_NAMES.items() if key in lowered), None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_training_step(
@@ -56,7 +39,7 @@ def measure_training_step(
     tokens = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1), device=device)
     times = []
     for _ in range(steps + 1):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(tokens[:, :-1])
@@ -66,7 +49,7 @@ def measure_training_step(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     flops = training_flops_per_token(args, seq_len) * micro_batch * seq_len
     return flops / statistics.median(times[1:])
@@ -97,9 +80,7 @@ def calibrate(args: ModelArgs, model: str, seq_len: int, micro_batch: int, path:
     if accelerator is not None:
         result["fraction_of_vendor_peak"] = step / 1e12 / ACCELERATORS[accelerator].peak_tflops
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result, indent=1))
     return result
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 
 from opt.errors import OptError
-from opt.plan.hardware import ACCELERATORS, DEFAULT_FILE, GiB, get_accelerator
+from opt.fsutil import atomic_write
+from opt.hardware import ACCELERATORS, DEFAULT_FILE, GiB, get_accelerator
 
 OPT_DAYS_NOTE = "OPT-175B: ~33 days on 992 A100-80GB at 147 TFLOP/s per GPU (Zhang et al. 2022)"
 
@@ -205,8 +205,6 @@ def write_config(path: Path, job, cluster, c) -> None:
         flat += [f"--{key}", json.dumps(value) if isinstance(value, (str, bool)) else str(value)]
     cfg = load_config(base if base.is_file() else None, flat)
     check_job(cfg, cluster.gpus)  # the trainer must accept it as written
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
-        f"# written by `opt plan` for {cluster.gpus} x {cluster.gpu.name}\n" + to_toml(cfg)
+    atomic_write(
+        path, f"# written by `opt plan` for {cluster.gpus} x {cluster.gpu.name}\n" + to_toml(cfg)
     )
-    os.replace(tmp, path)

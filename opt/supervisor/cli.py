@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from opt.errors import OptError
+from opt.fsutil import atomic_write
 
 INTERVENE_FILE = "INTERVENE.json"  # in the run directory; applied and renamed by the trainer
 
@@ -88,9 +89,7 @@ def _render(args) -> int:
     events = book.events()
     run_dir = next((Path(e["run_dir"]) for e in reversed(events) if e.get("run_dir")), None)
     out = args.out or book.dir / "report.html"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render_html(args.run, events, run_dir))
-    os.replace(tmp, out)
+    atomic_write(out, render_html(args.run, events, run_dir))
     print(f"wrote {out}")
     return 0
 
@@ -123,8 +122,6 @@ def _intervene(args) -> int:
     if not run_dir.is_dir():
         raise OptError(f"no run directory {run_dir}")
     path = run_dir / INTERVENE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(request))
-    os.replace(tmp, path)  # the trainer never sees half a request
+    atomic_write(path, json.dumps(request))  # the trainer never sees half a request
     print(f"requested: {request}; the job applies it at its next step")
     return 0

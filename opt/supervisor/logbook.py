@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from opt.errors import OptError
-from opt.fsutil import fsync_dir
+from opt.fsutil import atomic_write, fsync_dir
 
 EVENTS = "events.jsonl"
 MARKDOWN = "LOGBOOK.md"
@@ -117,12 +117,7 @@ class Logbook:
         return read_events(self.events_path)
 
     def render_markdown(self) -> None:
-        text = markdown(self.run, self.events())
-        tmp = self.dir / f".{MARKDOWN}.{os.getpid()}.tmp"  # `opt logbook note` may race us
-        tmp.write_text(text)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / MARKDOWN)
+        atomic_write(self.dir / MARKDOWN, markdown(self.run, self.events()))
 
 
 def read_events(path: str | Path) -> list[dict]:

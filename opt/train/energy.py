@@ -12,6 +12,9 @@ import time
 
 import torch
 
+from opt.device import accelerator_of
+from opt.hardware import ACCELERATORS
+
 
 def _nvml_energy_mj(device: torch.device) -> float | None:
     try:
@@ -28,9 +31,6 @@ def _nvml_energy_mj(device: torch.device) -> float | None:
 
 class EnergyMeter:
     def __init__(self, device: torch.device, ranks: int, pue: float, carbon_kg_per_kwh: float):
-        from opt.plan.calibrate import accelerator_of
-        from opt.plan.hardware import ACCELERATORS
-
         self.device, self.ranks = device, ranks
         self.pue, self.carbon = pue, carbon_kg_per_kwh
         name, accelerator = accelerator_of(device)

@@ -1,13 +1,7 @@
-"""FLOP accounting for MFU, and a measured matmul peak to divide by."""
+"""FLOP accounting for MFU."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
-import torch
-
-from opt.models.kernels import gemm
 from opt.models.sizes import ModelArgs
 
 
@@ -25,26 +19,3 @@ def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     matmul = args.n_layers * block + projections + head
     attention = args.n_layers * 2 * seq_len * d
     return 3 * 2 * (matmul + attention)
-
-
-def measure_matmul_peak(
-    dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5
-) -> float:
-    """Median FLOP/s of a square matmul: the achievable peak MFU is measured against. It goes
-    through ``kernels.gemm``, so bf16 on a CPU without bf16 instructions is measured the way
-    the model computes it under ``train.cpu_bf16_compute`` (native kernels or fp32 ones)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        gemm(a, b)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[1:])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opt import checkpoint as ckpt
+from opt import dist as distributed
 from opt.faults import maybe_inject_fault
-from opt.parallel import distributed
 from opt.supervisor.supervisor import KILL_SWITCH_FILE
 
 if TYPE_CHECKING:

@@ -9,9 +9,10 @@ reached (what a failure lost) and how the run ended. A run killed with SIGKILL l
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from opt.fsutil import atomic_write
 
 STATUS_FILE = "status.json"
 
@@ -26,9 +27,7 @@ FAILED = "failed"  # an exception in training
 def write_status(run_dir: str | Path, **fields) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"updated": time.time(), **fields}))
-    os.replace(tmp, run_dir / STATUS_FILE)
+    atomic_write(run_dir / STATUS_FILE, json.dumps({"updated": time.time(), **fields}))
 
 
 def read_status(run_dir: str | Path) -> dict:

@@ -13,16 +13,19 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from opt import checkpoint as ckpt
+from opt import dist as distributed
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.resume import newest_complete_checkpoint, verify_together
 from opt.config import JobConfig, to_toml
 from opt.data.prefetch import PrefetchingLoader
+from opt.device import measure_matmul_peak
 from opt.errors import OptError
 from opt.faults import maybe_inject_fault
+from opt.fsutil import atomic_write
+from opt.host_memory import retain_freed_memory
 from opt.models import kernels
 from opt.models.model import cross_entropy
 from opt.models.sizes import ModelArgs, get_model_args
-from opt.parallel import distributed
 from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.dims import ParallelDims
 from opt.parallel.grads import (
@@ -46,8 +49,7 @@ from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
 from opt.train import interventions, lifecycle
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
 from opt.train.energy import EnergyMeter
-from opt.train.flops import measure_matmul_peak, training_flops_per_token
-from opt.train.host_memory import retain_freed_memory
+from opt.train.flops import training_flops_per_token
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
 from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
@@ -528,7 +530,7 @@ class Trainer:
         if lead:
             lifecycle.log_start(self, source)
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+            atomic_write(cfg.run_dir / "config.toml", to_toml(cfg))
             lifecycle.write_status(self, RUNNING, source=str(source) if source else None)
         metrics = self._metrics_logger() if lead else None
         results, tokens_since_log = [], 0
@@ -596,7 +598,9 @@ class Trainer:
         peak = cfg.metrics.peak_tflops * 1e12
         if peak <= 0:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
-            peak = measure_matmul_peak(dtype, self.device)
+            peak = measure_matmul_peak(
+                dtype, self.device, bf16_via_fp32=kernels.cpu_bf16_via_fp32_enabled(self.device)
+            )
         tb_dir = cfg.run_dir / "tensorboard" if cfg.metrics.tensorboard else None
         # Tokens are counted globally, so per-device MFU divides the work over every rank.
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
