@@ -1,0 +1,228 @@
+"""The logbook's events: one typed record per kind, a schema version in every line.
+
+The logbook is the public record of a run and also what recovery reads back (a rollback
+finished after a crash, the launcher's requeue counts), so a writer must not be able to
+misspell a field and a reader must not guess at one. Every kind is a pydantic model with
+``extra="forbid"``: an unknown field is an error when the event is made and when it is
+read. ``v`` is the schema version; lines written before it existed (the committed
+``logbook/demo/``) have none and are read as version 0 (see ``parse_event``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Record(BaseModel):
+    """A typed value inside an event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hyperparameters(Record):
+    """What the supervisor changes, before and after an intervention."""
+
+    lr_scale: float
+    grad_clip: float
+    adam_eps: float
+    adam_beta2: float
+
+
+class Event(Record):
+    v: int = SCHEMA_VERSION
+    time: str = Field(default_factory=utc_now)
+    run: str = ""  # filled in by Logbook.append
+    step: int | None = None
+    tokens: int | None = None
+
+
+# ----- the training run ------------------------------------------------------------------
+class RunStart(Event):
+    kind: Literal["run_start"] = "run_start"
+    reason: Literal["fresh", "resumed"]
+    checkpoint: str | None = None
+    world_size: int
+    layout: dict[str, int | bool]
+    model: str
+    run_dir: str
+    # What the interruption before a resume cost (absent when nothing was lost).
+    previous_state: str | None = None
+    previous_step: int | None = None
+    lost_steps: int | None = None
+    lost_tokens: int | None = None
+    lost_s: float | None = None
+
+
+class ConfigChange(Event):
+    kind: Literal["config_change"] = "config_change"
+    changes: dict[str, tuple[Any, Any]]
+    """{key: (old value, new value)} against the previous start of the run."""
+
+
+class RunStop(Event):
+    kind: Literal["run_stop"] = "run_stop"
+    reason: str
+    gpu_hours: float | None = None
+    energy_kwh: float | None = None
+    energy_source: str | None = None
+    co2e_kg: float | None = None
+
+
+class CheckpointSkipped(Event):
+    kind: Literal["checkpoint_skipped"] = "checkpoint_skipped"
+    checkpoint: str
+    problem: str
+    set_aside_as: str
+
+
+# ----- the supervisor --------------------------------------------------------------------
+class Intervention(Event):
+    """An automatic intervention. The rollback fields are set when the action rolled back;
+    they are written before the rollback is carried out, so a job that dies half-way
+    finishes it from here at the next start."""
+
+    kind: Literal["intervention"] = "intervention"
+    detector: str
+    numbers: dict[str, Any] = {}
+    action: str
+    before: Hyperparameters
+    after: Hyperparameters
+    detail: str = ""
+    checkpoint: str | None = None
+    rolled_back_to_step: int | None = None
+    tokens_lost: int | None = None
+    discarded_checkpoints: list[str] = []
+    skipped_data: tuple[int, int] | None = None
+    """Stream positions [start, end) never read again."""
+    skipped_steps: tuple[int, int] | None = None
+    """The steps (first, last) whose data that was."""
+
+
+class ManualIntervention(Event):
+    kind: Literal["manual_intervention"] = "manual_intervention"
+    action: Literal["manual"] = "manual"
+    reason: str = ""
+    before: Hyperparameters
+    after: Hyperparameters | None = None  # None: the request could not be read
+    detail: str = ""
+    skipped_data: tuple[int, int] | None = None
+    skipped_steps: tuple[int, int] | None = None
+
+
+class StopForHuman(Event):
+    kind: Literal["stop_for_human"] = "stop_for_human"
+    detector: str
+    numbers: dict[str, Any] = {}
+    action: str
+    before: Hyperparameters
+    detail: str = ""
+    reason: str
+
+
+class Outcome(Event):
+    """An incident judged after ``recovery_steps`` healthy steps."""
+
+    kind: Literal["outcome"] = "outcome"
+    intervention_step: int
+    incident_start: int
+    rungs: list[str]
+    pre_incident_loss: float
+    result: str
+    recovered: bool
+    recovered_at_step: int | None = None
+    judged_at_step: int
+
+
+class InterventionCompletedAfterRestart(Event):
+    """A rollback logged by a job that died before its next checkpoint, re-applied."""
+
+    kind: Literal["intervention_completed_after_restart"] = "intervention_completed_after_restart"
+    from_step: int
+    before: Hyperparameters
+    after: Hyperparameters
+    skipped_data: list[tuple[int, int]] = []
+
+
+class Note(Event):
+    kind: Literal["note"] = "note"
+    text: str
+    author: str = "unknown"
+
+
+# ----- the launcher ----------------------------------------------------------------------
+class JobSubmitted(Event):
+    kind: Literal["job_submitted"] = "job_submitted"
+    job_id: str
+    nodes: int
+    ranks: int
+    partition: str | None = None
+    time_minutes: int
+
+
+class AllocationStart(Event):
+    kind: Literal["allocation_start"] = "allocation_start"
+    job_id: str
+    restart: int = 0
+    hosts: list[str] = []
+    ranks: int | None = None
+
+
+class AllocationEnd(Event):
+    kind: Literal["allocation_end"] = "allocation_end"
+    job_id: str
+    result: str
+
+
+RequeueCause = Literal["timeout", "preemption", "process_failure", "node_failure"]
+
+
+class Requeue(Event):
+    kind: Literal["requeue"] = "requeue"
+    cause: RequeueCause
+    job_id: str
+    requeued_by: Literal["opt", "slurm"]
+    checkpoint: str | None = None
+    hosts: list[str] = []
+    """The hosts blamed for a failure (none for a timeout or preemption)."""
+    allocation_hosts: list[str] = []
+    ranks: str | None = None
+    detail: str | None = None
+
+
+class NodeExcluded(Event):
+    kind: Literal["node_excluded"] = "node_excluded"
+    job_id: str
+    hosts: list[str]
+    exclude: str
+    failures: dict[str, int] = {}
+    applied: bool = True
+    detail: str | None = None
+
+
+class GaveUp(Event):
+    kind: Literal["gave_up"] = "gave_up"
+    job_id: str
+    cause: str
+    requeues_used: int | None = None
+    limit: int | None = None
+    detail: str | None = None
+    hosts: list[str] = []
+    ranks: str | None = None
+    checkpoint: str | None = None
+
+
+AnyEvent = Annotated[
+    RunStart | ConfigChange | RunStop | CheckpointSkipped | Intervention | ManualIntervention
+    | StopForHuman | Outcome | InterventionCompletedAfterRestart | Note | JobSubmitted
+    | AllocationStart | AllocationEnd | Requeue | NodeExcluded | GaveUp,
+    Field(discriminator="kind"),
+]  # fmt: skip
