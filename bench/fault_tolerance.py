@@ -52,7 +52,7 @@ def _timed(fn, repeats: int) -> float:
 
 # ----- 1. per step ---------------------------------------------------------------------------
 def _agreement_worker(rank: int, port: int, out) -> None:
-    from opt.train.preemption import StopOnSignal
+    from opt.run.preemption import StopOnSignal
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -68,7 +68,7 @@ def _agreement_worker(rank: int, port: int, out) -> None:
 
 def per_step(tmp: Path) -> dict:
     from opt.config import load_config
-    from opt.train.run_status import write_status
+    from opt.run.status import write_status
     from opt.train.trainer import Trainer
 
     ctx = mp.get_context("spawn")
@@ -152,8 +152,8 @@ def preemption(tmp: Path, repeats: int) -> list[dict]:
     from test_preemption import config_for
 
     from opt.data.prepare import ensure_builtin_dataset
+    from opt.run.status import read_status
     from opt.supervisor.logbook import read_events
-    from opt.train.run_status import read_status
 
     if reason := ensure_slurm_installed():
         raise SystemExit(reason)

@@ -21,9 +21,9 @@ from conftest import REPO, TINY_OVERRIDES, _toml
 
 from opt.checkpoint.resume import newest_complete_checkpoint
 from opt.errors import OptError
+from opt.run.preemption import StopOnSignal
+from opt.run.status import read_status
 from opt.supervisor.logbook import read_events
-from opt.train.preemption import StopOnSignal
-from opt.train.run_status import read_status
 
 
 def tensorboard_losses(run_dir: Path) -> dict[int, float]:
@@ -194,7 +194,7 @@ def test_status_file_follows_the_run(tiny_config):
 
 
 def test_run_stop_records_compute_and_energy(tiny_config):
-    from opt.train.energy import EnergyMeter
+    from opt.run.energy import EnergyMeter
 
     trainer = _train(tiny_config, 2)
     stop = [e for e in read_events(trainer.cfg.logbook_dir / "events.jsonl")

@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO
 from test_preemption import config_for, finish, launch_local, rank_pid, tensorboard_losses
 
+from opt.run.status import read_status
 from opt.supervisor.logbook import read_events
-from opt.train.run_status import read_status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from opt.config import JobConfig, load_config
 from opt.launch.slurm import srun_command
 from opt.launch.slurm_env import expand_hostlist, master_port
+from opt.run import status as run_status
+from opt.run.preemption import ENV as STOP_SIGNALS_ENV
 from opt.supervisor.logbook import Logbook
-from opt.train import run_status
-from opt.train.preemption import ENV as STOP_SIGNALS_ENV
 
 FAILURE_CAUSES = ("process_failure", "node_failure")
 REFUSED_EXIT = 2  # `opt train`'s status for a config/data/checkpoint error

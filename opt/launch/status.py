@@ -17,9 +17,9 @@ from opt.checkpoint import latest_checkpoint, verify_checkpoint
 from opt.config import load_config
 from opt.errors import OptError
 from opt.launch.slurm_driver import requeue_counts
+from opt.run.status import read_status
 from opt.supervisor.logbook import Logbook
 from opt.supervisor.review import INTERVENTION_KINDS, by_cause_text
-from opt.train.run_status import read_status
 
 JOB_EVENTS = ("job_submitted", "allocation_start")
 

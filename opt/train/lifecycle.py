@@ -12,8 +12,8 @@ from opt import checkpoint as ckpt
 from opt.checkpoint import manifest as ckpt_manifest
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.config import to_toml
-from opt.train.run_status import FAILED, RUNNING, STOPPED_ON_SIGNAL, read_status
-from opt.train.run_status import write_status as write_status_file
+from opt.run.status import FAILED, RUNNING, STOPPED_ON_SIGNAL, read_status
+from opt.run.status import write_status as write_status_file
 
 if TYPE_CHECKING:
     from opt.train.trainer import Trainer

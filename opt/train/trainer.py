@@ -43,24 +43,24 @@ from opt.parallel.parallelize import (
     tied_embedding_group,
 )
 from opt.parallel.pipeline import build_schedule
-from opt.supervisor.cli import INTERVENE_FILE
-from opt.supervisor.logbook import Logbook
-from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
-from opt.train import interventions, lifecycle
-from opt.train.data_setup import build_loader, resolve_tokenizer_file
-from opt.train.energy import EnergyMeter
-from opt.train.flops import training_flops_per_token
-from opt.train.metrics import MetricsLogger
-from opt.train.optim import LinearWarmupDecay, build_optimizer
-from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
-from opt.train.preemption import StopOnSignal
-from opt.train.run_status import (
+from opt.run.energy import EnergyMeter
+from opt.run.preemption import StopOnSignal
+from opt.run.status import (
     FAILED,
     FINISHED,
     RUNNING,
     STOPPED_FOR_HUMAN,
     STOPPED_ON_SIGNAL,
 )
+from opt.supervisor.cli import INTERVENE_FILE
+from opt.supervisor.logbook import Logbook
+from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
+from opt.train import interventions, lifecycle
+from opt.train.data_setup import build_loader, resolve_tokenizer_file
+from opt.train.flops import training_flops_per_token
+from opt.train.metrics import MetricsLogger
+from opt.train.optim import LinearWarmupDecay, build_optimizer
+from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
 
 
 @dataclass
