@@ -42,11 +42,11 @@ import transformers
 
 from opt.config import load_config
 from opt.convert.hf import hf_config_from_args, our_key_to_hf
+from opt.job import resolve_model_args
 from opt.models.model import build_model
 from opt.train.data_setup import build_loader
 from opt.train.optim import LinearWarmupDecay, build_optimizer
 from opt.train.precision import autocast
-from opt.train.trainer import resolve_model_args
 
 sys.path.insert(0, str(Path(__file__).parent))
 from profiling import profile_steps

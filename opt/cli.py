@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dry_run, world_size, as_json = _pop_dry_run_flags(overrides)
     cfg = load_config(args.config, overrides)
     if dry_run:
-        from opt.parallel.dry_run import dry_run_report, format_report
+        from opt.dry_run import dry_run_report, format_report
 
         report = dry_run_report(cfg, world_size)
         print(json.dumps(report, indent=1) if as_json else format_report(report))

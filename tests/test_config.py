@@ -8,8 +8,8 @@ import pytest
 
 from opt.config import JobConfig, load_config, parse_overrides, to_toml
 from opt.errors import OptError
+from opt.job import gradient_accumulation_steps, resolve_model_args
 from opt.models.sizes import get_model_args
-from opt.train.trainer import gradient_accumulation_steps, resolve_model_args
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 PEAK_LR = {  # OPT paper, table 1

@@ -17,13 +17,13 @@ import torch
 from conftest import REPO, run_cli
 
 from opt.config import ParallelConfig, load_config
+from opt.dry_run import dry_run_report, format_report
 from opt.errors import OptError
 from opt.models import init as init_module
 from opt.models.init import TILE_1D, TILE_COLS, TILE_ROWS, fill_normal_
 from opt.models.model import OPTModel, build_model, canonical_name
 from opt.models.sizes import ModelArgs
 from opt.parallel import ParallelDims
-from opt.parallel.dry_run import dry_run_report, format_report
 from opt.parallel.parallelize import (
     check_layout,
     check_microbatches,

@@ -9,9 +9,9 @@ import pytest
 from conftest import run_cli
 
 from opt.config import load_config
-from opt.parallel.dry_run import dry_run_report
+from opt.dry_run import dry_run_report
+from opt.job import check_job, resolve_model_args
 from opt.plan.memory import training_state_bytes
-from opt.train.trainer import check_job, resolve_model_args
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,12 @@ from test_parallel import torchrun
 from opt.config import load_config, to_toml
 from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
+from opt.job import Trainer
 from opt.models import kernels
 from opt.models.fused_loss import chunked_cross_entropy
 from opt.models.model import cross_entropy
 from opt.models.sizes import get_model_args
 from opt.train.data_setup import build_loader
-from opt.train.trainer import Trainer
 
 STEPS = 3
 
@@ -301,12 +301,13 @@ def test_fsdp_bf16_parameters_train_like_one_bf16_process(tiny_config, tmp_path)
 @pytest.mark.parametrize("enabled", [True, False])
 def test_fsdp_gathers_bf16_block_parameters_and_keeps_fp32_masters(tiny_config, enabled):
     from opt import dist as distributed
+    from opt.job import check_job
     from opt.parallel.data_parallel import fsdp_param_dtype
     from opt.parallel.parallelize import parallelize
-    from opt.train.trainer import check_job
 
     cfg = tiny_config(train__precision="bf16", parallel__fsdp_mixed_precision=enabled)
-    args, dims, _ = check_job(cfg, 2)
+    job = check_job(cfg, 2)
+    args, dims = job.model_args, job.dims
     try:
         distributed.init_fake(2, 0)
         model = parallelize(args, dims, dims.build_meshes("cpu"), cfg.parallel, 32,

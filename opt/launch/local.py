@@ -32,7 +32,7 @@ def check_before_launch(nproc: int, config: str, overrides: list[str]) -> None:
     """Refuse a config or layout that cannot work before starting any process."""
     from opt.cli import SHORTHANDS
     from opt.config import load_config
-    from opt.train.trainer import check_job
+    from opt.job import check_job
 
     check_job(load_config(config, [SHORTHANDS.get(a, a) for a in overrides]), nproc)
 

@@ -124,7 +124,7 @@ def submission_script(cfg: JobConfig) -> str:
 
 def check_submission(config: str, overrides: list[str]) -> JobConfig:
     from opt.cli import SHORTHANDS
-    from opt.train.trainer import check_job
+    from opt.job import check_job
 
     overrides = [SHORT_FLAGS.get(a, SHORTHANDS.get(a, a)) for a in overrides]
     cfg = load_config(config, overrides)
@@ -138,7 +138,7 @@ def check_submission(config: str, overrides: list[str]) -> JobConfig:
 
 
 def describe(cfg: JobConfig) -> str:
-    from opt.parallel.dry_run import dry_run_report, format_report
+    from opt.dry_run import dry_run_report, format_report
 
     slurm = cfg.slurm
     gpus = f"{slurm.gpus_per_node} GPU(s)" if slurm.gpus_per_node else "no GPU"

@@ -185,7 +185,7 @@ def _kind(reason: str) -> str:
 
 def write_config(path: Path, job, cluster, c) -> None:
     from opt.config import load_config, to_toml
-    from opt.train.trainer import check_job
+    from opt.job import check_job
 
     base = Path("configs") / f"{job.model}.toml"
     overrides = {

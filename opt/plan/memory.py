@@ -15,9 +15,9 @@ from functools import cache
 
 import torch
 
+from opt.dry_run import GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES
 from opt.models.model import OPTModel
 from opt.models.sizes import ModelArgs
-from opt.parallel.dry_run import GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES
 from opt.parallel.pipeline import build_stage_model, split_layers, stage_costs, stage_ids
 
 # Which dimension the TP plan splits: column-parallel weights (and biases) by output rows,

@@ -23,11 +23,10 @@ from opt.errors import OptError
 from opt.faults import maybe_inject_fault
 from opt.fsutil import atomic_write
 from opt.host_memory import retain_freed_memory
+from opt.job import check_job
 from opt.models import kernels
 from opt.models.model import cross_entropy
-from opt.models.sizes import ModelArgs, get_model_args
 from opt.parallel.data_parallel import fsdp_param_dtype
-from opt.parallel.dims import ParallelDims
 from opt.parallel.grads import (
     align_grad_placements,
     clip_grads_,
@@ -35,13 +34,7 @@ from opt.parallel.grads import (
     sum_over,
     sync_tied_embedding_grads,
 )
-from opt.parallel.parallelize import (
-    check_layout,
-    check_microbatches,
-    materialize,
-    parallelize,
-    tied_embedding_group,
-)
+from opt.parallel.parallelize import materialize, parallelize, tied_embedding_group
 from opt.parallel.pipeline import build_schedule
 from opt.run.energy import EnergyMeter
 from opt.run.preemption import StopOnSignal
@@ -74,56 +67,8 @@ class StepResult:
     decision: Decision = field(default_factory=Decision)
 
 
-def resolve_model_args(cfg: JobConfig) -> ModelArgs:
-    m = cfg.model
-    args = get_model_args(m.name).reshaped(m.n_layers, m.n_heads, m.d_model, m.vocab_size)
-    if m.dropout >= 0:
-        args = args.replace(dropout=m.dropout)
-    if cfg.data.seq_len > args.max_positions:
-        raise OptError(
-            f"data.seq_len={cfg.data.seq_len} exceeds {cfg.model.name}'s "
-            f"max_positions={args.max_positions}"
-        )
-    return args
-
-
-def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
-    par = cfg.parallel
-    try:
-        return ParallelDims(
-            world_size, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, tp=par.tp, pp=par.pp
-        )
-    except OptError as err:
-        if world_size == 1:  # a parallel config started without a launcher
-            raise OptError(f"{err}; start it with `opt launch local --nproc N`") from None
-        raise
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def check_job(cfg: JobConfig, world_size: int) -> tuple[ModelArgs, ParallelDims, int]:
-    """Every check that needs no memory: the shape, the layout against the world size and
-    the model, and the batch arithmetic. Returns (model args, dims, gradient accumulation).
-    Training, the dry run and `opt launch local` all start here."""
-    args = resolve_model_args(cfg)
-    dims = parallel_dims(cfg, world_size)
-    check_layout(args, dims, cfg.parallel)
-    grad_accum = gradient_accumulation_steps(cfg, dims.dp)
-    check_microbatches(dims, cfg.parallel, grad_accum)
-    return args, dims, grad_accum
-
-
-def gradient_accumulation_steps(cfg: JobConfig, dp_size: int = 1) -> int:
-    per_pass = cfg.train.micro_batch_size * cfg.data.seq_len * dp_size
-    if cfg.train.batch_tokens % per_pass != 0:
-        raise OptError(
-            f"train.batch_tokens={cfg.train.batch_tokens} is not a multiple of "
-            f"micro_batch_size * seq_len * dp = {per_pass} (micro_batch_size="
-            f"{cfg.train.micro_batch_size}, seq_len={cfg.data.seq_len}, dp={dp_size})"
-        )
-    return cfg.train.batch_tokens // per_pass
 
 
 class Trainer:
@@ -137,9 +82,9 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         # Everything that needs no memory is checked first: a bad layout costs nothing.
-        self.model_args, self.dims, self.grad_accum = check_job(
-            cfg, distributed.launched_world_size()
-        )
+        job = check_job(cfg, distributed.launched_world_size())
+        self.job = job
+        self.model_args, self.dims, self.grad_accum = job.model_args, job.dims, job.grad_accum
         self.device = _resolve_device(cfg.train.device)
         check_speed_switches(cfg, self.device)
         bf16_on_gpu = cfg.train.precision == "bf16" and self.device.type == "cuda"
@@ -200,9 +145,7 @@ class Trainer:
             )
         self.schedule = LinearWarmupDecay(cfg.optim.lr, cfg.schedule, cfg.train.batch_tokens)
         self.scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.train.precision == "fp16")
-        self.max_steps = cfg.train.max_steps or max(
-            1, cfg.schedule.decay_tokens // cfg.train.batch_tokens
-        )
+        self.max_steps = job.max_steps
         self.step = 0
         self.tokens_seen = 0
         # Multipliers the divergence supervisor lowers; checkpointed so they survive restarts.
@@ -244,12 +187,7 @@ class Trainer:
 
     @property
     def layout(self) -> dict:
-        return {
-            "world_size": self.dims.world_size,
-            **self.dims.degrees,
-            "pp_stages_per_rank": self.cfg.parallel.pp_stages_per_rank,
-            "sequence_parallel": self.cfg.parallel.sequence_parallel,
-        }
+        return self.job.layout
 
     # ----- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from opt import dist as distributed
 from opt.config import JobConfig
+from opt.job import check_job
 from opt.models.model import canonical_name, count_parameters
 from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.parallelize import parallelize
@@ -40,9 +41,8 @@ def _placements(param: torch.Tensor) -> str:
 
 
 def dry_run_report(cfg: JobConfig, world_size: int) -> dict:
-    from opt.train.trainer import check_job
-
-    args, dims, grad_accum = check_job(cfg, world_size)
+    job = check_job(cfg, world_size)
+    args, dims, grad_accum = job.model_args, job.dims, job.grad_accum
     n_stages = dims.pp * cfg.parallel.pp_stages_per_rank
     ranks_per_stage = world_size // dims.pp
     stages, split = [], []
