@@ -1,8 +1,9 @@
 """Deliberate failures, for testing that failures are handled (never set in production).
 
 ``OPT_INJECT_FAULT="RANK:WHEN:ACTION"`` makes rank RANK, just before training step WHEN (a
-number) or in the middle of the supervisor's next rollback (WHEN = ``rollback``, after the
-intervention is logged and before the checkpoint is loaded):
+number), in the middle of the supervisor's next rollback (WHEN = ``rollback``: after the
+intervention is logged and before the checkpoint is loaded), or in the middle of the next
+checkpoint save (WHEN = ``save``: every shard written, the manifest not yet):
 - ``raise``: raise an exception (its traceback must reach the launcher's report);
 - ``hang``: stop responding, so its peers' next collective must time out;
 - ``die``: SIGKILL itself, as the OOM killer or a lost node would.
@@ -22,6 +23,7 @@ from opt.errors import OptError
 ENV = "OPT_INJECT_FAULT"
 DELAY_ENV = "OPT_STEP_DELAY_S"
 ACTIONS = ("raise", "hang", "die")
+NAMED_POINTS = ("rollback", "save")
 
 
 class InjectedFault(RuntimeError):
@@ -31,10 +33,10 @@ class InjectedFault(RuntimeError):
 def parse_fault(text: str) -> tuple[int, int | str, str]:
     try:
         rank, when, action = text.split(":")
-        parsed = int(rank), (when if when == "rollback" else int(when)), action
+        parsed = int(rank), (when if when in NAMED_POINTS else int(when)), action
     except ValueError:
         raise OptError(
-            f"{ENV}={text!r}: expected RANK:STEP:ACTION or RANK:rollback:ACTION"
+            f"{ENV}={text!r}: expected RANK:STEP:ACTION, RANK:rollback:ACTION or RANK:save:ACTION"
         ) from None
     if action not in ACTIONS:
         raise OptError(f"{ENV}={text!r}: ACTION must be one of {', '.join(ACTIONS)}")
