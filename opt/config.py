@@ -349,7 +349,7 @@ class SlurmConfig(Section):
     gpus_per_node: int = Field(8, ge=0)
     """GPUs per node; one task (rank) per GPU. 0 for CPU-only nodes (set tasks_per_node)."""
     tasks_per_node: int | None = Field(None, ge=1)
-    """Ranks per node; not set means one per GPU. Only CPU-only nodes may differ from gpus_per_node."""
+    """Ranks per node; not set: one per GPU. Only CPU-only nodes may differ from gpus_per_node."""
     cpus_per_task: int | None = Field(None, ge=1)
     """CPU cores per rank (data loading, host work); not set leaves it to the cluster's default."""
     mem: str | None = None
