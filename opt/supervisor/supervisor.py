@@ -52,7 +52,7 @@ class Drill:
     repeat: bool
 
     @classmethod
-    def parse(cls, text: str) -> Drill | None:
+    def parse(cls, text: str | None) -> Drill | None:
         match = DRILL.match(text) if text else None
         if match is None:
             return None

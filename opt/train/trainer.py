@@ -427,7 +427,7 @@ class Trainer:
             if self.supervisor is not None:
                 self.reconciled = interventions.reconcile_with_logbook(self, source)
             return source
-        if self.cfg.checkpoint.init_from:
+        if self.cfg.checkpoint.init_from is not None:
             source = Path(self.cfg.checkpoint.init_from)
             self._check_same_shape(source)
             ckpt.load_model_weights(source, self.model_parts)
@@ -533,8 +533,9 @@ class Trainer:
 
     def _metrics_logger(self) -> MetricsLogger:
         cfg = self.cfg
-        peak = cfg.metrics.peak_tflops * 1e12
-        if peak <= 0:
+        if cfg.metrics.peak_tflops is not None:
+            peak = cfg.metrics.peak_tflops * 1e12
+        else:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
             peak = measure_matmul_peak(
                 dtype, self.device, bf16_via_fp32=kernels.cpu_bf16_via_fp32_enabled(self.device)
