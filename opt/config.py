@@ -1,27 +1,95 @@
-"""The run configuration: one dataclass tree, loaded from TOML, then command-line overrides.
+"""The run configuration: one typed tree (pydantic v2), loaded from TOML, then overrides.
 
-Precedence, lowest to highest: the defaults below, the TOML file, ``--section.key value``
-overrides. The resolved tree is written to the run directory as ``config.toml`` so that a
-run can always be reproduced from what it saved.
+Precedence, lowest to highest: the defaults below, the TOML file, ``values`` handed in by a
+program (``load_config(..., values=...)``, ``JobConfig.with_overrides``), and the
+``--section.key value`` overrides of the command line. The resolved tree is written to the
+run directory as ``config.toml`` (``to_toml``) so that a run can always be reproduced from
+what it saved.
+
+A field that is derived, or left to someone else's default, when it is not set is
+``Optional``: None means "not set". TOML has no null, so a key left out (or set to an
+empty string) is None, and ``to_toml`` leaves None fields out.
+
+Values keep their TOML types (strict mode) with the three conversions a TOML user expects:
+an integer where a float is wanted, an integral float where an integer is (``3e8`` tokens)
+and an integer where a string is (``--slurm.mem 0``). Bad input becomes one ``OptError``
+line naming the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal, get_args
 
+import tomli_w
 import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from opt.errors import OptError
 
+# ----- the choices, declared once -----------------------------------------------------------
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+Compile = Literal["auto", "on", "off"]
+Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
+CpuBf16Compute = Literal["auto", "native", "fp32"]
+PpSchedule = Literal["1f1b", "interleaved_1f1b", "gpipe"]
+ActivationCheckpoint = Literal["none", "full", "selective"]
+LadderMove = Literal["skip", "rollback", "lower_lr_clip", "skip_data", "reset_optimizer", "stop"]
+DrillKind = Literal["spike", "nan", "scale_collapse"]
+SlurmSignal = Literal["USR1", "USR2"]
+BuiltinCorpus = Literal["pydoc"]
 
-@dataclass
-class RunConfig:
+PRECISIONS = get_args(Precision)
+DEVICES = get_args(Device)
+COMPILE = get_args(Compile)
+ATTENTION = get_args(Attention)
+CPU_BF16_COMPUTE = get_args(CpuBf16Compute)
+PP_SCHEDULES = get_args(PpSchedule)
+ACTIVATION_CHECKPOINT = get_args(ActivationCheckpoint)
+LADDER_MOVES = get_args(LadderMove)
+DRILL_KINDS = get_args(DrillKind)
+BUILTIN_CORPORA = get_args(BuiltinCorpus)
+# supervisor.drill: KIND@STEP[xN][!]; the supervisor parses it with this too.
+DRILL = re.compile(rf"^({'|'.join(DRILL_KINDS)})@(\d+)(?:x(\d+))?(!?)$")
+# Moves of a ladder rung that act on a rolled-back state.
+_NEEDS_ROLLBACK = ("lower_lr_clip", "skip_data", "reset_optimizer")
+
+
+class Section(BaseModel):
+    """One ``[section]`` of the file: unknown keys refused, types strict, assignments checked."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _from_toml(cls, value: object, info: ValidationInfo) -> object:
+        optional, kind = _scalar_type(cls.model_fields[info.field_name].annotation)
+        if optional and isinstance(value, str) and value == "":
+            return None  # TOML has no null: an empty string unsets an Optional field
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)  # 3e8 in TOML is a float; token counts are ints
+        if kind is str and type(value) is int:
+            return str(value)  # `--slurm.mem 0`: a number on the command line, a string to sbatch
+        return value
+
+
+class RunConfig(Section):
     name: str = "run"
     """Run name: names the run directory, the checkpoint directory and the logbook."""
     dir: str = "runs"
@@ -30,31 +98,29 @@ class RunConfig:
     """Seed for weight init, dropout and data order."""
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "opt-125m"
     """Size from the table in opt/models/sizes.py (see `opt configs`)."""
-    dropout: float = -1.0
-    """Override of the size's dropout; negative keeps the size's value (0.1)."""
-    n_layers: int = 0
-    """Custom shape: override the size's layer count (0 keeps it)."""
-    n_heads: int = 0
-    """Custom shape: override the size's head count (0 keeps it)."""
-    d_model: int = 0
-    """Custom shape: override the size's width (0 keeps it; ffn_dim follows as 4x)."""
-    vocab_size: int = 0
-    """Custom shape: override the vocabulary size (0 keeps it)."""
+    dropout: float | None = Field(None, ge=0, le=1)
+    """Dropout on attention and FFN outputs; not set keeps the size's value (0.1)."""
+    n_layers: int | None = Field(None, gt=0)
+    """Custom shape: the layer count (not set keeps the size's)."""
+    n_heads: int | None = Field(None, gt=0)
+    """Custom shape: the head count (not set keeps the size's)."""
+    d_model: int | None = Field(None, gt=0)
+    """Custom shape: the width (not set keeps the size's; ffn_dim follows as 4x)."""
+    vocab_size: int | None = Field(None, gt=0)
+    """Custom shape: the vocabulary size (not set keeps the size's)."""
 
 
-@dataclass
-class DataConfig:
-    path: str = ""
+class DataConfig(Section):
+    path: str | None = None
     """Prefix of the token files written by `opt data prepare` (PREFIX.bin/.idx/.json)."""
-    builtin: str = ""
+    builtin: BuiltinCorpus | None = None
     """'pydoc' builds the embedded CPython-docs corpus at `path` when it is missing."""
-    tokenizer: str = ""
-    """Tokenizer file or directory; empty means tokenizer.json beside the token files."""
-    seq_len: int = 2048
+    tokenizer: str | None = None
+    """Tokenizer file or directory; not set means tokenizer.json beside the token files."""
+    seq_len: int = Field(2048, gt=0)
     """Tokens per training sequence."""
     prefetch: bool = True
     """Build the next step's batches in a background thread while this step computes."""
@@ -62,11 +128,10 @@ class DataConfig:
     """On GPUs, stage batches in page-locked host memory so the copy to the device is async."""
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 6e-4
+class OptimConfig(Section):
+    lr: float = Field(6e-4, gt=0)
     """Peak learning rate."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = [0.9, 0.95]
     """AdamW betas (OPT: 0.9, 0.95)."""
     eps: float = 1e-8
     """AdamW epsilon."""
@@ -77,40 +142,45 @@ class OptimConfig:
     fused: bool = True
     """Use torch's fused AdamW kernel."""
 
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, betas: list[float]) -> list[float]:
+        if len(betas) != 2:
+            raise ValueError(f"must have two values, got {betas}")
+        return betas
 
-@dataclass
-class ScheduleConfig:
+
+class ScheduleConfig(Section):
     warmup_tokens: int = 375_000_000
     """Linear warmup length in tokens (OPT: 375M; 175B used 2000 steps)."""
-    decay_tokens: int = 300_000_000_000
+    decay_tokens: int = Field(300_000_000_000, gt=0)
     """Tokens over which the LR decays linearly to min_lr_ratio * lr (OPT: 300B)."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final LR as a fraction of the peak."""
 
 
-@dataclass
-class TrainConfig:
-    batch_tokens: int = 524_288
+class TrainConfig(Section):
+    batch_tokens: int = Field(524_288, gt=0)
     """Global batch in tokens; must equal micro_batch_size * seq_len * grad_accum * dp."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = Field(8, gt=0)
     """Sequences per forward/backward on each data-parallel rank."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps; 0 means decay_tokens / batch_tokens."""
-    precision: str = "fp32"
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps; not set means decay_tokens / batch_tokens."""
+    precision: Precision = "fp32"
     """fp32, bf16 (autocast) or fp16 (autocast with dynamic loss scaling, OPT's setting)."""
-    device: str = "auto"
+    device: Device = "auto"
     """cpu, cuda or auto (cuda when available)."""
-    compile: str = "auto"
+    compile: Compile = "auto"
     """torch.compile each block: on, off, or auto (on for GPUs; off on CPUs, where inductor's
     blocks measured slower than eager ones)."""
-    attention: str = "auto"
+    attention: Attention = "auto"
     """SDPA kernel: auto (PyTorch picks: flash on GPUs for bf16/fp16), flash, efficient,
     cudnn or math. flash is also the fused CPU kernel; efficient and cudnn need a GPU."""
-    loss_chunk: int = 4096
+    loss_chunk: int = Field(4096, ge=0)
     """Fused head + cross-entropy over chunks of this many tokens, never holding the whole
     batch's logits; 0 builds the full logits (always so under tp > 1 or pp > 1, where the
     loss is vocab-parallel or runs in the pipeline's last stage)."""
-    cpu_bf16_compute: str = "auto"
+    cpu_bf16_compute: CpuBf16Compute = "auto"
     """bf16 matmuls and attention on a CPU: native kernels, fp32 (exact fp32 copies of the
     bf16 operands, result rounded to bf16), or auto (fp32 on CPUs without AVX-512 BF16/AMX)."""
     keep_host_memory: bool = True
@@ -118,8 +188,7 @@ class TrainConfig:
     it back in every step (glibc; see opt/host_memory.py)."""
 
 
-@dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     dp_replicate: int = 1
     """Data-parallel replicas (HSDP: replicate across nodes, shard within)."""
     dp_shard: int = -1
@@ -128,28 +197,38 @@ class ParallelConfig:
     """Tensor-parallel degree (Megatron split; keep within a node)."""
     pp: int = 1
     """Pipeline-parallel degree."""
-    pp_schedule: str = "1f1b"
+    pp_schedule: PpSchedule = "1f1b"
     """1f1b, interleaved_1f1b (virtual stages) or gpipe; microbatches = micro_batch_size groups."""
-    pp_stages_per_rank: int = 1
+    pp_stages_per_rank: int = Field(1, ge=1)
     """Virtual pipeline stages per rank; interleaved_1f1b needs at least 2."""
     sequence_parallel: bool = False
     """Shard LayerNorm and dropout regions by sequence across the TP group (needs tp > 1)."""
-    activation_checkpoint: str = "none"
+    activation_checkpoint: ActivationCheckpoint = "none"
     """none, full (recompute every block) or selective (keep matmul/attention outputs)."""
-    timeout_s: float = 600.0
+    timeout_s: float = Field(600.0, gt=0)
     """A collective that waits longer than this fails instead of hanging the job."""
     fsdp_mixed_precision: bool = True
     """Under bf16, FSDP gathers block parameters in bf16 and reduces gradients in fp32;
     the sharded fp32 master weights and optimizer state are unchanged."""
 
+    @model_validator(mode="after")
+    def _stages_fit_the_schedule(self) -> ParallelConfig:
+        interleaved = self.pp_schedule == "interleaved_1f1b"
+        if interleaved and self.pp_stages_per_rank < 2:
+            raise ValueError("parallel.pp_schedule=interleaved_1f1b needs pp_stages_per_rank >= 2")
+        if not interleaved and self.pp_stages_per_rank != 1:
+            raise ValueError(f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+        return self
 
-@dataclass
-class SupervisorConfig:
+
+class SupervisorConfig(Section):
     enabled: bool = True
     """Watch every step for divergence and act by the ladder below."""
-    window: int = 50
+    window: int = Field(50, ge=1)
     """Healthy steps of loss and grad-norm history the robust statistics use."""
-    min_steps: int = 20
+    min_steps: int = Field(20, ge=1)
     """Healthy steps seen before the spike and grad-norm detectors arm."""
     spike_z: float = 6.0
     """A loss more than this many robust standard deviations (1.4826 MAD) above the median is a spike."""
@@ -159,20 +238,18 @@ class SupervisorConfig:
     """A grad norm above this multiple of its running median is an explosion; 0 disables."""
     scale_collapses: int = 5
     """fp16 overflows within `window` steps that count as a loss-scale collapse (floor counts always)."""
-    ladder: list[str] = field(
-        default_factory=lambda: [
-            "skip",
-            "rollback+lower_lr_clip",
-            "rollback+lower_lr_clip+skip_data",
-            "rollback+reset_optimizer",
-            "stop",
-        ]
-    )
+    ladder: list[str] = [
+        "skip",
+        "rollback+lower_lr_clip",
+        "rollback+lower_lr_clip+skip_data",
+        "rollback+reset_optimizer",
+        "stop",
+    ]
     """Escalation, one rung per anomaly of an incident; moves joined by '+': skip, rollback,
     lower_lr_clip, skip_data, reset_optimizer, stop."""
-    lr_factor: float = 0.9
+    lr_factor: float = Field(0.9, gt=0, le=1)
     """lower_lr_clip multiplies the LR scale by this (OPT: -10%, later to 2/3)."""
-    clip_factor: float = 0.6
+    clip_factor: float = Field(0.6, gt=0, le=1)
     """lower_lr_clip multiplies the clip threshold by this (OPT: 2.5 -> 1.5 -> 1.0)."""
     healthy_margin: int = 5
     """A rollback target must be saved at least this many steps before the incident began."""
@@ -180,19 +257,45 @@ class SupervisorConfig:
     """skip_data drops this many steps' worth of samples before the anomaly."""
     rewarmup_steps: int = 20
     """reset_optimizer zeroes Adam's moments and re-warms the LR from 0 over this many steps."""
-    recovery_steps: int = 20
+    recovery_steps: int = Field(20, ge=1)
     """Healthy steps after an intervention before its outcome is judged and the ladder resets."""
-    max_interventions: int = 10
+    max_interventions: int = Field(10, ge=1)
     """More interventions than this within `intervention_window` steps stops the run."""
-    intervention_window: int = 1000
+    intervention_window: int = Field(1000, ge=1)
     """Window (steps) for max_interventions."""
-    drill: str = ""
+    drill: str | None = None
     """Fault drill: KIND@STEP[xN][!] with KIND spike, nan or scale_collapse; xN lasts N steps;
     ! repeats it every time STEP is reached again (persistent divergence)."""
 
+    @field_validator("ladder")
+    @classmethod
+    def _rungs_are_moves(cls, ladder: list[str]) -> list[str]:
+        if not ladder:
+            raise ValueError("must have at least one rung (e.g. ['stop'])")
+        for rung in ladder:
+            moves = rung.split("+")
+            unknown = [m for m in moves if m not in LADDER_MOVES]
+            if unknown:
+                raise ValueError(
+                    f"rung {rung!r}: unknown move {unknown[0]!r} (moves: {', '.join(LADDER_MOVES)})"
+                )
+            needs_rollback = [m for m in _NEEDS_ROLLBACK if m in moves]
+            if needs_rollback and "rollback" not in moves:
+                raise ValueError(f"rung {rung!r}: {sorted(needs_rollback)[0]} needs rollback")
+        return ladder
 
-@dataclass
-class LogbookConfig:
+    @field_validator("drill")
+    @classmethod
+    def _drill_parses(cls, drill: str | None) -> str | None:
+        if drill is not None and not DRILL.match(drill):
+            raise ValueError(
+                f"must be KIND@STEP[xN][!] with KIND one of {', '.join(DRILL_KINDS)} "
+                f"(e.g. spike@30x2), got {drill!r}"
+            )
+        return drill
+
+
+class LogbookConfig(Section):
     dir: str = "logbook"
     """Root of the public logbooks; this run writes dir/<run.name>/."""
     pue: float = 1.1
@@ -201,8 +304,7 @@ class LogbookConfig:
     """kg CO2e per kWh of the grid, for the CO2e in run_stop events."""
 
 
-@dataclass
-class LossScaleConfig:
+class LossScaleConfig(Section):
     init_scale: float = 2.0**15
     """Starting fp16 loss scale."""
     growth_interval: int = 1000
@@ -211,17 +313,16 @@ class LossScaleConfig:
     """The floor; the supervisor treats reaching it as a divergence signal."""
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     dir: str = "checkpoints"
     """Root of checkpoint directories; this run writes dir/<run.name>/step_NNNNNNNN."""
-    every: int = 1000
+    every: int = Field(1000, gt=0)
     """Save every this many steps (and at the end of training)."""
-    keep_last: int = 3
+    keep_last: int = Field(3, ge=0)
     """Keep this many newest checkpoints; 0 keeps all."""
     resume: str = "auto"
     """auto (newest complete checkpoint, if any), none, or a checkpoint directory."""
-    init_from: str = ""
+    init_from: str | None = None
     """Start a fresh run from the weights of this checkpoint (e.g. `opt convert from-hf`)."""
     async_save: bool = True
     """Write checkpoints in the background; the manifest commits once every shard is on disk.
@@ -233,72 +334,103 @@ class CheckpointConfig:
     made inside the save call, into buffers freed after the write."""
 
 
-@dataclass
-class MetricsConfig:
-    log_every: int = 10
+class MetricsConfig(Section):
+    log_every: int = Field(10, gt=0)
     """Console and TensorBoard logging interval in steps."""
     tensorboard: bool = True
     """Write TensorBoard event files to <run dir>/tensorboard."""
-    peak_tflops: float = 0.0
-    """Per-device peak for MFU in the training dtype; 0 measures a matmul peak at start."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Per-device peak for MFU in the training dtype; not set measures a matmul peak at start."""
 
 
-@dataclass
-class SlurmConfig:
-    nodes: int = 1
+class SlurmConfig(Section):
+    nodes: int = Field(1, ge=1)
     """Nodes to allocate (`opt launch slurm`)."""
-    gpus_per_node: int = 8
+    gpus_per_node: int = Field(8, ge=0)
     """GPUs per node; one task (rank) per GPU. 0 for CPU-only nodes (set tasks_per_node)."""
-    tasks_per_node: int = 0
-    """Ranks per node; 0 means one per GPU. Only CPU-only nodes may differ from gpus_per_node."""
-    cpus_per_task: int = 0
-    """CPU cores per rank (data loading, host work); 0 leaves it to the cluster's default."""
-    mem: str = ""
-    """Memory per node as sbatch takes it (e.g. 0 for all of it, 500G); empty: cluster default."""
-    partition: str = ""
-    """Slurm partition; empty: the cluster's default."""
-    account: str = ""
-    """Account to charge; empty: the user's default."""
-    qos: str = ""
-    """Quality of service; empty: the default."""
-    time_minutes: int = 4320
+    tasks_per_node: int | None = Field(None, ge=1)
+    """Ranks per node; not set: one per GPU. Only CPU-only nodes may differ from gpus_per_node."""
+    cpus_per_task: int | None = Field(None, ge=1)
+    """CPU cores per rank (data loading, host work); not set leaves it to the cluster's default."""
+    mem: str | None = None
+    """Memory per node as sbatch takes it (e.g. 0 for all of it, 500G); not set: cluster default."""
+    partition: str | None = None
+    """Slurm partition; not set: the cluster's default."""
+    account: str | None = None
+    """Account to charge; not set: the user's default."""
+    qos: str | None = None
+    """Quality of service; not set: the default."""
+    time_minutes: int = Field(4320, ge=1)
     """Time limit of each allocation; the job requeues itself when it runs out."""
-    exclude: str = ""
+    exclude: str | None = None
     """Nodes never to use (Slurm host list, e.g. node[003,017]); failing nodes are added."""
-    nodelist: str = ""
-    """Nodes to use (Slurm host list); empty: any."""
-    sbatch: list[str] = field(default_factory=list)
+    nodelist: str | None = None
+    """Nodes to use (Slurm host list); not set: any."""
+    sbatch: list[str] = []
     """Extra sbatch options as KEY=VALUE (or KEY for a flag), e.g. ["constraint=a100"]."""
-    setup: list[str] = field(default_factory=list)
+    setup: list[str] = []
     """Shell lines run at the start of each allocation (module load, source a venv, ...)."""
-    signal: str = "USR2"
+    signal: SlurmSignal = "USR2"
     """Slurm's warning signal before the time limit (USR1 or USR2); every rank saves on it."""
-    signal_delay_s: int = 300
+    signal_delay_s: int = Field(300, ge=1)
     """Seconds between the warning signal and the kill: must cover one step plus a
     synchronous checkpoint."""
-    max_timeout_requeues: int = 100
+    max_timeout_requeues: int = Field(100, ge=0)
     """Requeues after reaching the time limit before the job gives up (preemptions: no limit)."""
-    max_failure_requeues: int = 5
+    max_failure_requeues: int = Field(5, ge=0)
     """Requeues after a process or node failure before the job gives up."""
-    exclude_after_failures: int = 2
+    exclude_after_failures: int = Field(2, ge=0)
     """Exclude a node from later allocations once it has failed this often; 0 never."""
 
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_options(cls, options: list[str]) -> list[str]:
+        for option in options:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*(=.+)?", option.removeprefix("--")):
+                raise ValueError(f"option {option!r}: expected KEY=VALUE or KEY")
+        return options
 
-@dataclass
-class JobConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-    logbook: LogbookConfig = field(default_factory=LogbookConfig)
-    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    @model_validator(mode="after")
+    def _one_task_per_gpu(self) -> SlurmConfig:
+        if self.gpus_per_node == 0 and self.tasks_per_node is None:
+            raise ValueError("slurm.gpus_per_node=0 (CPU-only nodes) needs slurm.tasks_per_node")
+        if self.gpus_per_node > 0 and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"slurm.tasks_per_node={self.tasks_per_node} but gpus_per_node="
+                f"{self.gpus_per_node}: opt runs one task per GPU"
+            )
+        if self.signal_delay_s >= self.time_minutes * 60:
+            raise ValueError("slurm.signal_delay_s must be shorter than the time limit")
+        return self
+
+
+class JobConfig(BaseModel):
+    """The whole tree, one field per ``[section]``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    logbook: LogbookConfig = Field(default_factory=LogbookConfig)
+    loss_scale: LossScaleConfig = Field(default_factory=LossScaleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _drill_has_what_it_needs(self) -> JobConfig:
+        collapse = (self.supervisor.drill or "").startswith("scale_collapse")
+        if collapse and self.train.precision != "fp16":
+            raise ValueError(
+                "supervisor.drill=scale_collapse needs train.precision=fp16 (a loss scale)"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -312,22 +444,23 @@ class JobConfig:
     def logbook_dir(self) -> Path:
         return Path(self.logbook.dir) / self.run.name
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def with_overrides(self, values: Mapping[str, object]) -> JobConfig:
+        """A validated copy with ``{"section.key": value, ...}`` changed; None unsets an
+        Optional key. Bad values raise the same one-line OptError as the file would."""
+        raw = self.model_dump()
+        for key, value in values.items():
+            _set_dotted(raw, key, value)
+        return _validated(raw)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
-LADDER_MOVES = ("skip", "rollback", "lower_lr_clip", "skip_data", "reset_optimizer", "stop")
-DRILL = re.compile(r"^(spike|nan|scale_collapse)@(\d+)(?:x(\d+))?(!?)$")
-ACTIVATION_CHECKPOINT = ("none", "full", "selective")
-COMPILE = ("auto", "on", "off")
-ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")
-CPU_BF16_COMPUTE = ("auto", "native", "fp32")
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """TOML file (optional) plus ``--section.key value`` overrides -> validated JobConfig."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    values: Mapping[str, object] | None = None,
+) -> JobConfig:
+    """TOML file (optional), then ``values`` (``{"section.key": value}``), then command-line
+    ``--section.key value`` overrides -> one validated JobConfig, or one OptError line."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -337,11 +470,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise OptError(f"config file {path} is not valid TOML: {err}") from None
+    for key, value in (values or {}).items():
+        _set_dotted(raw, key, value)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
-    config = _build(JobConfig, raw, prefix="")
-    validate(config)
-    return config
+    return _validated(raw)
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
@@ -363,6 +496,16 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     return pairs
 
 
+def to_toml(config: JobConfig) -> str:
+    """The resolved tree as TOML, None fields left out; load_config reads it back equal."""
+    tables = {
+        section: {key: value for key, value in table.items() if value is not None}
+        for section, table in config.model_dump().items()
+    }
+    return tomli_w.dumps(tables)
+
+
+# ----- parsing and errors -------------------------------------------------------------------
 def _parse_value(text: str) -> object:
     # TOML syntax for numbers, booleans and lists; anything else is a bare string.
     try:
@@ -373,6 +516,8 @@ def _parse_value(text: str) -> object:
 
 def _set_dotted(raw: dict, key: str, value: object) -> None:
     *sections, leaf = key.split(".")
+    if not sections:
+        raise OptError(f"config key {key!r}: expected section.key")
     node = raw
     for section in sections:
         node = node.setdefault(section, {})
@@ -381,184 +526,94 @@ def _set_dotted(raw: dict, key: str, value: object) -> None:
     node[leaf] = value
 
 
-def _build(cls: type, raw: dict, prefix: str):
-    if not isinstance(raw, dict):
-        raise OptError(f"config section {prefix.rstrip('.') or '<root>'} must be a table")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise OptError(f"unknown config key '{prefix}{key}'{hint}")
-    values = {}
-    for name in fields & raw.keys():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
-    for name in fields - raw.keys():
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(hints[name], {}, f"{prefix}{name}.")
-    return cls(**values)
+def _validated(raw: dict) -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise OptError(_one_line(err)) from None
 
 
-def _coerce(value: object, hint: object, key: str) -> object:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise OptError(f"config key {key} must be a list, got {value!r}")
-        return [_coerce(v, item, key) for v in value]
-    if isinstance(hint, types.UnionType):
-        raise TypeError(f"unsupported config type for {key}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # 3e8 in TOML is a float; token counts are ints
-    if hint is str and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # `--slurm.mem 0`: a number on the command line, a string to sbatch
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise OptError(f"config key {key} must be {hint.__name__}, got {value!r}")
-    return value
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool",
+               "string_type": "str", "list_type": "list"}  # fmt: skip
 
 
-def validate(config: JobConfig) -> None:
-    """Checks that need no model or data; the trainer checks the rest before allocating."""
-    if config.train.precision not in PRECISIONS:
-        raise OptError(
-            f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}"
-        )
-    if config.train.device not in ("auto", "cpu", "cuda"):
-        raise OptError(f"train.device must be auto, cpu or cuda, got {config.train.device!r}")
-    choices = {"train.compile": COMPILE, "train.attention": ATTENTION,
-               "train.cpu_bf16_compute": CPU_BF16_COMPUTE}  # fmt: skip
-    for key, allowed in choices.items():
-        value = getattr(config.train, key.split(".")[1])
-        if value not in allowed:
-            raise OptError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    if config.train.loss_chunk < 0:
-        raise OptError(f"train.loss_chunk must not be negative, got {config.train.loss_chunk}")
-    positive = {
-        "data.seq_len": config.data.seq_len,
-        "train.micro_batch_size": config.train.micro_batch_size,
-        "train.batch_tokens": config.train.batch_tokens,
-        "optim.lr": config.optim.lr,
-        "metrics.log_every": config.metrics.log_every,
-        "checkpoint.every": config.checkpoint.every,
-        "schedule.decay_tokens": config.schedule.decay_tokens,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise OptError(f"{key} must be positive, got {value}")
-    _validate_supervisor(config)
-    _validate_slurm(config.slurm)
-    par = config.parallel
-    if par.pp_schedule not in PP_SCHEDULES:
-        raise OptError(
-            f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {par.pp_schedule!r}"
-        )
-    if par.activation_checkpoint not in ACTIVATION_CHECKPOINT:
-        raise OptError(
-            "parallel.activation_checkpoint must be one of "
-            f"{', '.join(ACTIVATION_CHECKPOINT)}, got {par.activation_checkpoint!r}"
-        )
-    if par.pp_stages_per_rank < 1:
-        raise OptError(
-            f"parallel.pp_stages_per_rank must be at least 1, got {par.pp_stages_per_rank}"
-        )
-    if par.pp_schedule == "interleaved_1f1b" and par.pp_stages_per_rank < 2:
-        raise OptError("parallel.pp_schedule=interleaved_1f1b needs pp_stages_per_rank >= 2")
-    if par.pp_schedule != "interleaved_1f1b" and par.pp_stages_per_rank != 1:
-        raise OptError(f"parallel.pp_schedule={par.pp_schedule} runs one stage per rank")
-    if par.sequence_parallel and par.tp < 2:
-        raise OptError("parallel.sequence_parallel needs parallel.tp > 1")
-    if par.timeout_s <= 0:
-        raise OptError(f"parallel.timeout_s must be positive, got {par.timeout_s}")
-    if len(config.optim.betas) != 2:
-        raise OptError(f"optim.betas must have two values, got {config.optim.betas}")
-    if not 0.0 <= config.schedule.min_lr_ratio <= 1.0:
-        raise OptError("schedule.min_lr_ratio must be within [0, 1]")
-    if config.checkpoint.keep_last < 0 or config.train.max_steps < 0:
-        raise OptError("checkpoint.keep_last and train.max_steps must not be negative")
+def _one_line(err: ValidationError) -> str:
+    """pydantic's first error as the line the CLI prints: the key, what it must be, the value."""
+    error = err.errors(include_url=False)[0]
+    path = [part for part in error["loc"] if isinstance(part, str)]  # list indices dropped
+    key, kind, value = ".".join(path), error["type"], error["input"]
+    field = _field_at(path)
+    if kind == "extra_forbidden":
+        known = _model_at(path[:-1]).model_fields
+        close = difflib.get_close_matches(path[-1], known, n=1)
+        hint = f" (did you mean {'.'.join([*path[:-1], close[0]])}?)" if close else ""
+        return f"unknown config key '{key}'{hint}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"config section {key} must be a table, got {value!r}"
+    if kind in _TYPE_NAMES:
+        return f"config key {key} must be {_TYPE_NAMES[kind]}, got {value!r}"
+    if kind == "literal_error" and field is not None:
+        choices = get_args(_scalar_type(field.annotation)[1])
+        allowed = " or ".join(choices) if len(choices) <= 2 else f"one of {', '.join(choices)}"
+        return f"{key} must be {allowed}, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and field:
+        unset = f" (leave {key} out for the default)" if _scalar_type(field.annotation)[0] else ""
+        return f"{key} must {_bounds(field.metadata)}, got {value!r}{unset}"
+    if kind == "value_error":
+        message = str(error["ctx"]["error"])
+        return f"{key} {message}" if field is not None else message  # a model's rule names its keys
+    return f"config key {key}: {error['msg']}"
 
 
-def _validate_slurm(slurm: SlurmConfig) -> None:
-    at_least = {"nodes": 1, "time_minutes": 1, "signal_delay_s": 1, "gpus_per_node": 0,
-                "tasks_per_node": 0, "cpus_per_task": 0, "max_timeout_requeues": 0,
-                "max_failure_requeues": 0, "exclude_after_failures": 0}  # fmt: skip
-    for key, low in at_least.items():
-        if getattr(slurm, key) < low:
-            raise OptError(f"slurm.{key} must be at least {low}, got {getattr(slurm, key)}")
-    if slurm.gpus_per_node == 0 and slurm.tasks_per_node == 0:
-        raise OptError("slurm.gpus_per_node=0 (CPU-only nodes) needs slurm.tasks_per_node")
-    if slurm.gpus_per_node > 0 and slurm.tasks_per_node not in (0, slurm.gpus_per_node):
-        raise OptError(
-            f"slurm.tasks_per_node={slurm.tasks_per_node} but gpus_per_node="
-            f"{slurm.gpus_per_node}: opt runs one task per GPU"
-        )
-    if slurm.signal not in ("USR1", "USR2"):
-        raise OptError(f"slurm.signal must be USR1 or USR2, got {slurm.signal!r}")
-    if slurm.signal_delay_s >= slurm.time_minutes * 60:
-        raise OptError("slurm.signal_delay_s must be shorter than the time limit")
-    for option in slurm.sbatch:
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*(=.+)?", option.removeprefix("--")):
-            raise OptError(f"slurm.sbatch option {option!r}: expected KEY=VALUE or KEY")
+def _model_at(path: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = JobConfig
+    for part in path:
+        model = model.model_fields[part].annotation
+    return model
 
 
-def _validate_supervisor(config: JobConfig) -> None:
-    sup = config.supervisor
-    if not sup.ladder:
-        raise OptError("supervisor.ladder must have at least one rung (e.g. ['stop'])")
-    for rung in sup.ladder:
-        moves = rung.split("+")
-        unknown = [m for m in moves if m not in LADDER_MOVES]
-        if unknown:
-            raise OptError(
-                f"supervisor.ladder rung {rung!r}: unknown move {unknown[0]!r} "
-                f"(moves: {', '.join(LADDER_MOVES)})"
-            )
-        needs_rollback = {"lower_lr_clip", "skip_data", "reset_optimizer"} & set(moves)
-        if needs_rollback and "rollback" not in moves:
-            raise OptError(
-                f"supervisor.ladder rung {rung!r}: {sorted(needs_rollback)[0]} needs rollback"
-            )
-    if sup.drill and not DRILL.match(sup.drill):
-        raise OptError(
-            f"supervisor.drill={sup.drill!r}: expected KIND@STEP[xN][!], KIND one of spike, nan, "
-            "scale_collapse (e.g. spike@30x2)"
-        )
-    if sup.drill.startswith("scale_collapse") and config.train.precision != "fp16":
-        raise OptError("supervisor.drill=scale_collapse needs train.precision=fp16 (a loss scale)")
-    for key in (
-        "window",
-        "min_steps",
-        "recovery_steps",
-        "max_interventions",
-        "intervention_window",
-    ):
-        if getattr(sup, key) < 1:
-            raise OptError(f"supervisor.{key} must be at least 1, got {getattr(sup, key)}")
-    if not (0 < sup.lr_factor <= 1 and 0 < sup.clip_factor <= 1):
-        raise OptError("supervisor.lr_factor and clip_factor must be within (0, 1]")
+def _field_at(path: list[str]):
+    """The FieldInfo of a leaf key; None for a section, the root or an unknown key."""
+    model: type[BaseModel] = JobConfig
+    for i, part in enumerate(path):
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        return info if i == len(path) - 1 else None
+    return None
 
 
-def to_toml(config: JobConfig) -> str:
-    """Serialise the resolved tree; tomllib reads it back to an equal JobConfig."""
-    lines = []
-    for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
+def _bounds(metadata: list) -> str:
+    """``Field(gt=0)`` -> "be positive", ``Field(ge=0, le=1)`` -> "be within [0, 1]", ..."""
+    low = high = None
+    for m in metadata:  # annotated_types' Gt, Ge, Lt, Le
+        if getattr(m, "gt", None) is not None:
+            low = f"({m.gt}"
+        elif getattr(m, "ge", None) is not None:
+            low = f"[{m.ge}"
+        elif getattr(m, "lt", None) is not None:
+            high = f"{m.lt})"
+        elif getattr(m, "le", None) is not None:
+            high = f"{m.le}]"
+    if low and high:
+        return f"be within {low}, {high}"
+    if low == "(0":
+        return "be positive"
+    if low == "[0":
+        return "not be negative"
+    if low:
+        return f"be at least {low[1:]}" if low[0] == "[" else f"be greater than {low[1:]}"
+    return f"be at most {high[:-1]}" if high[-1] == "]" else f"be less than {high[:-1]}"
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
+def _scalar_type(annotation: object) -> tuple[bool, object]:
+    """(Optional?, the type inside): ``int | None`` -> (True, int)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return True, inner[0]
+    return False, annotation

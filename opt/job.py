@@ -52,7 +52,7 @@ def check_job(cfg: JobConfig, world_size: int) -> Job:
 def resolve_model_args(cfg: JobConfig) -> ModelArgs:
     m = cfg.model
     args = get_model_args(m.name).reshaped(m.n_layers, m.n_heads, m.d_model, m.vocab_size)
-    if m.dropout >= 0:
+    if m.dropout is not None:
         args = args.replace(dropout=m.dropout)
     if cfg.data.seq_len > args.max_positions:
         raise OptError(
@@ -87,4 +87,6 @@ def gradient_accumulation_steps(cfg: JobConfig, dp_size: int = 1) -> int:
 
 def max_steps(cfg: JobConfig) -> int:
     """``train.max_steps``, or as many steps as the LR decay lasts."""
-    return cfg.train.max_steps or max(1, cfg.schedule.decay_tokens // cfg.train.batch_tokens)
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, cfg.schedule.decay_tokens // cfg.train.batch_tokens)

@@ -69,19 +69,17 @@ def tiny_config(tmp_path, pydoc_dataset):
             "logbook.dir": str(tmp_path / "logbook"),
             **{k.replace("__", "."): v for k, v in overrides.items()},
         }
-        args = []
-        for key, value in values.items():
-            args += [f"--{key}", _toml(value)]
-        return load_config(None, args)
+        return load_config(None, values=values)
 
     return make
 
 
 def _toml(value) -> str:
+    """A value as a `--section.key` override spells it on the command line (TOML syntax)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value + '"'
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
 
 

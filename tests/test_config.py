@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
+from opt import config
 from opt.config import JobConfig, load_config, parse_overrides, to_toml
 from opt.errors import OptError
-from opt.job import gradient_accumulation_steps, resolve_model_args
+from opt.job import gradient_accumulation_steps, max_steps, resolve_model_args
 from opt.models.sizes import get_model_args
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+CONFIGS_DIR = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.toml"))
 PEAK_LR = {  # OPT paper, table 1
     "opt-125m": 6.0e-4,
     "opt-350m": 3.0e-4,
@@ -144,3 +149,200 @@ def test_resolved_toml_round_trips(tmp_path):
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
     assert load_config(None) == JobConfig()
+
+
+# ----- the typed tree: Optional fields, the override API, TOML, choices, cross-field rules -----
+def _leaves():
+    """(section, name, FieldInfo) of every key in the tree."""
+    for section, info in JobConfig.model_fields.items():
+        for name, field in info.annotation.model_fields.items():
+            yield section, name, field
+
+
+def _literal_choices(field) -> tuple:
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+
+
+LITERAL_KEYS = [(f"{s}.{n}", _literal_choices(f)) for s, n, f in _leaves() if _literal_choices(f)]
+
+
+def test_every_key_is_documented():
+    undocumented = [f"{s}.{n}" for s, n, f in _leaves() if not (f.description or "").strip()]
+    assert undocumented == []
+
+
+def test_unset_means_none_and_is_derived_where_it_is_read():
+    cfg = load_config(None)
+    assert (cfg.model.dropout, cfg.model.n_layers, cfg.model.n_heads) == (None, None, None)
+    assert (cfg.model.d_model, cfg.model.vocab_size) == (None, None)
+    assert (cfg.data.path, cfg.data.builtin, cfg.data.tokenizer) == (None, None, None)
+    assert (cfg.train.max_steps, cfg.checkpoint.init_from) == (None, None)
+    assert (cfg.metrics.peak_tflops, cfg.supervisor.drill) == (None, None)
+    slurm = cfg.slurm
+    assert [slurm.partition, slurm.account, slurm.qos, slurm.exclude, slurm.nodelist, slurm.mem,
+            slurm.tasks_per_node, slurm.cpus_per_task] == [None] * 8  # fmt: skip
+    assert resolve_model_args(cfg) == get_model_args("opt-125m")  # every dimension kept
+    assert max_steps(cfg) == cfg.schedule.decay_tokens // cfg.train.batch_tokens
+    assert max_steps(cfg.with_overrides({"train.max_steps": 7})) == 7
+    dropout = cfg.with_overrides({"model.dropout": 0.0, "model.n_layers": 3})
+    assert resolve_model_args(dropout) == get_model_args("opt-125m").replace(n_layers=3, dropout=0)
+
+
+def test_reshaped_keeps_what_is_none():
+    size = get_model_args("opt-350m")
+    assert size.reshaped() == size
+    assert size.reshaped(None, None, None, None) == size
+    wide = size.reshaped(n_layers=2, d_model=2048)
+    assert (wide.n_layers, wide.n_heads, wide.d_model, wide.ffn_dim) == (2, 16, 2048, 8192)
+    assert wide.word_embed_dim == 512  # 350M's projected embeddings stay projected
+
+
+def test_an_empty_string_unsets_an_optional_key(tmp_path):
+    demo = load_config(CONFIGS_DIR / "demo.toml")
+    assert demo.supervisor.drill == "spike@120x2" and demo.data.builtin == "pydoc"
+    cfg = load_config(CONFIGS_DIR / "demo.toml", ["--supervisor.drill", '""', "--data.builtin="])
+    assert cfg.supervisor.drill is None and cfg.data.builtin is None
+    assert cfg.with_overrides({"slurm.partition": ""}).slurm.partition is None
+    assert demo.with_overrides({"supervisor.drill": None}).supervisor.drill is None
+
+
+def test_sentinels_of_old_are_refused_with_the_way_out():
+    for key, value in [("model.n_layers", 0), ("model.dropout", -1), ("train.max_steps", 0),
+                       ("metrics.peak_tflops", 0), ("slurm.cpus_per_task", 0)]:  # fmt: skip
+        with pytest.raises(OptError, match=rf"^{key} must .*got {value} \(leave {key} out"):
+            load_config(None, [f"--{key}", str(value)])
+
+
+def test_with_overrides_returns_a_validated_copy():
+    base = load_config(None)
+    cfg = base.with_overrides({"optim.lr": 1, "schedule.warmup_tokens": 3e8, "slurm.mem": 0,
+                               "parallel.tp": 2, "parallel.sequence_parallel": True})  # fmt: skip
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.warmup_tokens == 300_000_000 and isinstance(cfg.schedule.warmup_tokens, int)
+    assert cfg.slurm.mem == "0" and cfg.parallel.sequence_parallel
+    assert base == JobConfig() and base.optim.lr == 6e-4  # the original is untouched
+    assert cfg.with_overrides({}) == cfg
+    for values, message in [
+        ({"optim.lrr": 1}, r"^unknown config key 'optim.lrr' \(did you mean optim.lr\?\)$"),
+        ({"optim.lr": "1e-3"}, r"^config key optim.lr must be float, got '1e-3'$"),
+        ({"train.micro_batch_size": True}, "config key train.micro_batch_size must be int"),
+        ({"parallel.sequence_parallel": True}, "sequence_parallel needs parallel.tp > 1"),
+        ({"lr": 1}, "expected section.key"),
+        ({"optim.lr.x": 1}, "'lr' is not a section"),
+    ]:
+        with pytest.raises(OptError, match=message):
+            base.with_overrides(values)
+
+
+def test_values_sit_between_the_file_and_the_command_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[optim]\nlr = 1e-3\neps = 1e-6\n[train]\nprecision = "bf16"\n')
+    cfg = load_config(path, ["--optim.lr", "3e-4"], values={"optim.lr": 2e-4, "optim.eps": 1e-7})
+    assert cfg.optim.lr == 3e-4  # command line over values
+    assert cfg.optim.eps == 1e-7  # values over the file
+    assert cfg.train.precision == "bf16" and cfg.optim.weight_decay == 0.1  # file, default
+
+
+def test_round_trip_leaves_unset_keys_out(tmp_path):
+    cfg = load_config(
+        None,
+        ["--model.n_layers", "3", "--train.max_steps", "9", "--slurm.mem", "0",
+         "--supervisor.drill", "nan@5x2!", "--run.name", 'a "b" \\c'],
+    )  # fmt: skip
+    text = to_toml(cfg)
+    assert "n_layers = 3" in text and "max_steps = 9" in text and 'mem = "0"' in text
+    for unset in ("n_heads", "dropout", "init_from", "peak_tflops", "partition", "tokenizer"):
+        assert f"{unset} =" not in text
+    path = tmp_path / "resolved.toml"
+    path.write_text(text)
+    again = load_config(path)
+    assert again == cfg and again.model.n_heads is None and again.slurm.mem == "0"
+    assert to_toml(again) == text
+
+
+@pytest.mark.parametrize(("key", "choices"), LITERAL_KEYS, ids=[k for k, _ in LITERAL_KEYS])
+def test_every_choice_refuses_what_it_does_not_list(key, choices):
+    with pytest.raises(OptError) as refused:
+        load_config(None, [f"--{key}", "bogus"])
+    message = str(refused.value)
+    assert message.startswith(f"{key} must be ") and message.endswith("got 'bogus'")
+    assert all(choice in message for choice in choices)
+    with pytest.raises(OptError, match=f"{key} must be"):
+        load_config(None, [f"--{key}", "3"])  # a number is not a choice either
+
+
+def test_the_choices_are_declared_once_and_exported():
+    keys = dict(LITERAL_KEYS)
+    assert keys["train.precision"] == config.PRECISIONS == ("fp32", "bf16", "fp16")
+    assert keys["train.compile"] == config.COMPILE
+    assert keys["train.attention"] == config.ATTENTION
+    assert keys["train.cpu_bf16_compute"] == config.CPU_BF16_COMPUTE
+    assert keys["parallel.pp_schedule"] == config.PP_SCHEDULES
+    assert keys["parallel.activation_checkpoint"] == config.ACTIVATION_CHECKPOINT
+    assert keys["data.builtin"] == config.BUILTIN_CORPORA
+    assert set(keys) >= {"train.device", "slurm.signal"}
+    assert "reset_optimizer" in config.LADDER_MOVES and config.DRILL_KINDS[0] == "spike"
+    assert config.DRILL.match("scale_collapse@10x3!").groups() == ("scale_collapse", "10", "3", "!")
+    for value in config.PRECISIONS:  # and each listed one is accepted
+        assert load_config(None, ["--train.precision", value]).train.precision == value
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--supervisor.drill", "scale_collapse@10"], "needs train.precision=fp16"),
+        (["--supervisor.drill", "spike@"], "supervisor.drill must be KIND@STEP"),
+        (["--supervisor.ladder", "[]"], "supervisor.ladder must have at least one rung"),
+        (["--supervisor.ladder", '["skip", "jump"]'], "rung 'jump': unknown move 'jump'"),
+        (["--supervisor.ladder", '["reset_optimizer"]'], "reset_optimizer needs rollback"),
+        (["--supervisor.lr_factor", "1.5"], r"lr_factor must be within \(0, 1\], got 1.5"),
+        (["--schedule.min_lr_ratio", "-0.1"], r"min_lr_ratio must be within \[0, 1\]"),
+        (["--slurm.gpus_per_node", "0"], "needs slurm.tasks_per_node"),
+        (["--slurm.tasks_per_node", "4"], "tasks_per_node=4 but gpus_per_node=8"),
+        (["--slurm.signal_delay_s", "60", "--slurm.time_minutes", "1"], "shorter than"),
+        (
+            ["--parallel.pp_schedule", "gpipe", "--parallel.pp_stages_per_rank", "2"],
+            "pp_schedule=gpipe runs one stage per rank",
+        ),
+    ],
+)
+def test_cross_field_rules(overrides, message):
+    with pytest.raises(OptError, match=message):
+        load_config(None, overrides)
+
+
+def test_cross_field_rules_accept_what_fits():
+    cfg = load_config(
+        None,
+        ["--supervisor.drill", "scale_collapse@10", "--train.precision", "fp16",
+         "--slurm.gpus_per_node", "0", "--slurm.tasks_per_node", "4",
+         "--supervisor.ladder", '["rollback+skip_data", "stop"]'],
+    )  # fmt: skip
+    assert cfg.slurm.tasks_per_node == 4 and cfg.supervisor.ladder[0] == "rollback+skip_data"
+    same = load_config(None, ["--slurm.gpus_per_node", "4", "--slurm.tasks_per_node", "4"])
+    assert same.slurm.tasks_per_node == 4
+
+
+def test_types_are_strict_beyond_the_toml_conversions(tmp_path):
+    path = tmp_path / "c.toml"
+    for line, message in [
+        ('[optim]\nlr = "1e-3"', "optim.lr must be float, got '1e-3'"),
+        ("[data]\nprefetch = 1", "data.prefetch must be bool, got 1"),
+        ("[train]\nmax_steps = 2.5", "train.max_steps must be int, got 2.5"),
+        ("[run]\nname = 1.5", "run.name must be str, got 1.5"),
+        ("optim = 3", "config section optim must be a table, got 3"),
+        ("[slurm]\nsbatch = 'x'", "slurm.sbatch must be list"),
+    ]:
+        path.write_text(line)
+        with pytest.raises(OptError, match=message):
+            load_config(path)
+
+
+def test_sections_check_assignments_too():
+    cfg = load_config(None)
+    cfg.checkpoint.async_save = False  # the benchmarks flip switches like this
+    with pytest.raises(ValueError, match="Input should be"):
+        cfg.train.precision = "fp8"

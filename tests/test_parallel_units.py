@@ -432,7 +432,12 @@ def test_stage_ids_are_looped():
             {"pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 3},
             "= 6 stages need at least 6 layers, the model has 4",
         ),
-        (ARGS, {"world_size": 1}, {"pp_stages_per_rank": 2}, "pp_stages_per_rank > 1 needs"),
+        (
+            ARGS,
+            {"world_size": 1},
+            {"pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 2},
+            "pp_stages_per_rank > 1 needs",
+        ),
     ],
 )
 def test_check_layout_refuses_what_the_model_cannot_be_split_by(args, dims, par, message):

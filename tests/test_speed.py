@@ -223,7 +223,7 @@ def test_prefetch_follows_skips_and_rewinds_exactly(tiny_config):
     """The supervisor skips data and rolls the stream back between steps: a read-ahead made
     before must not leak into the batches."""
     cfg = tiny_config()
-    args = get_model_args(cfg.model.name).reshaped(2, 0, 64, 512)
+    args = get_model_args(cfg.model.name).reshaped(n_layers=2, d_model=64, vocab_size=512)
     plain, _ = build_loader(cfg, args)
     ahead = PrefetchingLoader(build_loader(cfg, args)[0])
     script = [("next",), ("skip", 3), ("next",), ("save",), ("next",), ("next",), ("load",)]

@@ -201,18 +201,21 @@ class CheckpointManager:
 
     # ----- loading ---------------------------------------------------------------------------
     def resume(self) -> Path | None:
-        """Restore per ``checkpoint.resume`` (everything), or load the weights of
-        ``checkpoint.init_from`` into a fresh run; returns where from, or None."""
+        """Restore everything per ``checkpoint.resume``; returns the checkpoint, or None when
+        there is nothing to resume from."""
         source = self._resume_source()
         if source is not None:
             self.load(source, verified=True)
-            return source
-        if self.cfg.init_from:
-            source = Path(self.cfg.init_from)
-            self._check_same_shape(source)
-            io.load_model_weights(source, self.model_parts)
-            return source
-        return None
+        return source
+
+    def init_from_weights(self) -> Path | None:
+        """A fresh run's weights from ``checkpoint.init_from``, if it names a checkpoint."""
+        if self.cfg.init_from is None:
+            return None
+        source = Path(self.cfg.init_from)
+        self._check_same_shape(source)
+        io.load_model_weights(source, self.model_parts)
+        return source
 
     def load(self, path: Path, *, keep: Iterable[str] = (), verified: bool = False) -> None:
         """Restore model, optimizer, this rank's RNG (same layout only) and every piece

@@ -43,7 +43,9 @@ def slurm_folder(cfg: JobConfig) -> Path:
 
 
 def tasks_per_node(cfg: JobConfig) -> int:
-    return cfg.slurm.tasks_per_node or cfg.slurm.gpus_per_node
+    if cfg.slurm.tasks_per_node is not None:
+        return cfg.slurm.tasks_per_node
+    return cfg.slurm.gpus_per_node
 
 
 def world_size(cfg: JobConfig) -> int:
@@ -102,7 +104,7 @@ def srun_command(
         f"--nodes={nodes or cfg.slurm.nodes}",
         f"--ntasks-per-node={tasks_per_node(cfg)}",
     ]
-    if cfg.slurm.cpus_per_task:
+    if cfg.slurm.cpus_per_task is not None:
         command.append(f"--cpus-per-task={cfg.slurm.cpus_per_task}")
     return [*command, python, "-u", "-m", "opt", "train", str(config_file)]
 
@@ -181,7 +183,7 @@ def launch_slurm(config: str, overrides: list[str], dry_run: bool) -> int:
         job_id=job.job_id,
         nodes=cfg.slurm.nodes,
         ranks=world_size(cfg),
-        partition=cfg.slurm.partition or None,
+        partition=cfg.slurm.partition,
         time_minutes=cfg.slurm.time_minutes,
     )
     print(f"\nsubmitted job {job.job_id}; follow it with `opt status {cfg.run_dir}`")

@@ -65,17 +65,21 @@ class ModelArgs:
         return dataclasses.replace(self, **changes)
 
     def reshaped(
-        self, n_layers: int = 0, n_heads: int = 0, d_model: int = 0, vocab_size: int = 0
+        self,
+        n_layers: int | None = None,
+        n_heads: int | None = None,
+        d_model: int | None = None,
+        vocab_size: int | None = None,
     ) -> ModelArgs:
-        """This size with the given dimensions changed (0 keeps one). A new width brings
+        """This size with the given dimensions changed (None keeps one). A new width brings
         its 4x FFN, and the word embeddings follow it unless they are projected (350M)."""
         custom = {
             key: value
             for key, value in (("n_layers", n_layers), ("n_heads", n_heads),
                                ("d_model", d_model), ("vocab_size", vocab_size))
-            if value > 0
+            if value is not None
         }  # fmt: skip
-        if d_model > 0:
+        if d_model is not None:
             custom["ffn_dim"] = 4 * d_model
             if not self.projects_embeddings:
                 custom["word_embed_dim"] = d_model

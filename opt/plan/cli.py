@@ -73,9 +73,7 @@ def _job_and_cluster(args):
     from opt.plan.calibrate import load_calibration
     from opt.plan.planner import Cluster, Job
 
-    model_args = get_model_args(args.model).reshaped(
-        args.layers or 0, args.heads or 0, args.d_model or 0
-    )
+    model_args = get_model_args(args.model).reshaped(args.layers, args.heads, args.d_model)
     if args.seq_len > model_args.max_positions:
         raise OptError(f"--seq-len {args.seq_len} exceeds max_positions {model_args.max_positions}")
     if args.gpus < 1 or args.gpus_per_node < 1:
@@ -200,10 +198,7 @@ def write_config(path: Path, job, cluster, c) -> None:
     for key, attr in (("model.n_layers", "n_layers"), ("model.n_heads", "n_heads"),
                       ("model.d_model", "d_model")):  # fmt: skip
         overrides[key] = getattr(job.args, attr)
-    flat = []
-    for key, value in overrides.items():
-        flat += [f"--{key}", json.dumps(value) if isinstance(value, (str, bool)) else str(value)]
-    cfg = load_config(base if base.is_file() else None, flat)
+    cfg = load_config(base if base.is_file() else None, values=overrides)
     check_job(cfg, cluster.gpus)  # the trainer must accept it as written
     atomic_write(
         path, f"# written by `opt plan` for {cluster.gpus} x {cluster.gpu.name}\n" + to_toml(cfg)

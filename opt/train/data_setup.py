@@ -11,19 +11,13 @@ from opt.data.sampler import BatchLoader, SampleStream
 from opt.errors import OptError
 from opt.models.sizes import ModelArgs
 
-BUILTIN_CORPORA = ("pydoc",)
-
 
 def dataset_prefix(cfg: JobConfig, model_args: ModelArgs) -> Path:
     """The token-file prefix, building the embedded corpus there first when asked to."""
-    if not cfg.data.path:
+    if cfg.data.path is None:
         raise OptError("data.path is not set (a prefix written by `opt data prepare`)")
     prefix = Path(cfg.data.path)
-    if cfg.data.builtin:
-        if cfg.data.builtin not in BUILTIN_CORPORA:
-            raise OptError(
-                f"data.builtin must be one of {', '.join(BUILTIN_CORPORA)}, got {cfg.data.builtin!r}"
-            )
+    if cfg.data.builtin is not None:  # the config allows only the corpora there are
         if prefix.name != "train":
             raise OptError(
                 f"data.builtin writes <dir>/train; set data.path to end in /train, not {prefix}"
@@ -57,7 +51,7 @@ def build_loader(
 
 def resolve_tokenizer_file(cfg: JobConfig, prefix: Path) -> Path | None:
     """tokenizer.json to store beside checkpoints so `opt score` can read text back."""
-    candidate = Path(cfg.data.tokenizer) if cfg.data.tokenizer else prefix.parent
+    candidate = Path(cfg.data.tokenizer) if cfg.data.tokenizer is not None else prefix.parent
     if candidate.is_dir():
         candidate = candidate / "tokenizer.json"
     return candidate if candidate.is_file() else None

@@ -309,8 +309,9 @@ class Trainer:
         """Resume per ``checkpoint.resume`` (or start from ``init_from`` weights), and finish
         a rollback that a dead job logged but never saved; returns the source."""
         source = self.checkpoints.resume()
-        self.reconciled = None
-        if source is not None and self.interventions is not None and self.step > 0:
+        if source is None:
+            return self.checkpoints.init_from_weights()
+        if self.interventions is not None:
             self.reconciled = self.interventions.reconcile(self.step, self.tokens_seen)
         return source
 
@@ -398,8 +399,9 @@ class Trainer:
 
     def _metrics_logger(self) -> MetricsLogger:
         cfg = self.cfg
-        peak = cfg.metrics.peak_tflops * 1e12
-        if peak <= 0:
+        if cfg.metrics.peak_tflops is not None:
+            peak = cfg.metrics.peak_tflops * 1e12
+        else:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
             via_fp32 = kernels.cpu_bf16_via_fp32_enabled(self.device)
             peak = measure_matmul_peak(dtype, self.device, bf16_via_fp32=via_fp32)
