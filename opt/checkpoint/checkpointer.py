@@ -125,7 +125,7 @@ class PendingCheckpoint:
         except Exception as err:  # a failed background write on any rank
             raise OptError(f"async checkpoint {self.final} failed: {_first_line(err)}") from None
         rank = rank_and_world()[0]
-        maybe_inject_fault(rank, "save")  # every shard written, the manifest not yet
+        maybe_inject_fault(rank, "save", self.meta["step"])  # shards written, no manifest
         if rank == 0:
             manifest.commit(self.tmp, self.final, self.meta, files)
         return self.final
@@ -222,7 +222,7 @@ def save_checkpoint(
     if async_save:
         return PendingCheckpoint(final, tmp, meta, written, staged)
     barrier()
-    maybe_inject_fault(rank, "save")  # every shard written, the manifest not yet
+    maybe_inject_fault(rank, "save", step)  # every shard written, the manifest not yet
     if rank == 0:
         manifest.commit(tmp, final, meta)
     barrier()
