@@ -151,7 +151,7 @@ def verification(tmp: Path, files: int, size: int) -> dict:
 
 # ----- 3. a preemption on the test cluster ---------------------------------------------------
 def _when(event: dict) -> float:
-    return dt.datetime.fromisoformat(event["time"]).timestamp()
+    return dt.datetime.fromisoformat(event.time).timestamp()
 
 
 def preemption(tmp: Path, repeats: int) -> list[dict]:
@@ -159,8 +159,8 @@ def preemption(tmp: Path, repeats: int) -> list[dict]:
     from test_preemption import config_for
 
     from opt.data.prepare import ensure_builtin_dataset
+    from opt.run.logbook import read_events
     from opt.run.status import read_status
-    from opt.supervisor.logbook import read_events
 
     if reason := ensure_slurm_installed():
         raise SystemExit(reason)
@@ -190,18 +190,18 @@ def preemption(tmp: Path, repeats: int) -> list[dict]:
                 time.sleep(0.02)
             stopped = time.time()  # status.json says: saved and stopped
             book = tmp / "logbook" / run / "events.jsonl"
-            while not any(e["kind"] == "allocation_end" for e in read_events(book)):
+            while not any(e.kind == "allocation_end" for e in read_events(book)):
                 time.sleep(0.5)
             events = read_events(book)
-            first = {k: next(e for e in events if e["kind"] == k) for k in ("run_stop", "requeue")}
-            start2 = [e for e in events if e["kind"] == "allocation_start"][1]
-            resumed = [e for e in events if e["kind"] == "run_start"][1]
+            first = {k: next(e for e in events if e.kind == k) for k in ("run_stop", "requeue")}
+            start2 = [e for e in events if e.kind == "allocation_start"][1]
+            resumed = [e for e in events if e.kind == "run_start"][1]
             runs.append({
                 "stop_s": stopped - sent,
                 "requeue_s": _when(first["requeue"]) - _when(first["run_stop"]),
                 "held_s": _when(start2) - _when(first["requeue"]),
                 "startup_s": _when(resumed) - _when(start2),
-                "lost_s": resumed["lost_s"],
+                "lost_s": resumed.lost_s,
             })  # fmt: skip
     finally:
         cluster.stop()

@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     from opt.config import load_config
-    from opt.supervisor.logbook import Logbook
+    from opt.run.logbook import Logbook
+    from opt.run.logbook.events import Note
     from opt.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as name:
@@ -63,7 +64,7 @@ def main() -> None:
         appends = []
         for i in range(50):
             start = time.perf_counter()
-            book.append("note", step=i, text="benchmark entry")
+            book.append(Note(step=i, text="benchmark entry"))
             appends.append(time.perf_counter() - start)
     step_on, step_off = statistics.median(times[True]), statistics.median(times[False])
     inspect_s = statistics.median(inspect)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from opt.errors import OptError
+from opt.launch.overrides import expand
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
@@ -42,17 +43,13 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
-# Flags that `opt train` accepts as shorthands for full config keys.
-SHORTHANDS = {"--resume": "--checkpoint.resume", "--max-steps": "--train.max_steps"}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from opt import dist as distributed
     from opt.config import load_config
     from opt.launch.slurm_env import adopt_slurm_environment
 
     adopt_slurm_environment()  # a task of `opt launch slurm`: rank and rendezvous from Slurm
-    overrides = [SHORTHANDS.get(a, a) for a in args.overrides]
+    overrides = expand(args.overrides)
     dry_run, world_size, as_json = _pop_dry_run_flags(overrides)
     cfg = load_config(args.config, overrides)
     if dry_run:
@@ -123,10 +120,10 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from opt.launch.status import format_status, run_status_report
+    from opt.launch.status import format_status, run_status_report, status_json
 
     report = run_status_report(args.run, args.runs_dir)
-    print(json.dumps(report, indent=1) if args.json else format_status(report))
+    print(status_json(report) if args.json else format_status(report))
     return 0
 
 
@@ -168,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     from opt.convert import cli as convert_cli
     from opt.data import cli as data_cli
     from opt.plan import cli as plan_cli
-    from opt.supervisor import cli as supervisor_cli
+    from opt.run import intervene as intervene_cli
+    from opt.run.logbook import cli as logbook_cli
 
     parser = argparse.ArgumentParser(
         prog="opt",
@@ -197,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(train, cmd_train)
 
     convert_cli.register(sub)
-    supervisor_cli.register(sub)
+    logbook_cli.register(sub)
+    intervene_cli.register(sub)
     plan_cli.register(sub)
 
     launch = sub.add_parser("launch", help="start multi-process training")

@@ -21,9 +21,9 @@ from conftest import REPO, TINY_OVERRIDES, _toml
 
 from opt.checkpoint.resume import newest_complete_checkpoint
 from opt.errors import OptError
+from opt.run.logbook import read_events
 from opt.run.preemption import StopOnSignal
 from opt.run.status import read_status
-from opt.supervisor.logbook import read_events
 
 
 def tensorboard_losses(run_dir: Path) -> dict[int, float]:
@@ -113,10 +113,8 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_and_the_resume_is_exact(
     assert "received SIGUSR2" in output
     saved = tmp_path / "ckpt" / "cut" / f"step_{stopped_at:08d}"
     assert (saved / "manifest.json").is_file(), "the stop must save its own step"
-    stop = [
-        e for e in read_events(tmp_path / "logbook/cut/events.jsonl") if e["kind"] == "run_stop"
-    ]
-    assert "stopped on SIGUSR2" in stop[-1]["reason"] or "peer" in stop[-1]["reason"]
+    stop = [e for e in read_events(tmp_path / "logbook/cut/events.jsonl") if e.kind == "run_stop"]
+    assert "stopped on SIGUSR2" in stop[-1].reason or "peer" in stop[-1].reason
 
     finish(launch_local(cut))  # the requeued job: resumes and finishes
     assert read_status(run_dir)["state"] == "finished"
@@ -124,9 +122,9 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_and_the_resume_is_exact(
     assert sorted(losses) == list(range(1, 13)), "no step lost or repeated"
     assert losses == pytest.approx(expected, rel=1e-6, abs=0)
     resumed = [e for e in read_events(tmp_path / "logbook/cut/events.jsonl")
-               if e["kind"] == "run_start"][-1]  # fmt: skip
-    assert resumed["step"] == stopped_at and resumed["lost_steps"] == 0
-    assert resumed["previous_state"] == "stopped_on_signal" and resumed["lost_s"] >= 0
+               if e.kind == "run_start"][-1]  # fmt: skip
+    assert resumed.step == stopped_at and resumed.lost_steps == 0
+    assert resumed.previous_state == "stopped_on_signal" and resumed.lost_s >= 0
 
 
 def test_the_handler_records_the_signal_and_the_step_vector_carries_it():
@@ -165,12 +163,12 @@ def test_a_truncated_newest_checkpoint_is_set_aside_for_the_previous_complete_on
     resumed = _train(tiny_config, 8)
     assert resumed.step == 8
     events = read_events(resumed.cfg.logbook_dir / "events.jsonl")
-    skipped = [e for e in events if e["kind"] == "checkpoint_skipped"]
-    assert len(skipped) == 1 and skipped[0]["checkpoint"] == str(newest)
-    assert "bytes, the manifest says" in skipped[0]["problem"]
-    start = [e for e in events if e["kind"] == "run_start"][-1]
-    assert start["checkpoint"].endswith("step_00000004")
-    assert start["previous_step"] == 6 and start["lost_steps"] == 2
+    skipped = [e for e in events if e.kind == "checkpoint_skipped"]
+    assert len(skipped) == 1 and skipped[0].checkpoint == str(newest)
+    assert "bytes, the manifest says" in skipped[0].problem
+    start = [e for e in events if e.kind == "run_start"][-1]
+    assert start.checkpoint.endswith("step_00000004")
+    assert start.previous_step == 6 and start.lost_steps == 2
     assert (root / "step_00000006.corrupt").is_dir(), "kept as evidence"
 
 
@@ -204,9 +202,9 @@ def test_run_stop_records_compute_and_energy(tiny_config):
 
     trainer = _train(tiny_config, 2)
     stop = [e for e in read_events(trainer.cfg.logbook_dir / "events.jsonl")
-            if e["kind"] == "run_stop"][-1]  # fmt: skip
-    assert stop["gpu_hours"] == 0.0 and stop["energy_kwh"] is None
-    assert stop["energy_source"] == "CPU run: not estimated"
+            if e.kind == "run_stop"][-1]  # fmt: skip
+    assert stop.gpu_hours == 0.0 and stop.energy_kwh is None
+    assert stop.energy_source == "CPU run: not estimated"
 
     # On a GPU without NVML: the GPU type's TDP times the GPU-hours, then PUE and grid.
     meter = EnergyMeter(torch.device("cpu"), ranks=8, pue=1.1, carbon_kg_per_kwh=0.25)

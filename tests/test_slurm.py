@@ -21,8 +21,9 @@ import pytest
 from conftest import REPO
 from test_preemption import config_for, finish, launch_local, rank_pid, tensorboard_losses
 
+from opt.run.logbook import read_events
+from opt.run.logbook.events import Event
 from opt.run.status import read_status
-from opt.supervisor.logbook import read_events
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
@@ -58,12 +59,12 @@ class Job:
         return subprocess.run([sys.executable, "-m", "opt", *args], cwd=REPO, env=self.env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
-    def events(self) -> list[dict]:
+    def events(self) -> list[Event]:
         path = self.root / "logbook" / self.run / "events.jsonl"
         return read_events(path) if path.is_file() else []
 
     def kinds(self) -> list[str]:
-        return [e["kind"] for e in self.events()]
+        return [e.kind for e in self.events()]
 
     def slurm(self, *command: str) -> str:
         return subprocess.run(command, env=self.cluster.env, capture_output=True, text=True,
@@ -107,18 +108,18 @@ def test_a_preemption_signal_requeues_and_the_resumed_run_matches_an_uninterrupt
     job.wait_until_finished()
 
     events = job.events()
-    kinds = [e["kind"] for e in events]
+    kinds = [e.kind for e in events]
     assert kinds.count("allocation_start") == 2, (kinds, job.log())
-    stop = next(e for e in events if e["kind"] == "run_stop")
-    assert "stopped on SIGUSR2" in stop["reason"]
-    requeue = next(e for e in events if e["kind"] == "requeue")
-    assert requeue["cause"] == "preemption" and requeue["job_id"] == job.id
-    assert requeue["checkpoint"].endswith(f"step_{stop['step']:08d}")
-    resumed = [e for e in events if e["kind"] == "run_start"][-1]
-    assert resumed["step"] == stop["step"] and resumed["lost_steps"] == 0
-    restart = [e for e in events if e["kind"] == "allocation_start"][-1]
-    assert restart["restart"] == 1 and restart["job_id"] == job.id  # requeued, same job
-    assert events[-1]["kind"] == "allocation_end" and events[-1]["result"] == "finished"
+    stop = next(e for e in events if e.kind == "run_stop")
+    assert "stopped on SIGUSR2" in stop.reason
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "preemption" and requeue.job_id == job.id
+    assert requeue.checkpoint.endswith(f"step_{stop.step:08d}")
+    resumed = [e for e in events if e.kind == "run_start"][-1]
+    assert resumed.step == stop.step and resumed.lost_steps == 0
+    restart = [e for e in events if e.kind == "allocation_start"][-1]
+    assert restart.restart == 1 and restart.job_id == job.id  # requeued, same job
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished"
 
     losses = tensorboard_losses(job.run_dir)
     assert sorted(losses) == list(range(1, 15)), "no step lost or repeated"
@@ -151,17 +152,17 @@ def test_a_killed_rank_requeues_and_resumes_from_the_last_complete_checkpoint(
     job.wait_until_finished()
 
     events = job.events()
-    requeue = next(e for e in events if e["kind"] == "requeue")
-    assert requeue["cause"] == "process_failure", requeue
-    assert requeue["hosts"] == [slurm_cluster.node_name] and requeue["ranks"] == "1"
-    assert requeue["detail"] == "Killed"
-    skipped = next(e for e in events if e["kind"] == "checkpoint_skipped")
-    assert skipped["checkpoint"] == str(newest)
-    resumed = [e for e in events if e["kind"] == "run_start"][-1]
-    assert resumed["checkpoint"] == str(previous)
-    lost = resumed["previous_step"] - int(previous.name.split("_")[1])
-    assert resumed["lost_steps"] == lost >= 2 and resumed["lost_s"] > 0
-    assert events[-1]["kind"] == "allocation_end" and events[-1]["result"] == "finished"
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "process_failure", requeue
+    assert requeue.hosts == [slurm_cluster.node_name] and requeue.ranks == "1"
+    assert requeue.detail == "Killed"
+    skipped = next(e for e in events if e.kind == "checkpoint_skipped")
+    assert skipped.checkpoint == str(newest)
+    resumed = [e for e in events if e.kind == "run_start"][-1]
+    assert resumed.checkpoint == str(previous)
+    lost = resumed.previous_step - int(previous.name.split("_")[1])
+    assert resumed.lost_steps == lost >= 2 and resumed.lost_s > 0
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished"
 
     # The steps after the resume repeat the reference exactly (the newest event file).
     newest_file = max((job.run_dir / "tensorboard").glob("events.*"), key=os.path.getmtime)
@@ -173,7 +174,7 @@ def test_a_killed_rank_requeues_and_resumes_from_the_last_complete_checkpoint(
         for v in e.summary.value
         if v.tag == "train/loss"
     }
-    assert sorted(resumed_losses) == list(range(resumed["step"] + 1, 15))
+    assert sorted(resumed_losses) == list(range(resumed.step + 1, 15))
     assert resumed_losses == pytest.approx(
         {s: reference_losses[s] for s in resumed_losses}, rel=1e-6, abs=0
     )
@@ -193,9 +194,9 @@ def test_a_node_that_fails_again_is_excluded_from_the_next_allocation(
     job.wait("Slurm to hold the job", lambda: "BadConstraints" in job.state(), timeout=60)
     shown = job.slurm("scontrol", "-o", "show", "job", job.id)
     assert f"ExcNodeList={slurm_cluster.node_name}" in shown
-    excluded = next(e for e in job.events() if e["kind"] == "node_excluded")
-    assert excluded["hosts"] == [slurm_cluster.node_name]
-    assert excluded["failures"] == {slurm_cluster.node_name: 1}
+    excluded = next(e for e in job.events() if e.kind == "node_excluded")
+    assert excluded.hosts == [slurm_cluster.node_name]
+    assert excluded.failures == {slurm_cluster.node_name: 1}
     job.slurm("scancel", job.id)
 
 
@@ -206,9 +207,9 @@ def test_failures_past_the_limit_end_the_job_and_say_so(slurm_cluster, tmp_path,
     job.wait_until_finished()
     events = job.events()
     gave_up = events[-1]
-    assert gave_up["kind"] == "gave_up" and gave_up["cause"] == "process_failure", events
-    assert gave_up["limit"] == 0 and gave_up["hosts"] == [slurm_cluster.node_name]
-    assert "requeue" not in [e["kind"] for e in events]
+    assert gave_up.kind == "gave_up" and gave_up.cause == "process_failure", events
+    assert gave_up.limit == 0 and gave_up.hosts == [slurm_cluster.node_name]
+    assert "requeue" not in [e.kind for e in events]
     job.wait("Slurm to end the job", lambda: job.state().startswith("FAILED"), timeout=60)
 
 
@@ -222,7 +223,7 @@ def test_a_start_that_can_never_work_ends_the_job_instead_of_requeueing(
     job.wait_until_finished()
     events = job.events()
     gave_up = events[-1]
-    assert gave_up["kind"] == "gave_up" and gave_up["cause"] == "refused", events
-    assert f"checkpoint not found: {missing}" in gave_up["detail"]
-    assert "requeue" not in [e["kind"] for e in events]
+    assert gave_up.kind == "gave_up" and gave_up.cause == "refused", events
+    assert f"checkpoint not found: {missing}" in gave_up.detail
+    assert "requeue" not in [e.kind for e in events]
     job.wait("Slurm to end the job", lambda: job.state().startswith("FAILED"), timeout=60)

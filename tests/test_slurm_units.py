@@ -13,17 +13,19 @@ from conftest import REPO, run_cli
 
 from opt.config import load_config
 from opt.errors import OptError
-from opt.launch.slurm import sbatch_parameters, srun_command
-from opt.launch.slurm_driver import (
-    SRUN_NODE_FAILURE,
-    SRUN_TASK_ERROR,
-    _allocation_vanished,
+from opt.launch.job_history import (
+    allocation_vanished,
     excluded_hosts,
     failures_by_host,
+    newly_excluded,
     requeue_counts,
-    stop_cause,
+    requeue_limit,
+    requeues_used,
 )
+from opt.launch.slurm_driver import SRUN_NODE_FAILURE, SRUN_TASK_ERROR, stop_cause
 from opt.launch.slurm_env import adopt_slurm_environment, expand_hostlist, master_port
+from opt.launch.slurm_job import sbatch_parameters, srun_command
+from opt.run.logbook.events import AllocationStart, NodeExcluded, Requeue, RunStart
 
 
 @pytest.mark.parametrize(
@@ -147,16 +149,20 @@ def test_srun_failure_reports_are_parsed():
 
 
 def _requeue(cause, *hosts):
-    return {"kind": "requeue", "cause": cause, "hosts": list(hosts)}
+    return Requeue(cause=cause, job_id="7", requeued_by="opt", hosts=list(hosts))
+
+
+def _allocation():
+    return AllocationStart(job_id="7", hosts=["n1", "n2"])
 
 
 def test_limits_and_exclusion_are_counted_from_the_logbook():
     events = [
-        {"kind": "allocation_start"}, _requeue("preemption"),
-        {"kind": "allocation_start"}, _requeue("process_failure", "n1"),
-        {"kind": "allocation_start"}, _requeue("node_failure", "n2"),
-        {"kind": "allocation_start"}, _requeue("process_failure", "n1"),
-        {"kind": "allocation_start"}, _requeue("timeout"),
+        _allocation(), _requeue("preemption"),
+        _allocation(), _requeue("process_failure", "n1"),
+        _allocation(), _requeue("node_failure", "n2"),
+        _allocation(), _requeue("process_failure", "n1"),
+        _allocation(), _requeue("timeout"),
     ]  # fmt: skip
     assert requeue_counts(events) == {"preemption": 1, "process_failure": 2, "node_failure": 1,
                                       "timeout": 1}  # fmt: skip
@@ -164,8 +170,30 @@ def test_limits_and_exclusion_are_counted_from_the_logbook():
     cfg = _cfg("--slurm.exclude", "bad[1-2]")
     assert excluded_hosts(cfg, events) == ["bad1", "bad2", "n1"]
     assert excluded_hosts(_cfg("--slurm.exclude_after_failures", "0"), events) == []
-    assert not _allocation_vanished(events)
-    assert _allocation_vanished([*events, {"kind": "allocation_start"}, {"kind": "run_start"}])
+    assert not allocation_vanished(events)
+    start = RunStart(reason="fresh", world_size=2, layout={}, model="opt-tiny", run_dir="r")
+    assert allocation_vanished([*events, _allocation(), start])
+
+
+def test_requeue_limits_share_one_count_for_both_kinds_of_failure():
+    events = [_requeue("process_failure", "n1"), _requeue("node_failure", "n2"),
+              _requeue("timeout"), _requeue("preemption")]  # fmt: skip
+    cfg = _cfg("--slurm.max_failure_requeues", "5", "--slurm.max_timeout_requeues", "4")
+    assert requeue_limit(cfg, "process_failure") == requeue_limit(cfg, "node_failure") == 5
+    assert requeue_limit(cfg, "timeout") == 4 and requeue_limit(cfg, "preemption") is None
+    assert requeues_used(events, "node_failure") == requeues_used(events, "process_failure") == 2
+    assert requeues_used(events, "timeout") == 1
+
+
+def test_a_host_is_excluded_once_when_it_reaches_the_threshold():
+    cfg = _cfg("--slurm.exclude_after_failures", "2")
+    events = [_requeue("process_failure", "n1"), _requeue("node_failure", "n2")]
+    assert newly_excluded(cfg, events) == []
+    events.append(_requeue("process_failure", "n1"))
+    assert newly_excluded(cfg, events) == ["n1"]
+    events.append(NodeExcluded(job_id="7", hosts=["n1"], exclude="n1", failures={"n1": 2}))
+    assert newly_excluded(cfg, events) == []
+    assert excluded_hosts(cfg, events) == ["n1"]  # still excluded from every later allocation
 
 
 def test_a_warning_near_the_time_limit_is_a_timeout_and_earlier_a_preemption():
@@ -173,3 +201,28 @@ def test_a_warning_near_the_time_limit_is_a_timeout_and_earlier_a_preemption():
     assert stop_cause(cfg, 3600 - 300 - 30) == "timeout"  # Slurm's signal came 30 s early
     assert stop_cause(cfg, 3600 - 300 + 20) == "timeout"
     assert stop_cause(cfg, 1200) == "preemption"
+
+
+def test_a_give_up_replaces_the_requeue_over_the_limit_and_a_failure_says_where(tmp_path):
+    from opt.launch.slurm_driver import _give_up_if_over_limit
+    from opt.run.logbook import Logbook
+
+    cfg = _cfg("--slurm.max_failure_requeues", "1", "--slurm.max_timeout_requeues", "1",
+               "--logbook.dir", str(tmp_path))  # fmt: skip
+    book = Logbook(tmp_path, "r")
+    failure = Requeue(cause="node_failure", job_id="7", requeued_by="opt", step=9, hosts=["n2"],
+                      ranks="3", detail="Killed", checkpoint="ck/step_8")  # fmt: skip
+    timeout = Requeue(cause="timeout", job_id="7", requeued_by="opt", step=9, checkpoint="c")
+    preemption = Requeue(cause="preemption", job_id="7", requeued_by="slurm")
+    assert _give_up_if_over_limit(cfg, book, [], failure) is None
+    history = [_requeue("process_failure", "n1"), _requeue("timeout"), preemption] * 3
+    assert _give_up_if_over_limit(cfg, book, history, preemption) is None  # never a limit
+    assert _give_up_if_over_limit(cfg, book, history, failure) == 1
+    assert _give_up_if_over_limit(cfg, book, history, timeout) == 1
+    gave_up_failure, gave_up_timeout = book.events()
+    assert (gave_up_failure.cause, gave_up_failure.requeues_used, gave_up_failure.limit) == (
+        "node_failure", 3, 1)  # fmt: skip
+    assert (gave_up_failure.hosts, gave_up_failure.ranks, gave_up_failure.detail) == (
+        ["n2"], "3", "Killed")  # fmt: skip
+    assert gave_up_failure.checkpoint == "ck/step_8" and gave_up_failure.step == 9
+    assert gave_up_timeout.hosts == [] and gave_up_timeout.checkpoint is None

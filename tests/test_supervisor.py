@@ -15,7 +15,9 @@ import torch
 from conftest import REPO, run_cli
 
 from opt.config import to_toml
-from opt.supervisor.logbook import Logbook, read_events, redact
+from opt.run.logbook import Logbook, read_events
+from opt.run.logbook.events import Note
+from opt.run.logbook.redact import redact
 from opt.train.trainer import Trainer
 
 # Checkpoints every 5 steps; a spike drill at step 30 lasting two steps.
@@ -33,7 +35,7 @@ def drill_config(tiny_config, tmp_path, **overrides):
 
 
 def interventions(events):
-    return [e for e in events if e["kind"] == "intervention"]
+    return [e for e in events if e.kind == "intervention"]
 
 
 def test_an_injected_nan_skips_the_update_and_changes_nothing_else(tiny_config, tmp_path):
@@ -60,24 +62,22 @@ def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_pat
     results = trainer.fit()
     events = read_events(cfg.logbook_dir / "events.jsonl")
     skip, rollback = interventions(events)
-    assert (skip["step"], skip["action"], skip["detector"]) == (30, "skip", "loss_spike")
-    assert (rollback["step"], rollback["action"]) == (31, "rollback+lower_lr_clip")
+    assert (skip.step, skip.action, skip.detector) == (30, "skip", "loss_spike")
+    assert (rollback.step, rollback.action) == (31, "rollback+lower_lr_clip")
     # Rolled back to a checkpoint from before the spike, with the margin (30 - 5).
-    assert rollback["rolled_back_to_step"] == 25 and rollback["checkpoint"].endswith(
-        "step_00000025"
-    )
-    assert rollback["tokens_lost"] == 6 * cfg.train.batch_tokens
-    assert rollback["before"]["lr_scale"] == 1.0 and rollback["after"]["lr_scale"] == 0.9
-    assert rollback["after"]["grad_clip"] == pytest.approx(0.6)
+    assert rollback.rolled_back_to_step == 25 and rollback.checkpoint.endswith("step_00000025")
+    assert rollback.tokens_lost == 6 * cfg.train.batch_tokens
+    assert rollback.before.lr_scale == 1.0 and rollback.after.lr_scale == 0.9
+    assert rollback.after.grad_clip == pytest.approx(0.6)
     for key in ("time", "step", "tokens", "detector", "numbers", "checkpoint", "before", "after"):
-        assert key in rollback, key
-    assert rollback["numbers"]["loss"] > rollback["numbers"]["loss_median"] + 1
-    (outcome,) = [e for e in events if e["kind"] == "outcome"]
-    assert outcome["recovered"] and outcome["intervention_step"] == 31
-    assert outcome["recovered_at_step"] <= 31 + cfg.supervisor.recovery_steps
+        assert key in rollback.model_fields_set, key  # written in the line, not a default
+    assert rollback.numbers["loss"] > rollback.numbers["loss_median"] + 1
+    (outcome,) = [e for e in events if e.kind == "outcome"]
+    assert outcome.recovered and outcome.intervention_step == 31
+    assert outcome.recovered_at_step <= 31 + cfg.supervisor.recovery_steps
     # The factors persist: the final state and the checkpoint hold them.
     assert (trainer.factors.lr_scale, trainer.factors.grad_clip) == (0.9, pytest.approx(0.6))
-    assert trainer.step == 60 and results[-1].loss < outcome["pre_incident_loss"]
+    assert trainer.step == 60 and results[-1].loss < outcome.pre_incident_loss
     state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
     assert state["factors"]["lr_scale"] == 0.9
     assert "rollback+lower_lr_clip" in (cfg.logbook_dir / "LOGBOOK.md").read_text()
@@ -92,10 +92,10 @@ def test_persistent_divergence_escalates_then_stops_for_a_human(tiny_config, tmp
     assert result.stderr.startswith("error: supervisor stopped for a human after loss_spike")
     assert "resumable from" in result.stderr
     events = read_events(cfg.logbook_dir / "events.jsonl")
-    assert [e["action"] for e in interventions(events)] == list(cfg.supervisor.ladder[:-1])
-    assert events[-2]["kind"] == "stop_for_human" and events[-1]["kind"] == "run_stop"
-    skipped = next(e for e in events if e.get("skipped_data"))
-    assert skipped["skipped_steps"] == [26, 30]  # the window, from the rollback target on
+    assert [e.action for e in interventions(events)] == list(cfg.supervisor.ladder[:-1])
+    assert events[-2].kind == "stop_for_human" and events[-1].kind == "run_stop"
+    skipped = next(e for e in interventions(events) if e.skipped_data)
+    assert skipped.skipped_steps == (26, 30)  # the window, from the rollback target on
     # Left resumable: the healthy checkpoint is still there and complete.
     from opt.checkpoint import latest_checkpoint, verify_checkpoint
 
@@ -105,7 +105,7 @@ def test_persistent_divergence_escalates_then_stops_for_a_human(tiny_config, tmp
 def test_normal_training_raises_no_false_alarm(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, train__max_steps=120, model__dropout=0.1)
     Trainer(cfg).fit()
-    kinds = [e["kind"] for e in read_events(cfg.logbook_dir / "events.jsonl")]
+    kinds = [e.kind for e in read_events(cfg.logbook_dir / "events.jsonl")]
     assert kinds == ["run_start", "run_stop"]
 
 
@@ -135,9 +135,9 @@ def test_every_rank_takes_the_same_action(layout, tiny_config, tmp_path):
 
 def test_the_logbook_survives_kill_9_mid_append(tmp_path):
     writer = (
-        "import sys\nfrom opt.supervisor.logbook import Logbook\n"
+        "import sys\nfrom opt.run.logbook import Logbook\nfrom opt.run.logbook.events import Note\n"
         "book = Logbook(sys.argv[1], 'crash')\n"
-        "for i in range(100000):\n    book.append('note', step=i, text='x' * 500)\n"
+        "for i in range(100000):\n    book.append(Note(step=i, text='x' * 500))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", writer, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)}
@@ -154,9 +154,9 @@ def test_the_logbook_survives_kill_9_mid_append(tmp_path):
     assert raw.endswith(b"\n")  # no torn line
     events = read_events(events_file)
     assert len(events) == raw.count(b"\n") > 10
-    assert [e["step"] for e in events] == list(range(len(events)))
+    assert [e.step for e in events] == list(range(len(events)))
     book = Logbook(tmp_path, "crash")
-    book.append("note", step=len(events), text="after the crash")
+    book.append(Note(step=len(events), text="after the crash"))
     assert len(book.events()) == len(events) + 1
     table_rows = (tmp_path / "crash" / "LOGBOOK.md").read_text().count("\n| ") - 2  # header
     assert table_rows == len(events) + 1
@@ -169,14 +169,14 @@ def test_secrets_never_reach_the_logbook(tiny_config, tmp_path, monkeypatch):
     cfg = drill_config(tiny_config, tmp_path, train__max_steps=2)
     Trainer(cfg).fit()
     book = Logbook(cfg.logbook.dir, cfg.run.name)
-    book.append("note", text=f"used {token} and {password}; curl https://bob:pa55word@host/x",
-                api_key="sk-" + "z" * 30, tokens=123)  # fmt: skip
+    book.append(Note(text=f"used {token} and {password}; curl https://bob:pa55word@host/x",
+                     extra={"api_key": "sk-" + "z" * 30}, tokens=123))  # fmt: skip
     for name in ("events.jsonl", "LOGBOOK.md"):
         text = (cfg.logbook_dir / name).read_text()
         for secret in (token, password, "pa55word", "z" * 30):
             assert secret not in text, (name, secret)
     note = book.events()[-1]
-    assert note["tokens"] == 123 and note["api_key"] == "[redacted]"
+    assert note.tokens == 123 and note.extra["api_key"] == "[redacted]"
     assert redact({"tokenizer": "gpt2"}) == {"tokenizer": "gpt2"}
 
 
@@ -196,12 +196,12 @@ def test_kill_switch_and_manual_intervention(tiny_config, tmp_path):
     saved = torch.load(cfg.checkpoint_dir / "step_00000007" / "trainer.pt", weights_only=True)
     assert saved["factors"] == {"lr_scale": 0.5, "grad_clip": 0.3}
     events = read_events(cfg.logbook_dir / "events.jsonl")
-    manual = next(e for e in events if e["kind"] == "manual_intervention")
-    assert manual["reason"] == "drill" and manual["skipped_steps"] == [8, 9]
-    assert manual["after"]["lr_scale"] == 0.5
+    manual = next(e for e in events if e.kind == "manual_intervention")
+    assert manual.reason == "drill" and manual.skipped_steps == (8, 9)
+    assert manual.after.lr_scale == 0.5
     per_step = trainer.loader.samples_per_step(trainer.grad_accum)
-    assert manual["skipped_data"] == [7 * per_step, 9 * per_step]
-    assert [e["kind"] for e in events][-3:] == ["manual_intervention", "intervention", "run_stop"]
+    assert manual.skipped_data == (7 * per_step, 9 * per_step)
+    assert [e.kind for e in events][-3:] == ["manual_intervention", "intervention", "run_stop"]
     assert (cfg.run_dir / "STOP.consumed").exists() and not (cfg.run_dir / "STOP").exists()
 
 
@@ -244,7 +244,7 @@ def test_a_loss_scale_collapse_is_detected_in_fp16(tiny_config, tmp_path):
     ]
     assert acted[0] == (10, "skip", "loss_scale_collapse")
     (event, *_) = interventions(read_events(cfg.logbook_dir / "events.jsonl"))
-    assert event["numbers"]["loss_scale"] == cfg.loss_scale.min_scale
+    assert event.numbers["loss_scale"] == cfg.loss_scale.min_scale
 
 
 def test_config_changes_and_resumes_are_logged(tiny_config, tmp_path):
@@ -252,12 +252,12 @@ def test_config_changes_and_resumes_are_logged(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, train__max_steps=8, optim__lr=5e-4)
     Trainer(cfg).fit()
     events = read_events(cfg.logbook_dir / "events.jsonl")
-    assert [e["kind"] for e in events] == [
+    assert [e.kind for e in events] == [
         "run_start", "run_stop", "config_change", "run_start", "run_stop",
     ]  # fmt: skip
-    assert events[2]["changes"]["optim.lr"] == [1e-3, 5e-4]
-    assert events[2]["changes"]["train.max_steps"] == [5, 8]
-    assert events[3]["reason"] == "resumed" and events[3]["checkpoint"].endswith("step_00000005")
+    assert events[2].changes["optim.lr"] == (1e-3, 5e-4)
+    assert events[2].changes["train.max_steps"] == (5, 8)
+    assert events[3].reason == "resumed" and events[3].checkpoint.endswith("step_00000005")
 
 
 def test_too_many_interventions_stop_the_run(tiny_config, tmp_path):
@@ -282,7 +282,7 @@ def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_co
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     events = read_events(cfg.logbook_dir / "events.jsonl")
-    assert events[-1]["kind"] == "intervention" and events[-1]["rolled_back_to_step"] == 25
+    assert events[-1].kind == "intervention" and events[-1].rolled_back_to_step == 25
     from opt.checkpoint import list_checkpoints
 
     # The untrusted step-30 checkpoint is gone from view; the target is complete.
@@ -290,10 +290,10 @@ def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_co
     resumed = run_cli("train", str(config_file))
     assert resumed.returncode == 0, resumed.stderr
     events = read_events(cfg.logbook_dir / "events.jsonl")
-    kinds = [e["kind"] for e in events]
+    kinds = [e.kind for e in events]
     assert kinds.count("intervention") == 2  # no second rollback after the restart
-    finished = next(e for e in events if e["kind"] == "intervention_completed_after_restart")
-    assert finished["after"]["lr_scale"] == 0.9 and finished["step"] == 25
+    finished = next(e for e in events if e.kind == "intervention_completed_after_restart")
+    assert finished.after.lr_scale == 0.9 and finished.step == 25
     state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
     assert (state["factors"]["lr_scale"], state["factors"]["grad_clip"]) == (
         0.9,

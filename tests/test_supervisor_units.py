@@ -41,7 +41,7 @@ def flags(detectors: Detectors, step, loss, norm, overflow=False, at_floor=False
 # ----- detectors -------------------------------------------------------------------------------
 def test_detectors_wait_for_min_steps_before_judging_spikes_and_norms():
     detectors = Detectors(CFG)
-    for step in range(1, CFG.min_steps):
+    for _step in range(1, CFG.min_steps):
         detectors.observe(5.0, 1.0)
     assert flags(detectors, 20, 50.0, 1e6) == []  # not armed: 19 healthy steps seen
     detectors.observe(5.0, 1.0)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import sys
 
+from opt.config import load_config
 from opt.errors import OptError
+from opt.job import check_job
+from opt.launch.overrides import expand
 
 
 def torchrun_args(nproc: int, config: str, overrides: list[str]) -> list[str]:
@@ -30,11 +33,7 @@ def torchrun_args(nproc: int, config: str, overrides: list[str]) -> list[str]:
 
 def check_before_launch(nproc: int, config: str, overrides: list[str]) -> None:
     """Refuse a config or layout that cannot work before starting any process."""
-    from opt.cli import SHORTHANDS
-    from opt.config import load_config
-    from opt.job import check_job
-
-    check_job(load_config(config, [SHORTHANDS.get(a, a) for a in overrides]), nproc)
+    check_job(load_config(config, expand(overrides)), nproc)
 
 
 def launch_local(nproc: int, config: str, overrides: list[str]) -> int:

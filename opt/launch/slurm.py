@@ -13,100 +13,25 @@ is already queued.
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
-from pathlib import Path
 
 from opt.config import JobConfig, load_config, to_toml
+from opt.dry_run import dry_run_report, format_report
 from opt.errors import OptError
 from opt.fsutil import atomic_write
-
-# `opt launch slurm --nodes 2` is `--slurm.nodes 2`, and so on.
-SHORT_FLAGS = {
-    "--nodes": "--slurm.nodes",
-    "--gpus-per-node": "--slurm.gpus_per_node",
-    "--tasks-per-node": "--slurm.tasks_per_node",
-    "--partition": "--slurm.partition",
-    "--account": "--slurm.account",
-    "--qos": "--slurm.qos",
-    "--time-minutes": "--slurm.time_minutes",
-    "--exclude": "--slurm.exclude",
-    "--nodelist": "--slurm.nodelist",
-}
-JOB_CONFIG = "config.toml"  # in <run dir>/slurm/
-
-
-def slurm_folder(cfg: JobConfig) -> Path:
-    """submitit's job folder: the submission script, pickles and per-job logs."""
-    return (cfg.run_dir / "slurm").absolute()
-
-
-def tasks_per_node(cfg: JobConfig) -> int:
-    if cfg.slurm.tasks_per_node is not None:
-        return cfg.slurm.tasks_per_node
-    return cfg.slurm.gpus_per_node
-
-
-def world_size(cfg: JobConfig) -> int:
-    return cfg.slurm.nodes * tasks_per_node(cfg)
-
-
-def sbatch_parameters(cfg: JobConfig) -> dict:
-    """submitit's SlurmExecutor parameters for this run."""
-    slurm = cfg.slurm
-    optional = {
-        "partition": slurm.partition,
-        "account": slurm.account,
-        "qos": slurm.qos,
-        "exclude": slurm.exclude,
-        "nodelist": slurm.nodelist,
-        "mem": slurm.mem,
-        "cpus_per_task": slurm.cpus_per_task,
-        "gpus_per_node": slurm.gpus_per_node,
-    }
-    extra = {
-        "requeue": True,  # let `scontrol requeue` (and Slurm after a node failure) requeue it
-        # Without "B:" the warning reaches every task of the job step (every rank), not the
-        # batch shell: the ranks save, the driver then requeues.
-        "signal": f"{slurm.signal}@{slurm.signal_delay_s}",
-        "chdir": os.getcwd(),  # relative paths in the config mean the same on every node
-    }
-    for option in slurm.sbatch:
-        key, _, value = option.removeprefix("--").partition("=")
-        extra[key] = value if value else True
-    return {
-        "job_name": cfg.run.name,
-        "wckey": None,  # submitit sets "submitit"; clusters that track WCKeys may refuse it
-        "nodes": slurm.nodes,
-        "ntasks_per_node": tasks_per_node(cfg),
-        "time": slurm.time_minutes,
-        "signal_delay_s": slurm.signal_delay_s,
-        "setup": list(slurm.setup),
-        "use_srun": False,  # the driver runs in the batch step and starts srun itself
-        "stderr_to_stdout": True,
-        **{k: v for k, v in optional.items() if v},
-        "additional_parameters": extra,
-    }
-
-
-def srun_command(
-    cfg: JobConfig, config_file: Path, python: str = sys.executable, nodes: int | None = None
-) -> list[str]:
-    """The job step each allocation runs: one training task per GPU on each of ``nodes``
-    (the allocation's own count, which an administrator may have changed; the layout's
-    dp_shard=-1 follows it, and the checkpoint reshards)."""
-    command = [
-        "srun",
-        "--kill-on-bad-exit=1",  # one dead rank ends the step instead of hanging the rest
-        "--label",  # every output line prefixed with its rank
-        "--unbuffered",
-        f"--nodes={nodes or cfg.slurm.nodes}",
-        f"--ntasks-per-node={tasks_per_node(cfg)}",
-    ]
-    if cfg.slurm.cpus_per_task is not None:
-        command.append(f"--cpus-per-task={cfg.slurm.cpus_per_task}")
-    return [*command, python, "-u", "-m", "opt", "train", str(config_file)]
+from opt.job import check_job
+from opt.launch.overrides import SHORTHANDS, SLURM_SHORT_FLAGS, expand
+from opt.launch.slurm_driver import AllocationDriver
+from opt.launch.slurm_job import (
+    JOB_CONFIG,
+    sbatch_parameters,
+    slurm_folder,
+    srun_command,
+    tasks_per_node,
+    world_size,
+)
+from opt.run.logbook import Logbook
+from opt.run.logbook.events import JobSubmitted
 
 
 def _executor(cfg: JobConfig):
@@ -125,11 +50,7 @@ def submission_script(cfg: JobConfig) -> str:
 
 
 def check_submission(config: str, overrides: list[str]) -> JobConfig:
-    from opt.cli import SHORTHANDS
-    from opt.job import check_job
-
-    overrides = [SHORT_FLAGS.get(a, SHORTHANDS.get(a, a)) for a in overrides]
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, expand(overrides, SLURM_SHORT_FLAGS, SHORTHANDS))
     if cfg.checkpoint.resume != "auto":
         raise OptError(
             "opt launch slurm resumes with checkpoint.resume=auto after every requeue; start "
@@ -140,8 +61,6 @@ def check_submission(config: str, overrides: list[str]) -> JobConfig:
 
 
 def describe(cfg: JobConfig) -> str:
-    from opt.dry_run import dry_run_report, format_report
-
     slurm = cfg.slurm
     gpus = f"{slurm.gpus_per_node} GPU(s)" if slurm.gpus_per_node else "no GPU"
     lines = [
@@ -165,9 +84,6 @@ def describe(cfg: JobConfig) -> str:
 
 
 def launch_slurm(config: str, overrides: list[str], dry_run: bool) -> int:
-    from opt.launch.slurm_driver import AllocationDriver
-    from opt.supervisor.logbook import Logbook
-
     cfg = check_submission(config, overrides)
     print(describe(cfg), flush=True)
     if dry_run:
@@ -178,13 +94,13 @@ def launch_slurm(config: str, overrides: list[str], dry_run: bool) -> int:
     config_file = folder / JOB_CONFIG
     atomic_write(config_file, to_toml(cfg))
     job = _executor(cfg).submit(AllocationDriver(str(config_file)))
-    Logbook(cfg.logbook.dir, cfg.run.name).append(
-        "job_submitted",
+    submitted = JobSubmitted(
         job_id=job.job_id,
         nodes=cfg.slurm.nodes,
         ranks=world_size(cfg),
         partition=cfg.slurm.partition,
         time_minutes=cfg.slurm.time_minutes,
     )
+    Logbook(cfg.logbook.dir, cfg.run.name).append(submitted)
     print(f"\nsubmitted job {job.job_id}; follow it with `opt status {cfg.run_dir}`")
     return 0

@@ -27,17 +27,32 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 from opt.config import JobConfig, load_config
-from opt.launch.slurm import srun_command
+from opt.launch.job_history import (
+    allocation_vanished,
+    excluded_hosts,
+    failures_by_host,
+    last_allocation,
+    newly_excluded,
+    requeue_limit,
+    requeues_used,
+)
 from opt.launch.slurm_env import expand_hostlist, master_port
+from opt.launch.slurm_job import srun_command
 from opt.run import status as run_status
+from opt.run.logbook import Logbook
+from opt.run.logbook.events import (
+    AllocationEnd,
+    AllocationStart,
+    Event,
+    GaveUp,
+    NodeExcluded,
+    Requeue,
+)
 from opt.run.preemption import ENV as STOP_SIGNALS_ENV
-from opt.supervisor.logbook import Logbook
 
-FAILURE_CAUSES = ("process_failure", "node_failure")
 REFUSED_EXIT = 2  # `opt train`'s status for a config/data/checkpoint error
 # srun's report of a failed task, e.g. "srun: error: node7: task 3: Killed".
 SRUN_TASK_ERROR = re.compile(r"srun: error: ([^:\s]+): tasks? ([\d,\-]+): (.+)")
@@ -83,24 +98,30 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     hosts = expand_hostlist(os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()))
     book = Logbook(cfg.logbook.dir, cfg.run.name)
     history = _events(book)
-    if _allocation_vanished(history):
+    if allocation_vanished(history):
         # The previous allocation ended without the driver's word, and Slurm requeued the
         # job itself: a preemption (the ranks had saved on the signal) or a dead node.
         # Which host failed is unknown, so none is blamed (or excluded) for it.
         saved = run_status.read_status(cfg.run_dir).get("state") == run_status.STOPPED_ON_SIGNAL
-        cause = "preemption" if saved else "node_failure"
-        fields = {"hosts": [], "allocation_hosts": _last_allocation(history).get("hosts", []),
-                  "detail": "the previous allocation ended without the driver's report"}  # fmt: skip
-        if (code := _over_limit(cfg, book, history, cause, job_id, None, fields)) is not None:
+        previous = last_allocation(history)
+        requeue = Requeue(
+            cause="preemption" if saved else "node_failure",
+            job_id=job_id,
+            requeued_by="slurm",
+            allocation_hosts=previous.hosts if previous else [],
+            detail="the previous allocation ended without the driver's report",
+        )
+        if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
-        book.append("requeue", cause=cause, job_id=job_id, requeued_by="slurm", **fields)
+        book.append(requeue)
         history = _events(book)
     book.append(
-        "allocation_start",
-        job_id=job_id,
-        restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-        hosts=hosts,
-        ranks=int(os.environ.get("SLURM_NTASKS", "0")) or None,
+        AllocationStart(
+            job_id=job_id,
+            restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            hosts=hosts,
+            ranks=int(os.environ.get("SLURM_NTASKS", "0")) or None,
+        )
     )
     started, started_at = time.monotonic(), time.time()
     outcome = run_training_step(cfg, config_file, hosts, job_id)
@@ -110,38 +131,44 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     state = status.get("state") if status.get("updated", 0) >= started_at else None
     step = status.get("step")
     if outcome.exit_code == 0 and state == run_status.FINISHED:
-        book.append("allocation_end", job_id=job_id, step=step, result="finished")
+        book.append(AllocationEnd(job_id=job_id, step=step, result="finished"))
         return 0
     if state == run_status.STOPPED_FOR_HUMAN:
-        book.append("allocation_end", job_id=job_id, step=step, result="stopped for a human")
+        book.append(AllocationEnd(job_id=job_id, step=step, result="stopped for a human"))
         return 3
     if outcome.refused and state != run_status.RUNNING:
         detail = next((ln for ln in outcome.last_lines if ": error: " in ln and "srun" not in ln),
                       f"exit status {REFUSED_EXIT}")  # fmt: skip
-        book.append("gave_up", job_id=job_id, step=step, cause="refused", detail=detail)
+        book.append(GaveUp(job_id=job_id, step=step, cause="refused", detail=detail))
         return REFUSED_EXIT
     if outcome.exit_code == 0 and state == run_status.STOPPED_ON_SIGNAL:
-        cause = stop_cause(cfg, time.monotonic() - started)
-        if (code := _over_limit(cfg, book, history, cause, job_id, step)) is not None:
+        requeue = Requeue(
+            cause=stop_cause(cfg, time.monotonic() - started),
+            job_id=job_id,
+            step=step,
+            tokens=status.get("tokens"),
+            checkpoint=status.get("last_checkpoint"),
+            requeued_by="opt",
+        )
+        if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
-        book.append("requeue", cause=cause, job_id=job_id, step=step, tokens=status.get("tokens"),
-                    checkpoint=status.get("last_checkpoint"), requeued_by="opt")  # fmt: skip
+        book.append(requeue)
         return _requeue(job_id)
-    cause = "node_failure" if outcome.node_failures else "process_failure"
-    failed_hosts = outcome.node_failures or [h for h, _, _ in outcome.failures[:1]]
     first = outcome.failures[0] if outcome.failures else None
-    fields = {
-        "job_id": job_id,
-        "step": step,
-        "tokens": status.get("tokens"),
-        "hosts": failed_hosts,
-        "ranks": first[1] if first else None,
-        "detail": first[2] if first else f"srun exit status {outcome.exit_code}",
-        "checkpoint": status.get("last_checkpoint"),
-    }
-    if (code := _over_limit(cfg, book, history, cause, job_id, step, fields)) is not None:
+    requeue = Requeue(
+        cause="node_failure" if outcome.node_failures else "process_failure",
+        job_id=job_id,
+        step=step,
+        tokens=status.get("tokens"),
+        hosts=outcome.node_failures or [h for h, _, _ in outcome.failures[:1]],
+        ranks=first[1] if first else None,
+        detail=first[2] if first else f"srun exit status {outcome.exit_code}",
+        checkpoint=status.get("last_checkpoint"),
+        requeued_by="opt",
+    )
+    if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
         return code
-    book.append("requeue", cause=cause, requeued_by="opt", **fields)
+    book.append(requeue)
     exclude = _new_exclusions(cfg, book, job_id)
     return _requeue(job_id, exclude)
 
@@ -177,79 +204,42 @@ def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id
     return StepOutcome(proc.wait(), failures, node_failures, last_lines)
 
 
-def _events(book: Logbook) -> list[dict]:
+def _events(book: Logbook) -> list[Event]:
     return book.events() if book.events_path.is_file() else []
 
 
-def _last_allocation(events: list[dict]) -> dict:
-    return next((e for e in reversed(events) if e.get("kind") == "allocation_start"), {})
-
-
-def _allocation_vanished(events: list[dict]) -> bool:
-    """The last allocation started and nothing ended it (no requeue, end or give-up)."""
-    ends = ("requeue", "allocation_end", "gave_up")
-    for event in reversed(events):
-        if event.get("kind") in ends:
-            return False
-        if event.get("kind") == "allocation_start":
-            return True
-    return False
-
-
-def requeue_counts(events: list[dict]) -> Counter:
-    return Counter(e.get("cause") for e in events if e.get("kind") == "requeue")
-
-
-def _over_limit(cfg, book, history, cause, job_id, step=None, fields=None) -> int | None:
-    """Give up (and return the exit status) when ``cause`` has used up its requeues."""
-    limits = {
-        "timeout": cfg.slurm.max_timeout_requeues,
-        "process_failure": cfg.slurm.max_failure_requeues,
-        "node_failure": cfg.slurm.max_failure_requeues,
-    }
-    if cause not in limits:
+def _give_up_if_over_limit(
+    cfg: JobConfig, book: Logbook, history: list[Event], requeue: Requeue
+) -> int | None:
+    """Give up instead of ``requeue`` (and return the exit status) when its cause has used
+    up its requeues. A failure's give-up says where it happened, as its requeue would have."""
+    limit = requeue_limit(cfg, requeue.cause)
+    if limit is None:
         return None  # preemptions requeue without limit
-    counts = requeue_counts(history)
-    used = sum(counts[c] for c in FAILURE_CAUSES) if cause in FAILURE_CAUSES else counts[cause]
-    if used < limits[cause]:
+    used = requeues_used(history, requeue.cause)
+    if used < limit:
         return None
-    extra = {k: v for k, v in (fields or {}).items() if k not in ("job_id", "step")}
-    book.append("gave_up", job_id=job_id, step=step, cause=cause, requeues_used=used,
-                limit=limits[cause], **extra)  # fmt: skip
+    where = {} if requeue.cause == "timeout" else {
+        "tokens": requeue.tokens, "hosts": requeue.hosts, "ranks": requeue.ranks,
+        "detail": requeue.detail, "checkpoint": requeue.checkpoint,
+        "allocation_hosts": requeue.allocation_hosts,
+    }  # fmt: skip
+    book.append(GaveUp(job_id=requeue.job_id, step=requeue.step, cause=requeue.cause,
+                       requeues_used=used, limit=limit, **where))  # fmt: skip
     return 1
-
-
-def failures_by_host(events: list[dict]) -> Counter:
-    return Counter(
-        host
-        for e in events
-        if e.get("kind") == "requeue" and e.get("cause") in FAILURE_CAUSES
-        for host in e.get("hosts", [])
-    )
-
-
-def excluded_hosts(cfg: JobConfig, events: list[dict]) -> list[str]:
-    """Hosts to keep out of later allocations: the config's plus repeat offenders."""
-    hosts = expand_hostlist(cfg.slurm.exclude) if cfg.slurm.exclude else []
-    if cfg.slurm.exclude_after_failures:
-        for host, count in failures_by_host(events).items():
-            if count >= cfg.slurm.exclude_after_failures and host not in hosts:
-                hosts.append(host)
-    return hosts
 
 
 def _new_exclusions(cfg: JobConfig, book: Logbook, job_id: str) -> list[str] | None:
     """The full exclude list when a host has just reached the failure threshold (logged),
     else None."""
     events = book.events()
-    already = {h for e in events if e.get("kind") == "node_excluded" for h in e.get("hosts", [])}
-    failures = failures_by_host(events)
-    hosts = excluded_hosts(cfg, events)
-    new = [h for h in hosts if h not in already and h in failures]
+    new = newly_excluded(cfg, events)
     if not new:
         return None
-    book.append("node_excluded", job_id=job_id, hosts=new, exclude=",".join(hosts),
-                failures={h: failures[h] for h in new})  # fmt: skip
+    hosts = excluded_hosts(cfg, events)
+    failures = failures_by_host(events)
+    book.append(NodeExcluded(job_id=job_id, hosts=new, exclude=",".join(hosts),
+                             failures={h: failures[h] for h in new}))  # fmt: skip
     return hosts
 
 

@@ -8,6 +8,7 @@ left the queue; never from sacct, which many clusters disable.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -16,12 +17,13 @@ from pathlib import Path
 from opt.checkpoint import latest_checkpoint, verify_checkpoint
 from opt.config import load_config
 from opt.errors import OptError
-from opt.launch.slurm_driver import requeue_counts
+from opt.launch.job_history import requeue_counts
+from opt.run.logbook import MARKDOWN, Logbook
+from opt.run.logbook.codec import to_json
+from opt.run.logbook.describe import describe
+from opt.run.logbook.events import AllocationStart, JobSubmitted
+from opt.run.logbook.summary import INTERVENTIONS, by_cause_text
 from opt.run.status import read_status
-from opt.supervisor.logbook import Logbook
-from opt.supervisor.review import INTERVENTION_KINDS, by_cause_text
-
-JOB_EVENTS = ("job_submitted", "allocation_start")
 
 
 def _run_dir(run: str, runs_dir: str) -> Path:
@@ -63,7 +65,8 @@ def run_status_report(run: str, runs_dir: str = "runs") -> dict:
     book = Logbook(cfg.logbook.dir, cfg.run.name)
     events = book.events() if book.events_path.is_file() else []
     status = read_status(run_dir)
-    job = next((e for e in reversed(events) if e.get("kind") in JOB_EVENTS), None)
+    job = next((e for e in reversed(events) if isinstance(e, (JobSubmitted, AllocationStart))),
+               None)  # fmt: skip
     newest = latest_checkpoint(cfg.checkpoint_dir)
     checkpoint = None
     if newest is not None:
@@ -76,14 +79,19 @@ def run_status_report(run: str, runs_dir: str = "runs") -> dict:
     return {
         "run": cfg.run.name,
         "run_dir": str(run_dir),
-        "job": {"id": job["job_id"], **slurm_job_state(str(job["job_id"]))} if job else None,
+        "job": {"id": job.job_id, **slurm_job_state(job.job_id)} if job else None,
         "training": status or None,
         "checkpoint": checkpoint,
         "restarts": dict(requeue_counts(events)),
-        "interventions": [e for e in events if e.get("kind") in INTERVENTION_KINDS][-3:],
+        "interventions": [e for e in events if isinstance(e, INTERVENTIONS)][-3:],
         "last_event": events[-1] if events else None,
-        "logbook": str(book.dir / "LOGBOOK.md"),
+        "logbook": str(book.dir / MARKDOWN),
     }
+
+
+def status_json(report: dict) -> str:
+    """The report as JSON, its events as the objects of their logbook lines."""
+    return json.dumps(report, indent=1, default=to_json)
 
 
 def _age(unix_time: float | None) -> str:
@@ -97,8 +105,6 @@ def _age(unix_time: float | None) -> str:
 
 
 def format_status(report: dict) -> str:
-    from opt.supervisor.logbook import describe
-
     lines = [f"run {report['run']} ({report['run_dir']})"]
     job = report["job"]
     if job:
@@ -131,7 +137,7 @@ def format_status(report: dict) -> str:
     if report["interventions"]:
         lines.append("latest interventions:")
         for event in report["interventions"]:
-            lines.append(f"  step {event.get('step')}: {describe(event)}")
+            lines.append(f"  step {event.step}: {describe(event)}")
     else:
         lines.append("latest interventions: none")
     if report["last_event"]:

@@ -201,7 +201,7 @@ class Interventions:
         if found is None:
             return None
         before = self.hyperparameters()
-        self.factors.lr_scale, self.factors.grad_clip = found.lr_scale, found.grad_clip
+        self.factors.lr_scale, self.factors.grad_clip = found.after.lr_scale, found.after.grad_clip
         for start, end in found.skipped_data:
             self.loader.stream.skip(start, end)
         # A drill fires only the first time through its step: the dead job had got that far.

@@ -5,7 +5,7 @@ finished after a crash, the launcher's requeue counts), so a writer must not be 
 misspell a field and a reader must not guess at one. Every kind is a pydantic model with
 ``extra="forbid"``: an unknown field is an error when the event is made and when it is
 read. ``v`` is the schema version; lines written before it existed (the committed
-``logbook/demo/``) have none and are read as version 0 (see ``parse_event``).
+``logbook/demo/``) have none and are read as version 0 and upgraded (see ``codec.parse_event``).
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ class Note(Event):
     kind: Literal["note"] = "note"
     text: str
     author: str = "unknown"
+    extra: dict[str, Any] = {}
+    """Keys a version-0 note carried besides these (kept as they were, not interpreted)."""
 
 
 # ----- the launcher ----------------------------------------------------------------------
@@ -216,6 +218,7 @@ class GaveUp(Event):
     limit: int | None = None
     detail: str | None = None
     hosts: list[str] = []
+    allocation_hosts: list[str] = []
     ranks: str | None = None
     checkpoint: str | None = None
 
