@@ -5,12 +5,12 @@
     python bench/checkpoint_cost.py --write BENCHMARKS.md
 
 1. Stall. The real trainer steps as ``Trainer.fit`` does (``train_step``, then
-   ``finish_checkpoint(only_if_done=True)``, then ``save_checkpoint()`` on a save step, with
+   ``checkpoints.poll()``, then ``checkpoints.save(step)`` on a save step, with
    ``checkpoint.async_save`` on as by default). A save step is timed together with every
    following step until the background save is committed (at least one), so staging, the
    commit and background writing that slows the next steps all count. Stall = that window's
    time - its number of steps x the median plain step; reported against one plain step.
-2. Bandwidth. ``save_checkpoint(sync=True)`` and ``load_training_state`` (checksums verified,
+2. Bandwidth. ``checkpoints.save(step, sync=True)`` and ``load_training_state`` (checksums verified,
    as a resume does) in MB/s of checkpoint files, against ``dd`` on the same filesystem
    writing and reading as many bytes. Our commit fsyncs every file, so dd writes with
    ``conv=fdatasync``. Reads come from the page cache on both sides (both files were just
@@ -83,10 +83,10 @@ def config_overrides(args: argparse.Namespace, data: Path, tmp: Path) -> list[st
 class Window:
     """One async save: the save step and the steps until its commit."""
 
-    step_times: list[float]  # each: train_step + finish_checkpoint(only_if_done) (+ save)
-    save_call: float  # save_checkpoint() alone: small files; the copy and writes start
+    step_times: list[float]  # each: train_step + checkpoints.poll() (+ save)
+    save_call: float  # checkpoints.save() alone: small files; the copy and writes start
     staging_wait: float  # optimizer steps waiting for the background copy of the tensors
-    commit: float  # the finish_checkpoint call that committed: fsync, hash, manifest, prune
+    commit: float  # the poll/finish call that committed: fsync, hash, manifest, prune
     waited: bool  # committed by a blocking finish after max_follow steps
 
     @property
@@ -114,14 +114,14 @@ class Stall:
 
 
 def fit_step(trainer: Trainer, save: bool) -> tuple[float, float, float]:
-    """One iteration of Trainer.fit's loop: (total, save_checkpoint call, finish call) seconds."""
+    """One iteration of Trainer.fit's loop: (total, save call, poll call) seconds."""
     start = time.perf_counter()
     trainer.train_step()
     finish_start = time.perf_counter()
-    trainer.finish_checkpoint(only_if_done=True)
+    trainer.checkpoints.poll()
     save_start = time.perf_counter()
     if save:
-        trainer.save_checkpoint()
+        trainer.checkpoints.save(trainer.step)
     end = time.perf_counter()
     return end - start, end - save_start, save_start - finish_start
 
@@ -133,27 +133,27 @@ def measure_stall(trainer: Trainer, args: argparse.Namespace) -> Stall:
     for _ in range(args.warmup):
         fit_step(trainer, save=False)
     fit_step(trainer, save=True)
-    trainer.finish_checkpoint()
+    trainer.checkpoints.finish()
     for rep in range(args.reps):
         for _ in range(args.plain):
             result.plain.append(fit_step(trainer, save=False)[0])
-        staging_before = trainer.staging_wait_s
+        staging_before = trainer.checkpoints.staging_wait_s
         total, save_call, _ = fit_step(trainer, save=True)
         times, commit, waited = [total], 0.0, False
-        while trainer.pending_checkpoint is not None or len(times) < 2:
+        while trainer.checkpoints.in_flight or len(times) < 2:
             if len(times) > args.max_follow:
                 start = time.perf_counter()
-                trainer.finish_checkpoint()
+                trainer.checkpoints.finish()
                 commit = time.perf_counter() - start
                 times[-1] += commit
                 waited = True
                 break
-            pending = trainer.pending_checkpoint is not None
+            pending = trainer.checkpoints.in_flight
             total, _, finish = fit_step(trainer, save=False)
             times.append(total)
-            if pending and trainer.pending_checkpoint is None:
+            if pending and not trainer.checkpoints.in_flight:
                 commit = finish
-        staging_wait = trainer.staging_wait_s - staging_before
+        staging_wait = trainer.checkpoints.staging_wait_s - staging_before
         window = Window(times, save_call, staging_wait, commit, waited)
         result.windows.append(window)
         print(
@@ -163,13 +163,15 @@ def measure_stall(trainer: Trainer, args: argparse.Namespace) -> Stall:
             f"{result.plain_step:.3f} s -> stall {window.stall(result.plain_step):.3f} s",
             flush=True,
         )
-    trainer.finish_checkpoint()
+    trainer.checkpoints.finish()
     path = latest_checkpoint(trainer.cfg.checkpoint_dir)
     if path is None:
-        raise SystemExit("no complete checkpoint after finish_checkpoint()")
+        raise SystemExit("no complete checkpoint after checkpoints.finish()")
     manifest = verify_checkpoint(path)  # every file present, sizes and SHA-256 as committed
-    if manifest["step"] != trainer.last_saved_step:
-        raise SystemExit(f"{path} is step {manifest['step']}, expected {trainer.last_saved_step}")
+    if manifest["step"] != trainer.checkpoints.last_saved_step:
+        raise SystemExit(
+            f"{path} is step {manifest['step']}, expected {trainer.checkpoints.last_saved_step}"
+        )
     result.checkpoint_bytes = dir_bytes(path)
     result.verified = f"{path.name}: {len(manifest['files'])} files, checksums verified"
     print(f"[stall] {result.verified}", flush=True)
@@ -212,11 +214,13 @@ def measure_bandwidth(trainer: Trainer, args: argparse.Namespace, tmp: Path) -> 
         for old in root.iterdir():  # a fresh directory each time, nothing to prune or replace
             shutil.rmtree(old)
         start = time.perf_counter()
-        path = trainer.save_checkpoint(sync=True)
+        path = trainer.checkpoints.save(trainer.step, sync=True)
         result.save.append(time.perf_counter() - start)
         result.bytes = dir_bytes(path)
         start = time.perf_counter()
-        load_training_state(path, trainer.model_parts, trainer.optimizers, layout=trainer.layout)
+        load_training_state(
+            path, trainer.model_parts, trainer.optimizers, layout=trainer.job.layout
+        )
         result.load.append(time.perf_counter() - start)
         start = time.perf_counter()
         verify_checkpoint(path)
@@ -275,7 +279,7 @@ def section_body(
     rows = [
         "| | ours | ours MB/s | dd | dd MB/s | ours/dd | target >= 50% |",
         "|---|---|---|---|---|---|---|",
-        f"| write | `save_checkpoint(sync=True)` {med(bw.save):.2f} s | {bw.mb_s('save'):.0f} | "
+        f"| write | `checkpoints.save(step, sync=True)` {med(bw.save):.2f} s | {bw.mb_s('save'):.0f} | "
         f"`conv=fdatasync` {med(bw.dd_write):.2f} s | {bw.mb_s('dd_write'):.0f} | "
         f"{ratios['save']:.0%} | {_met(ratios['save'] >= BANDWIDTH_TARGET)} |",
         f"| read | `load_training_state` {med(bw.load):.2f} s | {bw.mb_s('load'):.0f} | "
@@ -317,16 +321,16 @@ def section_body(
             f"Medians of {args.reps} saves, each after {args.plain} plain steps (plain-step "
             f"median over all {len(stall.plain)} of them, after {args.warmup} warmup steps and "
             "one unmeasured save). Steps run as `Trainer.fit` runs them: `train_step()`, then "
-            "`finish_checkpoint(only_if_done=True)` (which commits a save whose writes are "
-            "done), then `save_checkpoint()` on the save step. The window is the save step and "
+            "`checkpoints.poll()` (which commits a save whose writes are "
+            "done), then `checkpoints.save(step)` on the save step. The window is the save step and "
             "every step after it until the commit (at least one), so staging, background "
             "writes competing with the step for the cores, and the commit all count; stall = "
             "window time - its steps x the plain step. Within it (medians): the "
-            f"`save_checkpoint()` call {med([w.save_call for w in windows]):.3f} s (the small "
+            f"`checkpoints.save(step)` call {med([w.save_call for w in windows]):.3f} s (the small "
             "files; it starts the copy of the tensors to host memory in a background thread, "
             "`checkpoint.async_staging`), the wait for that copy before the next optimizer "
             f"step {med([w.staging_wait for w in windows]):.3f} s, the committing "
-            "`finish_checkpoint` "
+            "`checkpoints.finish` "
             f"{med([w.commit for w in windows]):.3f} s (manifest, rename, and a rename "
             "that hides the pruned checkpoint; the fsync, the hashing and the pruned files' "
             "deletion run in the background), and the rest, "
@@ -347,7 +351,7 @@ def section_body(
             "",
             *rows,
             "",
-            "Ours: `save_checkpoint(sync=True)` of the trainer into an empty checkpoint "
+            "Ours: `checkpoints.save(step, sync=True)` of the trainer into an empty checkpoint "
             "directory (gather the state dicts, write with DCP, fsync and hash every file, "
             "write the manifest, rename), and `load_training_state(path, model_parts, "
             "optimizers, layout=...)` from it (verify sizes and SHA-256 against the manifest, "
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
             stall = measure_stall(trainer, args)
             bw = measure_bandwidth(trainer, args, tmp)
         finally:
-            trainer.finish_checkpoint()
+            trainer.checkpoints.finish()
             if hasattr(trainer.loader, "close"):  # the PrefetchingLoader's thread
                 trainer.loader.close()
         body = section_body(

@@ -3,8 +3,10 @@
     python bench/fault_tolerance.py --write BENCHMARKS.md            # CPU parts
     python bench/fault_tolerance.py --slurm --write BENCHMARKS.md    # + a real one-node Slurm
 
-1. Per step: rank 0's status.json rewrite, and the stop-signal agreement (a one-element
-   all-reduce) between 2 gloo ranks; held against the demo model's step, timed in the run.
+1. Per step: rank 0's status.json rewrite, and the step's agreed vector (loss, gradient
+   norm, stop signal, control files: one five-element all-reduce and one host copy, what
+   every step pays for its decisions) between 2 gloo ranks; held against the demo model's
+   step, timed in the run.
 2. At resume: SHA-256 verification of a checkpoint-sized set of files by `opt` (one rank,
    then split over 2 ranks), against coreutils' `sha256sum` on the same files as the peer.
 3. With --slurm: the time one preemption costs on the test cluster (tests/slurm_cluster.py),
@@ -52,14 +54,19 @@ def _timed(fn, repeats: int) -> float:
 
 # ----- 1. per step ---------------------------------------------------------------------------
 def _agreement_worker(rank: int, port: int, out) -> None:
-    from opt.run.preemption import StopOnSignal
+    from opt.train.agreement import Shares, agree
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    stop = StopOnSignal(["USR1"], torch.device("cpu"))
+    shares = Shares(holds_loss=True, holds_norm=rank == 0, squared_norm=False, data_parallel=2)
+    loss, norm = torch.tensor(2.5), torch.tensor(0.7)
+
+    def step_agreement():
+        agree(shares, loss, norm, False, stop_file=False, intervention_waiting=False)
+
     for _ in range(200):
-        stop.agreed()
-    median = _timed(stop.agreed, 2000)
+        step_agreement()
+    median = _timed(step_agreement, 2000)
     if rank == 0:
         out.put(median)
     dist.barrier()
@@ -231,7 +238,7 @@ def main() -> None:
         f"| demo model step (1 process, the yardstick) | {step['step'] * 1e3:.1f} ms | |",
         f"| status.json rewrite (rank 0) | {step['status'] * 1e6:.0f} µs | "
         f"{step['status'] / step['step']:.2%} |",
-        f"| stop-signal agreement, 2 gloo ranks | {step['agreement'] * 1e6:.0f} µs | "
+        f"| the step's agreed vector (loss, norm, stop, control files), 2 gloo ranks | {step['agreement'] * 1e6:.0f} µs | "
         f"{step['agreement'] / step['step']:.2%} |",
         "",
         f"| verifying {ver['bytes'] / MiB:.0f} MiB ({args.files} files) | median of 3 | MiB/s |",

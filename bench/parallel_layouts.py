@@ -8,7 +8,7 @@ Three measurements, all in one run so that they share the machine's state:
    process (the peer) with the same total thread count. On a 2-core CPU this measures the
    overhead of DTensor, gloo collectives and pipeline schedules, not a speed-up.
 2. The stall a checkpoint adds to training: synchronous save vs async save (time until
-   ``save_checkpoint`` returns and training may continue), against the step time.
+   ``checkpoints.save`` returns and training may continue), against the step time.
 3. Wall time of `opt train configs/opt-175b.toml --dry-run --world-size 1024`.
 """
 
@@ -105,14 +105,14 @@ def checkpoint_stall(common: list[str], args, tmp: Path) -> dict[str, float]:
         step_times.append(time.perf_counter() - start)
         trainer.cfg.checkpoint.async_save = False
         start = time.perf_counter()
-        trainer.save_checkpoint()
+        trainer.checkpoints.save(trainer.step)
         sync_saves.append(time.perf_counter() - start)
         trainer.train_step()
         trainer.cfg.checkpoint.async_save = True
         start = time.perf_counter()
-        trainer.save_checkpoint()
+        trainer.checkpoints.save(trainer.step)
         async_stalls.append(time.perf_counter() - start)
-        trainer.finish_checkpoint()
+        trainer.checkpoints.finish()
         async_totals.append(time.perf_counter() - start)
     size = sum(f.stat().st_size for f in trainer.cfg.checkpoint_dir.rglob("*") if f.is_file())
     n_ckpt = len(list(trainer.cfg.checkpoint_dir.iterdir()))

@@ -65,14 +65,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.fit()
     finally:
         distributed.destroy()
+    stop = trainer.stop
+    human_needed = stop is not None and stop.human_needed
     if trainer.rank != 0:
-        return 3 if trainer.human_needed else 0
-    if trainer.human_needed:
-        print(f"error: supervisor {trainer.stop_reason}", file=sys.stderr)
+        return 3 if human_needed else 0
+    if human_needed:
+        print(f"error: supervisor {stop.reason}", file=sys.stderr)
         print(f"logbook: {cfg.logbook_dir / 'LOGBOOK.md'}", file=sys.stderr)
         return 3
-    if trainer.stop_reason:
-        print(trainer.stop_reason)
+    if stop is not None:
+        print(stop.reason)
     latest = trainer.cfg.checkpoint_dir
     print(f"done: step {trainer.step}, {trainer.tokens_seen:,} tokens")
     print(f"checkpoints: {latest}/ (newest: {_newest(latest)})")

@@ -85,6 +85,15 @@ def first_rank_then_all(fn: Callable[[], T]) -> T:
     return result if rank == 0 else fn()
 
 
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` on every rank (collective; the value itself without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -41,10 +41,17 @@ def main() -> None:
     trainer = Trainer(load_config(config, overrides))
     if steps == "fit":  # the whole loop, supervisor included: record what this rank did
         results = trainer.fit()
-        actions = [[r.step, r.decision.rung, r.skipped, trainer.lr_scale] for r in results]
+        actions = [[r.step, r.decision.rung, r.skipped, trainer.factors.lr_scale] for r in results]
         (out / f"actions_rank{trainer.rank}.json").write_text(json.dumps(actions))
         (out / f"final_rank{trainer.rank}.json").write_text(
-            json.dumps([trainer.step, trainer.lr_scale, trainer.grad_clip, trainer.human_needed])
+            json.dumps(
+                [
+                    trainer.step,
+                    trainer.factors.lr_scale,
+                    trainer.factors.grad_clip,
+                    trainer.stop is not None and trainer.stop.human_needed,
+                ]
+            )
         )
         distributed.destroy()
         return

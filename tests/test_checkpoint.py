@@ -57,14 +57,13 @@ def test_save_then_load_restores_model_optimizer_rng_and_trainer_state(tmp_path)
 
 
 def test_a_crash_before_the_manifest_leaves_nothing_loadable(tmp_path, monkeypatch):
+    from opt.faults import InjectedFault
+
     model, optimizer = _trained()
     good = _save(tmp_path, 1, model, optimizer)
-
-    def crash(*args, **kwargs):
-        raise OSError("node died mid-save")
-
-    monkeypatch.setattr(manifest, "_write_json_durably", crash)
-    with pytest.raises(OSError):
+    # Every shard written, then the process fails before the manifest that commits them.
+    monkeypatch.setenv("OPT_INJECT_FAULT", "0:save:raise")
+    with pytest.raises(InjectedFault):
         _save(tmp_path, 2, model, optimizer)
     monkeypatch.undo()
     assert manifest.temporary_path(checkpoint_path(tmp_path, 2)).exists()  # the debris

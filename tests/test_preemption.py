@@ -127,12 +127,18 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_and_the_resume_is_exact(
     assert resumed.previous_state == "stopped_on_signal" and resumed.lost_s >= 0
 
 
-def test_the_handler_records_the_signal_and_agrees_in_one_process():
-    stop = StopOnSignal(["USR1"], torch.device("cpu"))
+def test_the_handler_records_the_signal_and_the_step_vector_carries_it():
+    from opt.train.agreement import Shares, agree
+
+    stop = StopOnSignal(["USR1"])
+    shares = Shares(holds_loss=True, holds_norm=True, squared_norm=False, data_parallel=1)
     try:
-        assert stop.agreed() is None
+        assert stop.received is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.agreed() == "SIGUSR1"
+        assert stop.received == "SIGUSR1"
+        agreed = agree(shares, torch.tensor(2.5), torch.tensor(0.5), stop.received is not None,
+                       stop_file=False, intervention_waiting=False)  # fmt: skip
+        assert agreed.stop_signal and (agreed.loss, agreed.grad_norm) == (2.5, 0.5)
     finally:
         stop.restore_defaults()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL

@@ -185,30 +185,33 @@ def test_synchronous_checkpoints_resume_exactly_like_async_ones(tiny_config):
 def test_background_staging_copies_the_weights_of_the_save_step(tiny_config, monkeypatch):
     """The copy of an async save runs beside the next steps; the optimizer waits for it.
 
-    The copy is slowed down here so that, without that wait, the next optimizer step would
-    change the weights before they are copied, and the checkpoint would hold the wrong ones.
+    The copy is held back until an optimizer step has run, or for 2 s if none does. With
+    the wait in place no optimizer step can run first (it waits for the copy), so the copy
+    goes after its 2 s and the checkpoint holds the save step's weights; without it, the
+    optimizer would step, release the copy, and the checkpoint would hold the next step's
+    weights. The outcome is decided by the order of events, not by the machine's speed.
     """
-    import time
+    import threading
 
     from opt.checkpoint.staging import BackgroundStager
 
     copy = BackgroundStager._copy
+    copying, stepped = threading.Event(), threading.Event()
 
-    def slow_copy(self, *args):
-        time.sleep(0.5)
+    def held_copy(self, *args):
+        copying.set()
+        stepped.wait(timeout=2.0)
         return copy(self, *args)
 
-    monkeypatch.setattr(BackgroundStager, "_copy", slow_copy)
+    monkeypatch.setattr(BackgroundStager, "_copy", held_copy)
     common = dict(checkpoint__keep_last=0, model__dropout=0.0)
     trainer = Trainer(tiny_config(run__name="staged", train__max_steps=4, **common))
     trainer.train_step(), trainer.train_step()
-    start = time.perf_counter()
-    trainer.save_checkpoint()
-    assert time.perf_counter() - start < 0.4  # the copy is not made inside the call
+    trainer.optimizer.register_step_post_hook(lambda *_: stepped.set())
+    trainer.checkpoints.save(trainer.step)
+    assert copying.wait(timeout=60) and not stepped.is_set()  # the call returned, copy pending
     later = [trainer.train_step().loss for _ in range(2)]
-    assert trainer.staging_wait_s > 0.1  # the first optimizer step after the save waited
-    trainer.finish_checkpoint()
-    trainer.close_checkpoint_stager()
+    trainer.checkpoints.close()
     step_2 = str(tiny_config().checkpoint_dir.parent / "staged" / "step_00000002")
     resumed = Trainer(tiny_config(run__name="resumed", checkpoint__resume=step_2, **common))
     resumed.restore()

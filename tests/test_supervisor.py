@@ -51,7 +51,7 @@ def test_an_injected_nan_skips_the_update_and_changes_nothing_else(tiny_config, 
         assert torch.equal(param, params[name]), name
     for key, state in trainer.optimizer.state.items():
         assert torch.equal(state["exp_avg"], moments[key])
-    assert (trainer.lr_scale, trainer.grad_clip, trainer.step) == (1.0, 1.0, 5)
+    assert (trainer.factors.lr_scale, trainer.factors.grad_clip, trainer.step) == (1.0, 1.0, 5)
     healthy = trainer.train_step()
     assert not healthy.skipped and torch.isfinite(torch.tensor(healthy.loss))
 
@@ -76,10 +76,10 @@ def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_pat
     assert outcome.recovered and outcome.intervention_step == 31
     assert outcome.recovered_at_step <= 31 + cfg.supervisor.recovery_steps
     # The factors persist: the final state and the checkpoint hold them.
-    assert (trainer.lr_scale, trainer.grad_clip) == (0.9, pytest.approx(0.6))
+    assert (trainer.factors.lr_scale, trainer.factors.grad_clip) == (0.9, pytest.approx(0.6))
     assert trainer.step == 60 and results[-1].loss < outcome.pre_incident_loss
     state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
-    assert state["lr_scale"] == 0.9
+    assert state["factors"]["lr_scale"] == 0.9
     assert "rollback+lower_lr_clip" in (cfg.logbook_dir / "LOGBOOK.md").read_text()
 
 
@@ -190,11 +190,11 @@ def test_kill_switch_and_manual_intervention(tiny_config, tmp_path):
     trainer = Trainer(drill_config(tiny_config, tmp_path, train__max_steps=20))
     trainer.fit()
     # The kill switch stopped the run at the first step after the resume, with a checkpoint.
-    assert trainer.step == 7 and trainer.stop_reason.startswith("kill switch")
+    assert trainer.step == 7 and trainer.stop.reason.startswith("kill switch")
     assert (cfg.checkpoint_dir / "step_00000007").is_dir()
-    assert (trainer.lr_scale, trainer.grad_clip) == (0.5, 0.3)
+    assert (trainer.factors.lr_scale, trainer.factors.grad_clip) == (0.5, 0.3)
     saved = torch.load(cfg.checkpoint_dir / "step_00000007" / "trainer.pt", weights_only=True)
-    assert (saved["lr_scale"], saved["grad_clip"]) == (0.5, 0.3)
+    assert saved["factors"] == {"lr_scale": 0.5, "grad_clip": 0.3}
     events = read_events(cfg.logbook_dir / "events.jsonl")
     manual = next(e for e in events if e.kind == "manual_intervention")
     assert manual.reason == "drill" and manual.skipped_steps == (8, 9)
@@ -267,8 +267,8 @@ def test_too_many_interventions_stop_the_run(tiny_config, tmp_path):
     )  # fmt: skip
     trainer = Trainer(cfg)
     trainer.fit()
-    assert trainer.human_needed and trainer.step == 12
-    assert "more than 2 interventions" in trainer.stop_reason
+    assert trainer.stop.human_needed and trainer.step == 12
+    assert "more than 2 interventions" in trainer.stop.reason
 
 
 def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_config, tmp_path):
@@ -295,5 +295,8 @@ def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_co
     finished = next(e for e in events if e.kind == "intervention_completed_after_restart")
     assert finished.after.lr_scale == 0.9 and finished.step == 25
     state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
-    assert (state["lr_scale"], state["grad_clip"]) == (0.9, pytest.approx(0.6))
+    assert (state["factors"]["lr_scale"], state["factors"]["grad_clip"]) == (
+        0.9,
+        pytest.approx(0.6),
+    )
     assert not list(cfg.checkpoint_dir.glob(".*"))  # the hidden discarded one, cleaned up

@@ -32,7 +32,7 @@ def test_resume_reproduces_uninterrupted_run_bitwise(tiny_config, tmp_path):
     assert first_losses + second_losses == straight_losses  # exact, not approximate
     resumed, reference = _params(second), _params(straight)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    assert second.state_dict()["data"] == straight.state_dict()["data"]
+    assert second.loader.state_dict() == straight.loader.state_dict()
 
 
 def test_dropout_is_active_and_its_rng_is_restored(tiny_config):
@@ -67,9 +67,10 @@ def test_checkpoints_hold_every_piece_of_state_and_are_pruned(tiny_config):
     kept = list_checkpoints(trainer.cfg.checkpoint_dir)
     assert [p.name for p in kept] == ["step_00000004", "step_00000006"]
     state = torch.load(kept[-1] / "trainer.pt", weights_only=True)
-    assert state["step"] == 6 and state["tokens_seen"] == 6 * 256
+    assert state["progress"] == {"step": 6, "tokens_seen": 6 * 256}
     assert state["data"]["pos"] == 6 * 8  # 8 sequences per step, none repeated or dropped
-    assert {"loss_scaler", "lr_scale", "grad_clip"} <= state.keys()
+    assert {"loss_scaler", "factors", "supervisor"} <= state.keys()
+    assert state["factors"] == {"lr_scale": 1.0, "grad_clip": 1.0}
     assert (kept[-1] / "rng_rank00000.pt").is_file()
     assert (kept[-1] / "config.toml").is_file() and (kept[-1] / "tokenizer.json").is_file()
     assert (trainer.cfg.run_dir / "config.toml").is_file()

@@ -35,6 +35,7 @@ from opt.checkpoint import manifest
 from opt.checkpoint.staging import BackgroundStager
 from opt.dist import barrier, rank_and_world
 from opt.errors import OptError
+from opt.faults import maybe_inject_fault
 from opt.models.model import OPTModel, empty_model
 from opt.models.sizes import ModelArgs
 
@@ -123,7 +124,9 @@ class PendingCheckpoint:
             files = self.written.result()
         except Exception as err:  # a failed background write on any rank
             raise OptError(f"async checkpoint {self.final} failed: {_first_line(err)}") from None
-        if rank_and_world()[0] == 0:
+        rank = rank_and_world()[0]
+        maybe_inject_fault(rank, "save", self.meta["step"])  # shards written, no manifest
+        if rank == 0:
             manifest.commit(self.tmp, self.final, self.meta, files)
         return self.final
 
@@ -158,6 +161,7 @@ def save_checkpoint(
     model_args: ModelArgs,
     optimizer: Optimizers = None,
     trainer_state: dict | None = None,
+    step: int = 0,
     extra_files: dict[str, bytes] | None = None,
     layout: dict | None = None,
     async_save: bool = False,
@@ -167,7 +171,7 @@ def save_checkpoint(
     """Write a complete checkpoint to ``final`` atomically; every rank must call this.
 
     ``model``/``optimizer`` may be lists (one per local pipeline stage). ``layout``
-    (parallel degrees) is recorded so a resume under the same layout restores each rank's
+    (parallel degrees) is recorded, and ``step`` in the manifest, so a resume under the same layout restores each rank's
     RNG stream, and one under another layout knows not to.
 
     With ``async_save`` the tensors are staged to host memory and written in the
@@ -209,7 +213,7 @@ def save_checkpoint(
     else:
         dcp.save(state, storage_writer=writer)
     meta = {
-        "step": (trainer_state or {}).get("step", 0),
+        "step": step,
         "saved_at": time.time(),  # when training first reached this step: for time lost
         "world_size": world,
         "layout": layout or {"world_size": world},
@@ -218,6 +222,7 @@ def save_checkpoint(
     if async_save:
         return PendingCheckpoint(final, tmp, meta, written, staged)
     barrier()
+    maybe_inject_fault(rank, "save", step)  # every shard written, the manifest not yet
     if rank == 0:
         manifest.commit(tmp, final, meta)
     barrier()

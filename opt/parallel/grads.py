@@ -1,5 +1,5 @@
-"""Gradient bookkeeping across parallel layouts: the tied-embedding sum between the first
-and last pipeline stage, the global norm, and cross-rank averages of scalars."""
+"""Gradient bookkeeping across parallel layouts: the gradient layouts, the tied-embedding
+sum between the first and last pipeline stage, the norm of a stage's gradients, clipping."""
 
 from __future__ import annotations
 
@@ -37,20 +37,14 @@ def sync_tied_embedding_grads(params: list[torch.nn.Parameter], group) -> None:
 
 
 @torch.no_grad()
-def global_grad_norm(params: list[torch.nn.Parameter], pp_group=None) -> float:
-    """L2 norm of all gradients of the model, over every shard and pipeline stage."""
+def stage_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the gradients of this rank's pipeline stage(s), over every shard (a tensor:
+    reading it is left to the step's one host synchronisation)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # the sum of squares over the shards
-    else:
-        norm = torch.zeros(())
-    if pp_group is not None:
-        squared = norm.float().square().reshape(1)
-        dist.all_reduce(squared, group=pp_group)
-        norm = squared.sqrt()
-    return float(norm)
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 @torch.no_grad()
@@ -62,9 +56,3 @@ def clip_grads_(params: list[torch.nn.Parameter], max_norm: float, total_norm: f
     if coef < 1.0:
         # A Python scalar, not a tensor: it multiplies plain and DTensor gradients alike.
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
-
-
-def sum_over(value: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(value, group=group)
-    return value

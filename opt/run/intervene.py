@@ -10,8 +10,7 @@ from pathlib import Path
 
 from opt.errors import OptError
 from opt.fsutil import atomic_write
-
-INTERVENE_FILE = "INTERVENE.json"  # in the run directory; applied and renamed by the trainer
+from opt.run.control import INTERVENE_FILE
 
 
 def register(sub: argparse._SubParsersAction) -> None:

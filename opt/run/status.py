@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from opt.fsutil import atomic_write
@@ -22,6 +23,18 @@ FINISHED = "finished"  # reached max_steps
 STOPPED_ON_SIGNAL = "stopped_on_signal"  # a checkpoint is saved; requeue and resume
 STOPPED_FOR_HUMAN = "stopped_for_human"  # the supervisor or a kill switch stopped it
 FAILED = "failed"  # an exception in training
+
+
+@dataclass(frozen=True)
+class Stop:
+    """How a run that did not fail ended: the state status.json records, and why."""
+
+    state: str  # FINISHED, STOPPED_ON_SIGNAL or STOPPED_FOR_HUMAN
+    reason: str
+
+    @property
+    def human_needed(self) -> bool:
+        return self.state == STOPPED_FOR_HUMAN
 
 
 def write_status(run_dir: str | Path, **fields) -> None:

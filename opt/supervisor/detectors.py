@@ -19,6 +19,21 @@ class Anomaly:
     detector: str
     numbers: dict = field(default_factory=dict)
 
+    @property
+    def detail(self) -> str:
+        """The numbers behind it, in one line for people."""
+        n = self.numbers
+        if self.detector == "loss_spike":
+            return (
+                f"loss {n['loss']:.4f} vs median {n['loss_median']:.4f} "
+                f"(robust std {n['loss_robust_std']:.4f})"
+            )
+        if self.detector == "grad_norm_explosion":
+            return f"grad norm {n['grad_norm']:.3g} vs median {n['grad_norm_median']:.3g}"
+        if self.detector == "loss_scale_collapse":
+            return f"loss scale {n['loss_scale']:g}, {n['overflows_in_window']} overflows in the window"
+        return f"loss {n['loss']}, grad norm {n['grad_norm']}"
+
 
 class Detectors:
     """Robust statistics (median and MAD) over the last ``window`` healthy steps."""

@@ -1,11 +1,12 @@
-"""The divergence supervisor: detectors agreed across ranks, an escalation ladder, fault
-drills, and the bookkeeping of each incident from first anomaly to outcome.
+"""The divergence supervisor: detectors, an escalation ladder, fault drills, and the
+bookkeeping of each incident from first anomaly to outcome. Decisions only: no I/O, no
+collectives, no tensors.
 
 The trainer asks ``inspect`` once per step, after backward and before the optimizer
-update, and carries out the moves of the returned decision (see Trainer.intervene). Every
-rank computes the same decision: the inputs (loss, grad norm) are already global, and the
-detector flags are agreed by one all-reduce (MAX) per step anyway, so a value that rounds
-differently on one rank cannot split the job.
+update, and carries out the moves of the returned decision (opt/train/interventions.py).
+Every rank computes the same decision because every input is agreed before it is asked:
+the loss and the gradient norm are reduced across ranks (every rank holds the same bits),
+and the operator's files are read on rank 0 and shared in the same per-step vector.
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
+from opt.config import SupervisorConfig
+from opt.supervisor.detectors import Anomaly, Detectors
+from opt.supervisor.drills import Drill
+from opt.supervisor.rollback import rollback_limit
 
-from opt.config import DRILL, SupervisorConfig
-from opt.supervisor.detectors import NAMES, Anomaly, Detectors
-
-KILL_SWITCH = len(NAMES)  # index of the operator's stop flag in the agreed vector
-MANUAL = KILL_SWITCH + 1  # index of "an `opt intervene` request is waiting"
 KILL_SWITCH_REASON = "kill switch"
-KILL_SWITCH_FILE = "STOP"  # in the run directory: stop cleanly at the next step
 
 
 @dataclass
@@ -45,19 +42,17 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Drill:
-    kind: str
-    step: int
-    length: int
-    repeat: bool
+class IncidentOutcome:
+    """An incident judged ``recovery_steps`` healthy steps after its last intervention."""
 
-    @classmethod
-    def parse(cls, text: str | None) -> Drill | None:
-        match = DRILL.match(text) if text else None
-        if match is None:
-            return None
-        kind, step, length, bang = match.groups()
-        return cls(kind, int(step), int(length or 1), bang == "!")
+    intervention_step: int
+    incident_start: int
+    rungs: list[str]
+    pre_incident_loss: float
+    result: str
+    recovered: bool
+    recovered_at_step: int | None
+    judged_at_step: int
 
 
 @dataclass
@@ -71,9 +66,8 @@ class Incident:
 
 
 class Supervisor:
-    def __init__(self, cfg: SupervisorConfig, device: torch.device | None = None):
+    def __init__(self, cfg: SupervisorConfig):
         self.cfg = cfg
-        self.device = device or torch.device("cpu")
         self.detectors = Detectors(cfg)
         self.drill = Drill.parse(cfg.drill)
         self.incident: Incident | None = None
@@ -81,34 +75,34 @@ class Supervisor:
         self.interventions: deque[int] = deque()
         self.furthest_step = 0  # a non-repeating drill fires only the first time through
         self.rewarmup_start: int | None = None
-        self.last_outcome: dict | None = None  # an incident just judged, for the logbook
+        self.last_outcome: IncidentOutcome | None = None  # just judged, for the logbook
 
     # ----- drills --------------------------------------------------------------------------
     def drill_at(self, step: int) -> str | None:
         """The drill to inject at ``step``, if any (deterministic on every rank)."""
         first_time = step > self.furthest_step
         self.furthest_step = max(self.furthest_step, step)
-        d = self.drill
-        if d is None or not d.step <= step < d.step + d.length:
+        if self.drill is None or not self.drill.covers(step):
             return None
-        return d.kind if first_time or d.repeat else None
+        return self.drill.kind if first_time or self.drill.repeat else None
 
     # ----- the per-step decision -----------------------------------------------------------
     def inspect(
         self, step: int, loss: float, grad_norm: float, overflow: bool, scale: float,
         at_floor: bool, stop_file: bool = False, manual_file: bool = False,
     ) -> Decision:  # fmt: skip
+        """The decision for ``step``: its agreed loss and gradient norm, whether its fp16
+        gradients overflowed, the loss scale, and whether the operator's STOP file or an
+        `opt intervene` request was there."""
         flags = self.detectors.flags(step, loss, grad_norm, overflow, at_floor)
-        flags = _agree([*flags, float(stop_file), float(manual_file)], self.device)
-        manual = flags[MANUAL] > 0
-        if flags[KILL_SWITCH] > 0:
-            return Decision(("stop",), reason=KILL_SWITCH_REASON, manual=manual)
-        if not any(flags[:KILL_SWITCH]):
+        if stop_file:
+            return Decision(("stop",), reason=KILL_SWITCH_REASON, manual=manual_file)
+        if not any(flags):
             if not overflow:
                 self.detectors.observe(loss, grad_norm)
             self._track_recovery(step, loss)
-            return Decision(manual=manual)
-        anomaly = self.detectors.describe(flags[:KILL_SWITCH], loss, grad_norm, scale)
+            return Decision(manual=manual_file)
+        anomaly = self.detectors.describe(flags, loss, grad_norm, scale)
         if self.incident is None:
             self.incident = Incident(step, self.detectors.pre_incident_level())
         while self.interventions and self.interventions[0] <= step - self.cfg.intervention_window:
@@ -141,34 +135,33 @@ class Supervisor:
             self.last_outcome = self.outcome(step)
             self.incident, self.rung = None, 0
 
-    def outcome(self, step: int) -> dict:
+    def outcome(self, step: int) -> IncidentOutcome:
         incident = self.incident
         recovered = incident.recovered_at is not None
-        return {
-            "intervention_step": incident.last_intervention,
-            "incident_start": incident.start,
-            "rungs": incident.rungs,
-            "pre_incident_loss": incident.pre_level,
-            "result": (
+        return IncidentOutcome(
+            intervention_step=incident.last_intervention,
+            incident_start=incident.start,
+            rungs=list(incident.rungs),
+            pre_incident_loss=incident.pre_level,
+            result=(
                 f"recovered: loss back under the pre-incident level {incident.pre_level:.4f} "
                 f"at step {incident.recovered_at}"
                 if recovered
                 else f"not recovered: loss still above {incident.pre_level:.4f} after "
                 f"{incident.healthy_steps} healthy steps"
             ),
-            "recovered": recovered,
-            "recovered_at_step": incident.recovered_at,
-            "judged_at_step": step,
-        }
+            recovered=recovered,
+            recovered_at_step=incident.recovered_at,
+            judged_at_step=step,
+        )
 
-    def pop_outcome(self) -> dict | None:
+    def pop_outcome(self) -> IncidentOutcome | None:
         outcome, self.last_outcome = self.last_outcome, None
         return outcome
 
     def rollback_limit(self) -> int:
         """Newest step a rollback target may have: before the incident, with a margin."""
-        start = self.incident.start if self.incident else 0
-        return start - self.cfg.healthy_margin
+        return rollback_limit(self.incident.start if self.incident else 0, self.cfg)
 
     def lr_multiplier(self, step: int) -> float:
         """Linear re-warmup after an optimizer reset."""
@@ -199,12 +192,3 @@ class Supervisor:
         self.interventions = deque(state["interventions"])
         self.furthest_step = int(state["furthest_step"])
         self.rewarmup_start = state["rewarmup_start"]
-
-
-def _agree(flags: list[float], device: torch.device) -> list[float]:
-    """One all-reduce (MAX) of the step's flags: a detector that fires anywhere fires everywhere."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flags
-    tensor = torch.tensor(flags, dtype=torch.float32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [float(x) for x in tensor]

@@ -1,7 +1,14 @@
-"""Training metrics to the console and to TensorBoard event files."""
+"""Training metrics to the console, to TensorBoard event files, and to ``metrics.jsonl``.
+
+``metrics.jsonl`` (in the run directory) holds one JSON object per logged step with every
+value at full precision (JSON floats round-trip exactly): the record to compare runs by,
+or to plot without TensorBoard. A resumed run appends to it, so a step trained twice (after
+a crash) appears twice; the later line is the one the run kept.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,9 +16,16 @@ from pathlib import Path
 class MetricsLogger:
     """Accumulates step results between log lines and writes one line/event set per interval."""
 
-    def __init__(self, tensorboard_dir: Path | None, flops_per_token: float, peak_flops: float):
+    def __init__(
+        self,
+        tensorboard_dir: Path | None,
+        flops_per_token: float,
+        peak_flops: float,
+        jsonl: Path | None = None,
+    ):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.jsonl = open(jsonl, "a") if jsonl is not None else None  # noqa: SIM115
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -40,6 +54,9 @@ class MetricsLogger:
         if self.peak_flops > 0:
             values["mfu"] = rate * self.flops_per_token / self.peak_flops
         print(format_line(step, values), flush=True)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
@@ -48,6 +65,8 @@ class MetricsLogger:
         return values
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
 

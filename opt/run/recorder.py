@@ -1,0 +1,148 @@
+"""What a run tells the world, from rank 0: the public logbook's events, ``status.json``,
+the resolved config in the run directory, and the compute it used.
+
+Every method may be called on every rank; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import tomllib
+import torch
+
+from opt.checkpoint import checkpointer as ckpt
+from opt.checkpoint import manifest
+from opt.config import JobConfig, to_toml
+from opt.fsutil import atomic_write
+from opt.run import status
+from opt.run.energy import EnergyMeter
+from opt.run.logbook.events import (
+    ConfigChange,
+    Event,
+    InterventionCompletedAfterRestart,
+    RunStart,
+    RunStop,
+)
+from opt.run.logbook.store import Logbook
+
+CONFIG_FILE = "config.toml"  # the resolved config, in the run directory
+
+
+class RunRecorder:
+    def __init__(self, cfg: JobConfig, rank: int, device: torch.device, world_size: int):
+        self.cfg = cfg
+        self.lead = rank == 0
+        self.run_dir = cfg.run_dir
+        self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.lead else None
+        self.energy = EnergyMeter(device, world_size, cfg.logbook.pue, cfg.logbook.carbon_intensity)
+
+    def log(self, event: Event) -> None:
+        if self.logbook is not None:
+            self.logbook.append(event)
+
+    def events(self) -> list[Event]:
+        """The run's logbook so far (rank 0; empty elsewhere or before the first event)."""
+        if self.logbook is None or not self.logbook.events_path.is_file():
+            return []
+        return self.logbook.events()
+
+    # ----- start and end ---------------------------------------------------------------------
+    def started(
+        self,
+        *,
+        step: int,
+        tokens: int,
+        source: Path | None,
+        layout: dict,
+        reconciled: InterventionCompletedAfterRestart | None,
+        max_steps: int,
+    ) -> None:
+        """run_start (after config_change against the previous start of this run), the
+        resolved config and the first status. Called once the inputs have proven loadable:
+        a failed start leaves no run directory."""
+        if not self.lead:
+            return
+        text = to_toml(self.cfg)
+        previous = self.run_dir / CONFIG_FILE
+        if previous.is_file():
+            changes = config_changes(previous.read_text(), text)
+            if changes:
+                self.log(ConfigChange(step=step, changes=changes))
+        self.log(
+            RunStart(
+                step=step,
+                tokens=tokens,
+                reason="resumed" if source is not None else "fresh",
+                checkpoint=str(source) if source else None,
+                world_size=layout["world_size"],
+                layout=layout,
+                model=self.cfg.model.name,
+                run_dir=str(self.run_dir),
+                **self._work_lost(step, tokens, source),
+            )
+        )
+        if reconciled is not None:
+            self.log(reconciled)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(previous, text)
+        self.status(status.RUNNING, step, tokens, max_steps, source=str(source) if source else None)
+
+    def stopped(self, outcome: status.Stop, step: int, tokens: int, max_steps: int) -> None:
+        self.log(RunStop(step=step, tokens=tokens, reason=outcome.reason, **self.energy.usage()))
+        self.status(outcome.state, step, tokens, max_steps, reason=outcome.reason)
+
+    def failed(self, err: BaseException, step: int, tokens: int, max_steps: int) -> None:
+        error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.log(RunStop(step=step, tokens=tokens, reason=f"error: {error}", **self.energy.usage()))
+        self.status(status.FAILED, step, tokens, max_steps, error=error)
+
+    def status(self, state: str, step: int, tokens: int, max_steps: int, **fields) -> None:
+        """Rewrite status.json (every step, while running)."""
+        if not self.lead:
+            return
+        newest = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        status.write_status(
+            self.run_dir,
+            state=state,
+            step=step,
+            tokens=tokens,
+            max_steps=max_steps,
+            last_checkpoint=str(newest) if newest else None,
+            **fields,
+        )
+
+    def _work_lost(self, step: int, tokens: int, source: Path | None) -> dict:
+        """What the interruption before this resume cost: the steps (and tokens) trained
+        past the checkpoint and, after a crash or a stop on a signal, the wall-clock time
+        since training first reached it (compute thrown away, queueing, restart). Empty
+        when nothing was lost (e.g. a finished run extended)."""
+        previous = status.read_status(self.run_dir)
+        interrupted = previous.get("state") in (status.RUNNING, status.STOPPED_ON_SIGNAL,
+                                                status.FAILED)  # fmt: skip
+        lost_steps = max(0, int(previous.get("step", 0)) - step)
+        if source is None or not (interrupted or lost_steps):
+            return {}
+        saved_at = manifest.read_manifest(source).get("saved_at")
+        return {
+            "previous_state": previous["state"],
+            "previous_step": previous.get("step"),
+            "lost_steps": lost_steps,
+            "lost_tokens": max(0, int(previous.get("tokens", 0)) - tokens),
+            "lost_s": round(time.time() - saved_at, 1) if saved_at and interrupted else None,
+        }
+
+
+def config_changes(old_toml: str, new_toml: str) -> dict[str, tuple]:
+    """Keys whose value differs between two resolved configs: {key: (old, new)}."""
+
+    def flat(text: str) -> dict:
+        return {f"{s}.{k}": v for s, table in tomllib.loads(text).items() for k, v in table.items()}
+
+    old, new = flat(old_toml), flat(new_toml)
+    return {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }

@@ -1,0 +1,92 @@
+"""Rollback planning: which checkpoint to go back to, what changes, what data to skip.
+
+Pure functions of the run's numbers. Carrying the plan out (hiding checkpoints, loading,
+logging first) is the trainer's (opt/train/interventions.py); the plan is decided before
+anything changes, so that it can be logged first and finished from the logbook if the job
+dies half-way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opt.config import SupervisorConfig
+
+
+@dataclass
+class Factors:
+    """The multipliers the supervisor lowers, kept in every checkpoint so that they survive
+    restarts: the LR scale (the schedule is scaled, never reset) and the clip threshold."""
+
+    lr_scale: float = 1.0
+    grad_clip: float = 1.0
+
+    def state_dict(self) -> dict:
+        return {"lr_scale": self.lr_scale, "grad_clip": self.grad_clip}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr_scale = float(state["lr_scale"])
+        self.grad_clip = float(state["grad_clip"])
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    target_step: int
+    tokens_lost: int
+    lr_scale: float
+    grad_clip: float
+    skipped_data: tuple[int, int] | None = None
+    """Stream positions [start, end) to skip after loading the target."""
+    skipped_steps: tuple[int, int] | None = None
+    """The steps (first, last) whose data that is."""
+    reset_optimizer: bool = False
+
+
+def rollback_limit(incident_start: int, cfg: SupervisorConfig) -> int:
+    """The newest step a rollback target may have: before the incident, with a margin
+    (the divergence may have been brewing before it showed)."""
+    return incident_start - cfg.healthy_margin
+
+
+def protected_step(checkpoint_steps: list[int], step: int, cfg: SupervisorConfig) -> int | None:
+    """The checkpoint retention must keep: the newest one old enough to be a rollback target
+    if an incident began now (until a newer one is)."""
+    old_enough = [s for s in checkpoint_steps if s <= step - cfg.healthy_margin]
+    return old_enough[-1] if old_enough else None
+
+
+def step_samples(
+    pos: int, done_steps: int, first: int, last: int, per_step: int
+) -> tuple[int, int]:
+    """Stream positions [start, end) that steps ``first..last`` (1-based, inclusive) read,
+    given the stream stands at ``pos`` after ``done_steps`` steps (no skips in between)."""
+    return pos + (first - done_steps - 1) * per_step, pos + (last - done_steps) * per_step
+
+
+def plan_rollback(
+    cfg: SupervisorConfig,
+    moves: tuple[str, ...],
+    anomaly_step: int,
+    target_step: int,
+    target_pos: int,
+    factors: Factors,
+    batch_tokens: int,
+    samples_per_step: int,
+) -> RollbackPlan:
+    """What rolling back from ``anomaly_step`` to the checkpoint of ``target_step`` (whose
+    data stream stands at ``target_pos``) does, for a rung's ``moves``."""
+    lower = "lower_lr_clip" in moves
+    skipped_data = skipped_steps = None
+    if "skip_data" in moves:
+        first = max(anomaly_step - cfg.skip_data_steps, target_step) + 1
+        skipped_data = step_samples(target_pos, target_step, first, anomaly_step, samples_per_step)
+        skipped_steps = (first, anomaly_step)
+    return RollbackPlan(
+        target_step=target_step,
+        tokens_lost=(anomaly_step - target_step) * batch_tokens,
+        lr_scale=factors.lr_scale * (cfg.lr_factor if lower else 1.0),
+        grad_clip=factors.grad_clip * (cfg.clip_factor if lower else 1.0),
+        skipped_data=skipped_data,
+        skipped_steps=skipped_steps,
+        reset_optimizer="reset_optimizer" in moves,
+    )

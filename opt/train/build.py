@@ -1,0 +1,151 @@
+"""The trainer's pieces, each built by one small function from the job: the device and the
+process groups, the data loader, the parallel model, and the pipeline schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opt import dist
+from opt.config import JobConfig
+from opt.data.prefetch import PrefetchingLoader
+from opt.errors import OptError
+from opt.host_memory import retain_freed_memory
+from opt.job import Job
+from opt.models import kernels
+from opt.parallel.data_parallel import fsdp_param_dtype
+from opt.parallel.parallelize import (
+    ParallelModel,
+    materialize,
+    parallelize,
+    tied_embedding_group,
+)
+from opt.parallel.pipeline import build_schedule
+from opt.train.data_setup import build_loader
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits: its device, the job's meshes, and its coordinates."""
+
+    device: torch.device
+    meshes: dict | None
+    rank: int
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_rank: int = 0
+
+    def group(self, name: str):
+        """The process group of mesh dimension ``name``, or None where it has one rank."""
+        if self.meshes is None or self.meshes[name].size() == 1:
+            return None
+        return self.meshes[name].get_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OptError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_speed_switches(cfg: JobConfig, device: torch.device) -> None:
+    if device.type != "cuda" and cfg.train.attention in ("efficient", "cudnn"):
+        raise OptError(f"train.attention={cfg.train.attention} needs a GPU; use flash or math")
+    bf16_on_gpu = cfg.train.precision == "bf16" and device.type == "cuda"
+    if bf16_on_gpu and not torch.cuda.is_bf16_supported():
+        raise OptError("train.precision=bf16 needs a GPU with bf16 support")
+
+
+def compile_enabled(cfg: JobConfig, device: torch.device) -> bool:
+    """``train.compile``; auto compiles on GPUs only: on CPUs inductor's blocks measured
+    slower than eager ones (BENCHMARKS.md), and compiling costs time at every start."""
+    if cfg.train.compile == "auto":
+        return device.type == "cuda"
+    return cfg.train.compile == "on"
+
+
+def place(job: Job) -> Placement:
+    """Join the job's process group (when it has more than one rank) and build its meshes."""
+    cfg = job.cfg
+    device = resolve_device(cfg.train.device)
+    check_speed_switches(cfg, device)
+    meshes = None
+    if job.dims.world_size > 1:
+        device = dist.init_distributed(cfg.parallel.timeout_s, device.type)
+        meshes = job.dims.build_meshes(device.type)
+    rank = dist.rank_and_world()[0]
+    if meshes is None:
+        return Placement(device, None, rank)
+    return Placement(
+        device,
+        meshes,
+        rank,
+        pp_rank=meshes["pp"].get_local_rank(),
+        dp_rank=meshes["dp"].get_local_rank(),
+        tp_rank=meshes["tp"].get_local_rank(),
+    )
+
+
+def build_data(job: Job, where: Placement) -> tuple[PrefetchingLoader, Path]:
+    """This rank's loader (prefetching unless turned off) and the token files' prefix.
+    Everything fallible about the data happens here, before the model is allocated."""
+    cfg = job.cfg
+    loader, prefix = dist.first_rank_then_all(
+        lambda: build_loader(cfg, job.model_args, where.dp_rank, job.dims.dp)
+    )
+    if cfg.data.prefetch:
+        pin = cfg.data.pin_memory and where.device.type == "cuda"
+        loader = PrefetchingLoader(loader, pin_memory=pin)
+    return loader, prefix
+
+
+def build_model(job: Job, where: Placement) -> ParallelModel:
+    """This rank's part(s) of the model with every parallelism applied, allocated and
+    initialised (the same weights as one process, whatever the layout)."""
+    cfg = job.cfg
+    if cfg.train.keep_host_memory:
+        retain_freed_memory()
+    kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
+    # Dropout: the same masks across a TP group where activations are replicated, and
+    # different ones where each rank holds its own sequence shard (SP) or batch.
+    dims = job.dims
+    tp_stream = where.tp_rank if cfg.parallel.sequence_parallel else 0
+    torch.manual_seed(
+        cfg.run.seed + ((where.pp_rank * dims.dp + where.dp_rank) * dims.tp + tp_stream)
+    )
+    model = parallelize(
+        job.model_args, dims, where.meshes, cfg.parallel, cfg.data.seq_len, where.pp_rank,
+        compile_blocks=compile_enabled(cfg, where.device),
+        fsdp_param_dtype=fsdp_param_dtype(cfg.train.precision, cfg.parallel),
+    )  # fmt: skip
+    materialize(model, where.device, cfg.run.seed)
+    # The fused head + loss needs the whole head on this rank, outside any pipeline.
+    fused = cfg.train.loss_chunk > 0 and dims.tp == 1 and dims.pp == 1
+    for part in model.parts:
+        part.loss_chunk = cfg.train.loss_chunk if fused else 0
+    return model
+
+
+def build_pipeline(job: Job, where: Placement, model: ParallelModel, loss_fn):
+    """The pipeline schedule over this rank's stages, or None without pipeline parallelism."""
+    if job.dims.pp == 1:
+        return None
+    return build_schedule(
+        model.parts,
+        model.stage_indices,
+        model.n_stages,
+        where.device,
+        where.group("pp"),
+        job.cfg.parallel.pp_schedule,
+        job.grad_accum,
+        loss_fn,
+    )
+
+
+def embedding_group(job: Job, where: Placement):
+    """The first and last pipeline stages' group for the tied embedding, or None."""
+    return tied_embedding_group(where.meshes, job.dims) if job.dims.pp > 1 else None
