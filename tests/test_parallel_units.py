@@ -272,7 +272,8 @@ TP_FSDP_SCRIPT = textwrap.dedent(
     from opt.config import ParallelConfig, load_config
     from opt.models.model import build_model, canonical_name
     from opt.models.sizes import ModelArgs
-    from opt.parallel import ParallelDims, distributed
+    from opt import dist as distributed
+    from opt.parallel import ParallelDims
     from opt.parallel.parallelize import materialize, parallelize
 
     args = ModelArgs(n_layers=2, n_heads=4, d_model=80, vocab_size=702, max_positions=300)

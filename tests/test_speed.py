@@ -16,12 +16,12 @@ from test_parallel import torchrun
 from opt.config import load_config, to_toml
 from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
-from opt.job import Trainer
 from opt.models import kernels
 from opt.models.fused_loss import chunked_cross_entropy
 from opt.models.model import cross_entropy
 from opt.models.sizes import get_model_args
 from opt.train.data_setup import build_loader
+from opt.train.trainer import Trainer
 
 STEPS = 3
 
