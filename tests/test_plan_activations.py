@@ -32,7 +32,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from opt import dist as distributed
-from opt.models import kernels
 from opt.models.model import OPTModel, build_model
 from opt.models.sizes import ModelArgs, get_model_args
 from opt.parallel.data_parallel import apply_activation_checkpointing
@@ -45,16 +44,9 @@ from opt.plan.activations import (
 from opt.plan.flops import block_forward_flops_per_token, training_flops
 from opt.train.flops import training_flops_per_token
 
-
-@pytest.fixture(autouse=True)
-def native_bf16_kernels():
-    """The formulas model GPUs, where bf16 matmuls and attention are native bf16 ops. On a
-    CPU without bf16 instructions the trainer computes them from fp32 copies
-    (train.cpu_bf16_compute), which saves other tensors; measure the native path here."""
-    kernels.set_cpu_bf16_compute("native")
-    yield
-    kernels.set_cpu_bf16_compute("auto")
-
+# The formulas model GPUs, where bf16 matmuls and attention are native bf16 ops: the plain
+# model's. (On a CPU without bf16 instructions the trainer swaps in kernels that compute
+# them from fp32 copies, train.cpu_bf16_compute, and save other tensors.)
 
 # conftest's TINY_OVERRIDES as resolve_model_args applies them (ffn and word width follow).
 TINY = get_model_args("opt-tiny").replace(

@@ -75,7 +75,6 @@ def apply_fsdp(
     cast, so the residual stream stays fp32 as under plain autocast; the root (embeddings,
     final norm, head) keeps fp32 parameters, as autocast would use them.
     """
-    model.sparse_embedding_grad = False
     shard = partial(fully_shard, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     block_policy = MixedPrecisionPolicy()
     if param_dtype is not None:

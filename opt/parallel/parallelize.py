@@ -1,6 +1,7 @@
-"""Turn the plain model into this rank's parallel part(s): pipeline split, then tensor
-parallel, then activation checkpointing, then FSDP; all on meta. Only then is the local
-shard allocated and initialised."""
+"""Turn the plain model into this rank's parallel part(s): pipeline split, then the compute
+swaps (chunked loss, sparse embedding gradient, CPU bf16 via fp32), then tensor parallel,
+then activation checkpointing, then FSDP; all on meta. Only then is the local shard
+allocated and initialised."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from opt.errors import OptError
 from opt.models.init import init_parameters, plain_view
 from opt.models.model import OPTModel, canonical_name
 from opt.models.sizes import ModelArgs
+from opt.parallel.compute import apply_compute
 from opt.parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from opt.parallel.dims import ParallelDims
 from opt.parallel.pipeline import build_stage_model, split_layers, stage_costs, stage_ids
@@ -31,6 +33,8 @@ class ParallelModel:
     stage_indices: list[int] = field(default_factory=lambda: [0])
     n_stages: int = 1
     layer_split: list[range] = field(default_factory=list)
+    fused_loss: bool = False
+    """Whether ``part(tokens, targets)`` computes the loss by the chunked head (one part)."""
 
     @property
     def has_first_stage(self) -> bool:
@@ -101,9 +105,13 @@ def parallelize(
     pp_rank: int = 0,
     compile_blocks: bool = False,
     fsdp_param_dtype: torch.dtype | None = None,
+    loss_chunk: int = 0,
+    bf16_via_fp32: bool = False,
 ) -> ParallelModel:
     """Build this rank's part(s) on the meta device with every parallelism applied, in
-    torchtitan's order: tensor parallel, activation checkpointing, compile, FSDP."""
+    torchtitan's order: tensor parallel, activation checkpointing, compile, FSDP. Before
+    them, the compute swaps each part can take (compute.py): ``loss_chunk`` tokens per
+    chunk of the fused head + loss (0: off) and ``bf16_via_fp32`` (kernels.cpu_bf16_via_fp32)."""
     n_stages = check_layout(args, dims, par)
     with torch.device("meta"):
         full = OPTModel(args)
@@ -113,7 +121,12 @@ def parallelize(
         split = split_layers(args.n_layers, n_stages, stage_costs(args, seq_len))
         indices = stage_ids(pp_rank, dims.pp, par.pp_stages_per_rank)
         parts = [build_stage_model(full, split[i], i, n_stages) for i in indices]
+    fused_loss = False
     for part in parts:
+        fused_loss |= apply_compute(
+            part, loss_chunk=loss_chunk, bf16_via_fp32=bf16_via_fp32,
+            tensor_parallel=dims.tp > 1, data_parallel=dims.dp > 1,
+        )  # fmt: skip
         if dims.tp > 1:
             apply_tensor_parallel(part, meshes["tp"], par.sequence_parallel)
         apply_activation_checkpointing(part, par.activation_checkpoint)
@@ -123,7 +136,7 @@ def parallelize(
         if dims.dp > 1:
             dp_mesh = meshes["dp_shard"] if dims.dp_replicate == 1 else meshes["hsdp"]
             apply_fsdp(part, dp_mesh, dims.pp == 1, fsdp_param_dtype)
-    return ParallelModel(dims, parts, indices, n_stages, split)
+    return ParallelModel(dims, parts, indices, n_stages, split, fused_loss)
 
 
 def dtensor_view(param: torch.Tensor):

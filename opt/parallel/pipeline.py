@@ -77,7 +77,8 @@ def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
 
 
 def build_stage_model(full: OPTModel, layers: range, stage: int, n_stages: int) -> OPTModel:
-    """A copy of ``full`` (on meta) keeping only this stage's layers and ends.
+    """A copy of ``full`` (on meta) keeping only this stage's layers and ends: a stage
+    without ``lm_head`` returns hidden states.
 
     The last stage keeps its own ``embed_tokens`` for the tied head; its gradient is summed
     with the first stage's copy every step, so the two copies stay identical.
@@ -95,7 +96,7 @@ def build_stage_model(full: OPTModel, layers: range, stage: int, n_stages: int) 
     if not last:
         model.final_norm = None
         model.project_out = None
-        model.emit_logits = False
+        model.lm_head = None
     return model
 
 

@@ -106,7 +106,7 @@ def tensor_parallel_plan(model: OPTModel, sequence_parallel: bool) -> dict[str, 
         plan[f"{prefix}.ffn.fc2"] = RowwiseParallel(output_layouts=residual)
     if model.final_norm is not None:
         plan["final_norm"] = norm()
-    if model.emit_logits:
+    if model.lm_head is not None:
         # Hidden states gathered to every rank, times the vocab-sharded tied weight: logits
         # sharded over the vocabulary, kept as a DTensor for loss_parallel.
         plan["lm_head"] = PrepareModuleInput(
@@ -118,6 +118,4 @@ def tensor_parallel_plan(model: OPTModel, sequence_parallel: bool) -> dict[str, 
 
 
 def apply_tensor_parallel(model: OPTModel, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    # A DTensor weight cannot take a sparse gradient.
-    model.sparse_embedding_grad = False
     parallelize_module(model, tp_mesh, tensor_parallel_plan(model, sequence_parallel))

@@ -94,6 +94,9 @@ class Trainer:
         if self.dims.world_size > 1:
             self.device = distributed.init_distributed(cfg.parallel.timeout_s, self.device.type)
             self.meshes = self.dims.build_meshes(self.device.type)
+        self.bf16_via_fp32 = kernels.cpu_bf16_via_fp32(
+            self.device, cfg.train.precision, cfg.train.cpu_bf16_compute
+        )
         self.rank, _ = distributed.rank_and_world()
         pp_rank, dp_rank, tp_rank = self._coordinates()
         # Everything fallible about the data happens before the model is allocated.
@@ -105,7 +108,6 @@ class Trainer:
             self.loader = PrefetchingLoader(self.loader, pin_memory=pin)
         if cfg.train.keep_host_memory:
             retain_freed_memory()
-        kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
         # Dropout: the same masks across a TP group where activations are replicated, and
         # different ones where each rank holds its own sequence shard (SP) or batch.
         tp_stream = tp_rank if cfg.parallel.sequence_parallel else 0
@@ -116,13 +118,12 @@ class Trainer:
             self.model_args, self.dims, self.meshes, cfg.parallel, cfg.data.seq_len, pp_rank,
             compile_blocks=compile_enabled(cfg, self.device),
             fsdp_param_dtype=fsdp_param_dtype(cfg.train.precision, cfg.parallel),
+            loss_chunk=cfg.train.loss_chunk, bf16_via_fp32=self.bf16_via_fp32,
         )  # fmt: skip
         materialize(self.parallel, self.device, cfg.run.seed)
         self.model_parts = self.parallel.parts
-        # The fused head + loss needs the whole head on this rank, outside any pipeline.
-        self.fused_loss = cfg.train.loss_chunk > 0 and self.dims.tp == 1 and self.dims.pp == 1
-        for part in self.model_parts:
-            part.loss_chunk = cfg.train.loss_chunk if self.fused_loss else 0
+        # The fused head + loss (where the whole head is on this rank, outside TP).
+        self.fused_loss = self.parallel.fused_loss
         self.model = self.model_parts[0]
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.model_parts]
         self.optimizer = self.optimizers[0]
@@ -536,9 +537,7 @@ class Trainer:
         peak = cfg.metrics.peak_tflops * 1e12
         if peak <= 0:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
-            peak = measure_matmul_peak(
-                dtype, self.device, bf16_via_fp32=kernels.cpu_bf16_via_fp32_enabled(self.device)
-            )
+            peak = measure_matmul_peak(dtype, self.device, bf16_via_fp32=self.bf16_via_fp32)
         tb_dir = cfg.run_dir / "tensorboard" if cfg.metrics.tensorboard else None
         # Tokens are counted globally, so per-device MFU divides the work over every rank.
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
