@@ -55,8 +55,8 @@ from opt.config import load_config
 from opt.data.prepare import ensure_builtin_dataset
 from opt.device import measure_matmul_peak
 from opt.hardware import ACCELERATORS
+from opt.models.flops import training_flops_per_token
 from opt.models.sizes import OPT_VOCAB_SIZE, ModelArgs
-from opt.train.flops import training_flops_per_token
 from opt.train.precision import AUTOCAST_DTYPES
 from opt.train.trainer import Trainer
 

@@ -32,9 +32,8 @@ mask; None means "the dtype of the tensor dropped", which is what CPU dropout ke
 from __future__ import annotations
 
 from opt.errors import OptError
+from opt.models.flops import check_checkpoint_mode
 from opt.models.sizes import ModelArgs
-
-CHECKPOINT_MODES = ("none", "full", "selective")
 
 FP32 = 4
 # LayerNorm keeps its input and an fp32 mean and rstd per token (fp32 under autocast too).
@@ -250,11 +249,6 @@ def autocast_weight_copy_bytes(
     if head:
         elements += projection + args.vocab_size * w // tp  # project_out, tied head
     return elements * dtype_bytes
-
-
-def check_checkpoint_mode(checkpoint: str) -> None:
-    if checkpoint not in CHECKPOINT_MODES:
-        raise OptError(f"checkpoint must be one of {', '.join(CHECKPOINT_MODES)}: {checkpoint!r}")
 
 
 def _check(

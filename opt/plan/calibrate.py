@@ -21,10 +21,10 @@ from opt.device import accelerator_of, measure_matmul_peak, synchronize
 from opt.errors import OptError
 from opt.fsutil import atomic_write
 from opt.hardware import ACCELERATORS
+from opt.models.flops import training_flops_per_token
 from opt.models.model import build_model
 from opt.models.sizes import ModelArgs
 from opt.parallel.compute import use_sparse_embedding_grad
-from opt.train.flops import training_flops_per_token
 from opt.train.optim import build_optimizer
 
 

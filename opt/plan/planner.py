@@ -25,10 +25,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from opt.hardware import Accelerator, GiB
+from opt.models.flops import training_flops
 from opt.models.sizes import ModelArgs
 from opt.parallel.pipeline import split_layers, stage_costs
 from opt.plan.activations import activation_bytes, autocast_weight_copy_bytes
-from opt.plan.flops import training_flops
 from opt.plan.memory import training_state_bytes
 
 CHECKPOINTING = ("none", "selective", "full")

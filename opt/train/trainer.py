@@ -25,6 +25,7 @@ from opt.fsutil import atomic_write
 from opt.host_memory import retain_freed_memory
 from opt.job import check_job
 from opt.models import kernels
+from opt.models.flops import training_flops_per_token
 from opt.models.model import cross_entropy
 from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.grads import (
@@ -50,7 +51,6 @@ from opt.supervisor.logbook import Logbook
 from opt.supervisor.supervisor import KILL_SWITCH_FILE, Decision, Supervisor
 from opt.train import interventions, lifecycle
 from opt.train.data_setup import build_loader, resolve_tokenizer_file
-from opt.train.flops import training_flops_per_token
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
 from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
