@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
+from opt import dist as distributed
 from opt.config import ParallelConfig, load_config
 from opt.dry_run import dry_run_report, format_report
 from opt.errors import OptError
@@ -328,6 +329,39 @@ def test_a_tensor_and_fsdp_sharded_rank_holds_its_slice_of_the_plain_models_weig
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "36"]  # 16 tensors per block x 2, and 4 more
+
+
+@pytest.mark.parametrize("args", [ARGS, ARGS_350M_STYLE], ids=["pre-ln", "350m-style"])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
+def test_the_tp_table_is_what_the_plan_shards(args, sequence_parallel):
+    """TP_SPLIT, which the plan is built from and `opt plan`'s memory model reads, names the
+    dimension of every sharded parameter: the real DTensor placements (fake group of 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from opt.parallel.tensor_parallel import apply_tensor_parallel, tp_shard_dim
+    from opt.plan.memory import local_numel
+
+    with torch.device("meta"):
+        model = OPTModel(args)
+    try:
+        distributed.init_fake(2, 0)
+        apply_tensor_parallel(model, init_device_mesh("cpu", (2,)), sequence_parallel)
+    finally:
+        distributed.destroy()
+    sharded = set()
+    for name, param in model.named_parameters():
+        assert isinstance(param, DTensor), name  # replicated ones too: one mesh for FSDP
+        dim = tp_shard_dim(name)
+        assert param.placements == ((Replicate(),) if dim is None else (Shard(dim),)), name
+        assert local_numel(name, tuple(param.shape), 2, 1) == param.to_local().numel(), name
+        sharded |= {name} if dim is not None else set()
+    per_block = {
+        f"attn.{p}.{k}" for p in ("q_proj", "k_proj", "v_proj") for k in ("weight", "bias")
+    }
+    per_block |= {"attn.out_proj.weight", "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight"}
+    expected = {f"layers.{i}.{n}" for i in range(args.n_layers) for n in per_block}
+    assert sharded == expected | {"embed_tokens.weight"}
 
 
 # --- 3. the pipeline split ------------------------------------------------------------------

@@ -15,6 +15,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from opt.config import ParallelConfig
 from opt.models.model import OPTModel
 
+# The training state FSDP shards, in bytes per parameter: fp32 master weights and
+# gradients; AdamW keeps two fp32 moments. (The dry run and `opt plan` count with these.)
+PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 4, 4, 8
+
 # Selective recompute keeps what is expensive to recompute (matmuls, attention) and
 # recomputes the cheap element-wise work (LayerNorm, ReLU, dropout, residual adds).
 _SAVE_OPS = {
