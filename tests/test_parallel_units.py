@@ -25,12 +25,7 @@ from opt.models.init import TILE_1D, TILE_COLS, TILE_ROWS, fill_normal_
 from opt.models.model import OPTModel, build_model, canonical_name
 from opt.models.sizes import ModelArgs
 from opt.parallel import ParallelDims
-from opt.parallel.parallelize import (
-    check_layout,
-    check_microbatches,
-    materialize,
-    parallelize,
-)
+from opt.parallel.parallelize import materialize, parallelize
 from opt.parallel.pipeline import (
     StageCosts,
     build_stage_model,
@@ -38,6 +33,7 @@ from opt.parallel.pipeline import (
     stage_costs,
     stage_ids,
 )
+from opt.parallel.rules import check_layout, check_microbatches
 
 # Dimensions that cross tile boundaries without being multiples of the tile.
 ARGS = ModelArgs(n_layers=4, n_heads=4, d_model=80, vocab_size=702, max_positions=300)

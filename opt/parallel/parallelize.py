@@ -13,7 +13,6 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from opt.config import ParallelConfig
-from opt.errors import OptError
 from opt.models.init import init_parameters, plain_view
 from opt.models.model import OPTModel, canonical_name
 from opt.models.sizes import ModelArgs
@@ -21,6 +20,7 @@ from opt.parallel.compute import apply_compute
 from opt.parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from opt.parallel.dims import ParallelDims
 from opt.parallel.pipeline import build_stage_model, split_layers, stage_costs, stage_ids
+from opt.parallel.rules import check_layout
 from opt.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -65,35 +65,6 @@ class ParallelModel:
             for part, stage in zip(self.parts, self.stage_indices, strict=True)
             if part.embed_tokens is not None and stage in (0, self.n_stages - 1)
         ]
-
-
-def check_layout(args: ModelArgs, dims: ParallelDims, par: ParallelConfig) -> int:
-    """Every check that needs no memory; returns the number of pipeline stages."""
-    dims.check_model(args)
-    n_stages = dims.pp * par.pp_stages_per_rank
-    if dims.pp == 1 and par.pp_stages_per_rank > 1:
-        raise OptError("parallel.pp_stages_per_rank > 1 needs parallel.pp > 1")
-    if n_stages > args.n_layers:
-        raise OptError(
-            f"parallel.pp={dims.pp} x pp_stages_per_rank={par.pp_stages_per_rank} = {n_stages} "
-            f"stages need at least {n_stages} layers, the model has {args.n_layers}"
-        )
-    return n_stages
-
-
-def check_microbatches(dims: ParallelDims, par: ParallelConfig, n_microbatches: int) -> None:
-    if dims.pp == 1:
-        return
-    if n_microbatches < dims.pp:
-        raise OptError(
-            f"pipeline with pp={dims.pp} gets only {n_microbatches} microbatches per step "
-            "(batch_tokens / (micro_batch_size * seq_len * dp)); it needs at least pp"
-        )
-    if par.pp_schedule == "interleaved_1f1b" and n_microbatches % dims.pp != 0:
-        raise OptError(
-            f"interleaved_1f1b needs the microbatches per step ({n_microbatches}) to be a "
-            f"multiple of pp={dims.pp}"
-        )
 
 
 def parallelize(

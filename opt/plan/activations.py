@@ -34,6 +34,7 @@ from __future__ import annotations
 from opt.errors import OptError
 from opt.models.flops import check_checkpoint_mode
 from opt.models.sizes import ModelArgs
+from opt.parallel.rules import tensor_parallel_problem
 
 FP32 = 4
 # LayerNorm keeps its input and an fp32 mean and rstd per token (fp32 under autocast too).
@@ -255,7 +256,7 @@ def _check(
     args: ModelArgs, seq_len: int, tp: int, sequence_parallel: bool, checkpoint: str
 ) -> None:
     check_checkpoint_mode(checkpoint)
-    if args.n_heads % tp or args.ffn_dim % tp:
-        raise OptError(f"tp={tp} must divide n_heads={args.n_heads} and ffn_dim={args.ffn_dim}")
+    if (problem := tensor_parallel_problem(args, tp)) is not None:
+        raise OptError(problem)
     if sequence_parallel and seq_len % tp:
         raise OptError(f"sequence parallelism needs tp={tp} to divide seq_len={seq_len}")
