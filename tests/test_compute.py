@@ -104,6 +104,11 @@ def test_the_plain_model_uses_plain_modules():
     assert all(type(m) is nn.Linear for m in linears)
     assert type(block.attn.sdpa) is ScaledDotProductAttention
     assert type(model.lm_head) is LMHead
+    # Logits, or with targets the loss (what scoring, conversion and calibration use).
+    tokens, targets = _batch(SMALL_350M_STYLE)
+    model.eval()
+    loss = model_module.cross_entropy(model(tokens), targets)
+    assert torch.equal(model(tokens, targets), loss)
 
 
 # ----- each swap, exactly -----------------------------------------------------------------------
