@@ -40,8 +40,8 @@ import torch
 
 from opt.config import load_config
 from opt.data.prepare import ensure_builtin_dataset
+from opt.models.flops import training_flops_per_token
 from opt.models.sizes import OPT_VOCAB_SIZE
-from opt.train.flops import training_flops_per_token
 from opt.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))

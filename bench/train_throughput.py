@@ -55,9 +55,8 @@ from opt.config import load_config
 from opt.data.prepare import ensure_builtin_dataset
 from opt.device import measure_matmul_peak
 from opt.hardware import ACCELERATORS
-from opt.models import kernels
+from opt.models.flops import training_flops_per_token
 from opt.models.sizes import OPT_VOCAB_SIZE, ModelArgs
-from opt.train.flops import training_flops_per_token
 from opt.train.precision import AUTOCAST_DTYPES
 from opt.train.trainer import Trainer
 
@@ -129,14 +128,16 @@ class Result:
 GPU_PEAK_MATMUL = 8192  # a 2048^3 matmul takes tens of microseconds on a GPU: too short
 
 
-def matmul_peak(precision: str, repeats: int, device: str = "cpu") -> float:
-    """The trainer's own peak measurement (FLOP/s): median of ``repeats`` timed matmuls."""
+def matmul_peak(
+    precision: str, repeats: int, device: str = "cpu", bf16_via_fp32: bool = False
+) -> float:
+    """The trainer's own peak measurement (FLOP/s): median of ``repeats`` timed matmuls,
+    computed as the trainer computes them (``Trainer.bf16_via_fp32``)."""
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
     if device == "cuda":
         return measure_matmul_peak(dtype, torch.device(device), GPU_PEAK_MATMUL, 10 * repeats)
     cpu = torch.device(device)
-    via_fp32 = kernels.cpu_bf16_via_fp32_enabled(cpu)
-    return measure_matmul_peak(dtype, cpu, repeats=repeats, bf16_via_fp32=via_fp32)
+    return measure_matmul_peak(dtype, cpu, repeats=repeats, bf16_via_fp32=bf16_via_fp32)
 
 
 def datasheet_peak(device: str) -> float:
@@ -183,12 +184,11 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
         f"[{precision}] measuring the {precision} matmul peak ({args.peak_repeats + 1} matmuls)...",
         flush=True,
     )
-    peak = matmul_peak(precision, args.peak_repeats, args.device)
+    via_fp32 = trainer.bf16_via_fp32
+    peak = matmul_peak(precision, args.peak_repeats, args.device, via_fp32)
     native_peak = 0.0  # set where the trainer's matmul is not PyTorch's own bf16 kernel
-    if precision == "bf16" and kernels.cpu_bf16_via_fp32_enabled(torch.device(args.device)):
-        kernels.set_cpu_bf16_compute("native")
+    if via_fp32:
         native_peak = matmul_peak(precision, 1)  # slow: a single timed matmul
-        kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
     print(f"[{precision}] peak {peak / 1e9:.1f} GFLOP/s (native kernels: "
           f"{(native_peak or peak) / 1e9:.1f}); HF attention: {hf.attn_implementation}", flush=True)  # fmt: skip
 
@@ -220,7 +220,7 @@ def measure(args: argparse.Namespace, precision: str, data: Path, tmp: Path) -> 
                 hf_losses.append(hf_loss)
                 # A shared CPU's speed drifts over a long run: the peak is sampled along
                 # with the steps, so that MFU's denominator is the machine the steps ran on.
-                peaks.append(matmul_peak(precision, args.peak_repeats))
+                peaks.append(matmul_peak(precision, args.peak_repeats, bf16_via_fp32=via_fp32))
         peak = statistics.median(peaks)
         print(f"[{precision}] matmul peak over the run: median {peak / 1e9:.1f} GFLOP/s of "
               f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}", flush=True)  # fmt: skip

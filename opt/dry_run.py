@@ -15,11 +15,8 @@ from opt import dist as distributed
 from opt.config import JobConfig
 from opt.job import check_job
 from opt.models.model import canonical_name, count_parameters
-from opt.parallel.data_parallel import fsdp_param_dtype
+from opt.parallel.data_parallel import GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES, fsdp_param_dtype
 from opt.parallel.parallelize import parallelize
-
-# fp32 master weights and gradients; AdamW keeps two fp32 moments per parameter.
-PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 4, 4, 8
 
 
 def _size(n: int) -> str:

@@ -13,7 +13,7 @@ from opt.config import JobConfig
 from opt.errors import OptError
 from opt.models.sizes import ModelArgs, get_model_args
 from opt.parallel.dims import ParallelDims
-from opt.parallel.parallelize import check_layout, check_microbatches
+from opt.parallel.rules import check_layout, check_microbatches
 
 
 @dataclass(frozen=True)

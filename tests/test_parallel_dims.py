@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
+from opt.config import ParallelConfig
 from opt.errors import OptError
 from opt.models.sizes import get_model_args
 from opt.parallel import ParallelDims
+from opt.parallel.rules import check_layout
 
 
 def test_dp_shard_takes_what_is_left_of_the_world():
@@ -50,13 +52,13 @@ def test_inconsistent_layouts_are_refused(kwargs, message):
 def test_layouts_the_model_cannot_be_split_by_are_refused(size, kwargs, message):
     dims = ParallelDims(world_size=kwargs.get("tp", 1) * kwargs.get("pp", 1), **kwargs)
     with pytest.raises(OptError, match=message):
-        dims.check_model(get_model_args(size))
+        check_layout(get_model_args(size), dims, ParallelConfig())
 
 
 def test_opt_175b_layout_is_accepted():
     """OPT-175B's own layout: TP=8 with sharded data parallelism over 992 GPUs."""
     dims = ParallelDims(world_size=992, tp=8)
-    dims.check_model(get_model_args("opt-175b"))
+    assert check_layout(get_model_args("opt-175b"), dims, ParallelConfig(tp=8)) == 1
     assert dims.dp_shard == 124
 
 

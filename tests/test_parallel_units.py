@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
+from opt import dist as distributed
 from opt.config import ParallelConfig, load_config
 from opt.dry_run import dry_run_report, format_report
 from opt.errors import OptError
@@ -24,12 +25,7 @@ from opt.models.init import TILE_1D, TILE_COLS, TILE_ROWS, fill_normal_
 from opt.models.model import OPTModel, build_model, canonical_name
 from opt.models.sizes import ModelArgs
 from opt.parallel import ParallelDims
-from opt.parallel.parallelize import (
-    check_layout,
-    check_microbatches,
-    materialize,
-    parallelize,
-)
+from opt.parallel.parallelize import materialize, parallelize
 from opt.parallel.pipeline import (
     StageCosts,
     build_stage_model,
@@ -37,6 +33,7 @@ from opt.parallel.pipeline import (
     stage_costs,
     stage_ids,
 )
+from opt.parallel.rules import check_layout, check_microbatches
 
 # Dimensions that cross tile boundaries without being multiples of the tile.
 ARGS = ModelArgs(n_layers=4, n_heads=4, d_model=80, vocab_size=702, max_positions=300)
@@ -328,6 +325,39 @@ def test_a_tensor_and_fsdp_sharded_rank_holds_its_slice_of_the_plain_models_weig
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "36"]  # 16 tensors per block x 2, and 4 more
+
+
+@pytest.mark.parametrize("args", [ARGS, ARGS_350M_STYLE], ids=["pre-ln", "350m-style"])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
+def test_the_tp_table_is_what_the_plan_shards(args, sequence_parallel):
+    """TP_SPLIT, which the plan is built from and `opt plan`'s memory model reads, names the
+    dimension of every sharded parameter: the real DTensor placements (fake group of 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from opt.parallel.tensor_parallel import apply_tensor_parallel, tp_shard_dim
+    from opt.plan.memory import local_numel
+
+    with torch.device("meta"):
+        model = OPTModel(args)
+    try:
+        distributed.init_fake(2, 0)
+        apply_tensor_parallel(model, init_device_mesh("cpu", (2,)), sequence_parallel)
+    finally:
+        distributed.destroy()
+    sharded = set()
+    for name, param in model.named_parameters():
+        assert isinstance(param, DTensor), name  # replicated ones too: one mesh for FSDP
+        dim = tp_shard_dim(name)
+        assert param.placements == ((Replicate(),) if dim is None else (Shard(dim),)), name
+        assert local_numel(name, tuple(param.shape), 2, 1) == param.to_local().numel(), name
+        sharded |= {name} if dim is not None else set()
+    per_block = {
+        f"attn.{p}.{k}" for p in ("q_proj", "k_proj", "v_proj") for k in ("weight", "bias")
+    }
+    per_block |= {"attn.out_proj.weight", "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight"}
+    expected = {f"layers.{i}.{n}" for i in range(args.n_layers) for n in per_block}
+    assert sharded == expected | {"embed_tokens.weight"}
 
 
 # --- 3. the pipeline split ------------------------------------------------------------------

@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from opt.config import load_config
 from opt.dry_run import dry_run_report
+from opt.errors import OptError
 from opt.job import check_job, resolve_model_args
 from opt.plan.memory import training_state_bytes
 
@@ -125,3 +126,32 @@ def test_calibration_measures_this_machine_and_is_used_only_for_its_own_gpu(tmp_
     assert h100["achieved_fraction_of_peak"] == pytest.approx(400.0 / 989.0)
     a100 = _plan(*args, "--gpu", "a100-80gb")
     assert a100["achieved_fraction_of_peak"] == pytest.approx(0.47)
+
+
+@pytest.mark.parametrize(
+    ("model", "gpus", "layout", "batch_tokens"),
+    [
+        ("opt-125m", 8, {"tp": 8}, 2**19),  # 12 heads
+        ("opt-350m", 32, {"pp": 32}, 2**21),  # 24 layers
+        ("opt-125m", 8, {"pp": 4}, 8192),  # 2 micro-batches of 1 x 2048 for 4 stages
+    ],
+)
+def test_the_planner_excludes_what_the_job_refuses_in_the_jobs_words(
+    model, gpus, layout, batch_tokens
+):
+    """One set of layout rules (opt/parallel/rules.py): a layout the trainer would refuse is
+    excluded by `opt plan` with the trainer's own message."""
+    from opt.hardware import get_accelerator
+    from opt.plan.planner import Cluster, Job, evaluate
+
+    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+    flags = ["--train.micro_batch_size", "1", "--train.batch_tokens", str(batch_tokens)]
+    for key, value in layout.items():
+        flags += [f"--parallel.{key}", str(value)]
+    cfg = load_config(f"configs/{model}.toml", flags)
+    with pytest.raises(OptError) as refused:
+        check_job(cfg, gpus)
+    job = Job(resolve_model_args(cfg), model, cfg.data.seq_len, batch_tokens, 10**9)
+    cluster = Cluster(get_accelerator("h100-80gb"), gpus, gpus, 0.5)
+    candidate = evaluate(job, cluster, tp, pp, 1, "none", False)
+    assert not candidate.fits and candidate.excluded == str(refused.value)

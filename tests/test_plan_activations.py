@@ -32,7 +32,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from opt import dist as distributed
-from opt.models import kernels
+from opt.models.flops import (
+    block_forward_flops_per_token,
+    training_flops,
+    training_flops_per_token,
+)
 from opt.models.model import OPTModel, build_model
 from opt.models.sizes import ModelArgs, get_model_args
 from opt.parallel.data_parallel import apply_activation_checkpointing
@@ -42,19 +46,10 @@ from opt.plan.activations import (
     activation_bytes_per_layer,
     autocast_weight_copy_bytes,
 )
-from opt.plan.flops import block_forward_flops_per_token, training_flops
-from opt.train.flops import training_flops_per_token
 
-
-@pytest.fixture(autouse=True)
-def native_bf16_kernels():
-    """The formulas model GPUs, where bf16 matmuls and attention are native bf16 ops. On a
-    CPU without bf16 instructions the trainer computes them from fp32 copies
-    (train.cpu_bf16_compute), which saves other tensors; measure the native path here."""
-    kernels.set_cpu_bf16_compute("native")
-    yield
-    kernels.set_cpu_bf16_compute("auto")
-
+# The formulas model GPUs, where bf16 matmuls and attention are native bf16 ops: the plain
+# model's. (On a CPU without bf16 instructions the trainer swaps in kernels that compute
+# them from fp32 copies, train.cpu_bf16_compute, and save other tensors.)
 
 # conftest's TINY_OVERRIDES as resolve_model_args applies them (ffn and word width follow).
 TINY = get_model_args("opt-tiny").replace(
@@ -471,3 +466,29 @@ def test_hardware_flops_count_the_recompute(args, checkpoint):
         args.n_layers * block_forward_flops_per_token(args, seq_len) * seq_len * micro_batch
     )
     assert recompute == 0 if checkpoint != "full" else 0.5 * forward_of_blocks < recompute
+
+
+# (model FLOPs per token at seq 2048; pipeline stage costs (embedding, layer, head); hardware
+# FLOPs of 2**21 tokens with full recompute), as the three copies of the model computed them
+# before they became one (opt/models/flops.py).
+PINNED_FLOPS = {
+    "opt-125m": (967753728, (1536, 20447232, 77217792), 2544098107981824),
+    "opt-350m": (2576646144, (1049600, 33554432, 52527104), 7092468474445824),
+    "opt-175b": (1076374536192, (24576, 3724541952, 1235484672), 3007170349281312768),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED_FLOPS))
+def test_one_flop_model_for_mfu_the_pipeline_split_and_the_planner(name):
+    from opt.parallel.pipeline import stage_costs
+
+    args = get_model_args(name)
+    per_token, costs, hardware = PINNED_FLOPS[name]
+    assert training_flops_per_token(args, 2048) == per_token
+    assert tuple(vars(stage_costs(args, 2048)).values()) == costs
+    flops = training_flops(args, 2048, 2**21, "full")
+    assert (flops.model, flops.hardware) == (per_token * 2**21, hardware)
+    none = training_flops(args, 2048, 2**21, "none")
+    assert none.hardware == none.model == per_token * 2**21
+    # The pipeline's layer cost is the block the planner counts recompute by.
+    assert costs[1] == block_forward_flops_per_token(args, 2048)

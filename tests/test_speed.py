@@ -18,18 +18,12 @@ from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
 from opt.models import kernels
 from opt.models.fused_loss import chunked_cross_entropy
-from opt.models.model import cross_entropy
+from opt.models.model import ScaledDotProductAttention, cross_entropy
 from opt.models.sizes import get_model_args
 from opt.train.data_setup import build_loader
 from opt.train.trainer import Trainer
 
 STEPS = 3
-
-
-@pytest.fixture(autouse=True)
-def default_kernel_policy():
-    yield
-    kernels.set_cpu_bf16_compute("auto")  # process-wide: leave it as other tests expect
 
 
 def _losses(tiny_config, steps: int = STEPS, **overrides) -> list[float]:
@@ -68,11 +62,15 @@ def test_chunked_cross_entropy_equals_the_full_logits_path_in_fp32(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_chunked_cross_entropy_under_autocast_is_within_dtype_tolerance(dtype):
+@pytest.mark.parametrize(
+    "dtype, via_fp32",
+    [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)],
+    ids=["bf16", "bf16-via-fp32", "fp16"],
+)
+def test_chunked_cross_entropy_under_autocast_is_within_dtype_tolerance(dtype, via_fp32):
     exact = _grads(_plain, None)
     plain = _grads(_plain, dtype)
-    chunked = _grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 50), dtype)
+    chunked = _grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 50, via_fp32), dtype)
     for c, p, e in zip(chunked, plain, exact, strict=True):
         # No further from fp32 than autocast's own full-logits path (bf16: 8 mantissa bits).
         assert (c.float() - e).norm() <= 1.5 * (p.float() - e).norm() + 1e-6
@@ -82,9 +80,8 @@ def test_chunked_cross_entropy_under_autocast_is_within_dtype_tolerance(dtype):
 # ----- bf16 on CPUs without bf16 instructions -------------------------------------------------
 def _linear_grads(mode: str | None):
     """Output and gradients of a linear layer under bf16 autocast (None: plain fp32)."""
-    kernels.set_cpu_bf16_compute(mode or "auto")
     torch.manual_seed(1)
-    layer = kernels.Linear(48, 40)
+    layer = kernels.Bf16ViaFp32Linear(48, 40) if mode == "fp32" else torch.nn.Linear(48, 40)
     x = torch.randn(4, 10, 48, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode is not None):
         y = layer(x)
@@ -109,11 +106,11 @@ def test_bf16_linear_via_fp32_matches_native_bf16_kernels():
 def test_bf16_attention_via_fp32_matches_native_bf16_kernels():
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    kinds = {"native": ScaledDotProductAttention(), "fp32": kernels.Bf16ViaFp32Attention()}
     outs = {}
-    for mode in ("native", "fp32"):
-        kernels.set_cpu_bf16_compute(mode)
+    for mode, attention in kinds.items():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[mode] = kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
+            outs[mode] = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
     assert outs["fp32"].dtype == torch.bfloat16
     torch.testing.assert_close(outs["fp32"], outs["native"], rtol=2e-2, atol=2e-2)
 

@@ -37,27 +37,33 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-# The defaults transformers' OPTConfig applies to keys a config.json leaves out, so a config
-# means the same model here as it does there (note ffn_dim: 3072, not 4 * hidden_size).
-HF_DEFAULTS: dict = {
-    "vocab_size": 50272,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "ffn_dim": 3072,
-    "max_position_embeddings": 2048,
-    "word_embed_proj_dim": None,
-    "do_layer_norm_before": True,
-    "_remove_final_layer_norm": False,
-    "activation_function": "relu",
-    "enable_bias": True,
-    "layer_norm_elementwise_affine": True,
-    "tie_word_embeddings": True,
-    "dropout": 0.1,
-    "attention_dropout": 0.0,
-    "layerdrop": 0.0,
-    "init_std": 0.02,
+_NUMBER = (int, float)
+# transformers' OPTConfig keys that describe the model, in the order config.json is written:
+# (the default OPTConfig applies when a config.json leaves the key out, so that a config
+# means the same model here as there (note ffn_dim: 3072, not 4 * hidden_size); the type a
+# value must have; the ModelArgs field it maps to). Keys without a field are features our
+# model has one way only, transformers' default, which _refuse_unsupported insists on.
+HF_KEYS: dict[str, tuple[object, type | tuple[type, ...], str | None]] = {
+    "vocab_size": (50272, int, "vocab_size"),
+    "hidden_size": (768, int, "d_model"),
+    "num_hidden_layers": (12, int, "n_layers"),
+    "num_attention_heads": (12, int, "n_heads"),
+    "ffn_dim": (3072, int, "ffn_dim"),
+    "max_position_embeddings": (2048, int, "max_positions"),
+    # None (or absent) means "as wide as the model", as in OPTConfig.
+    "word_embed_proj_dim": (None, (int, type(None)), "word_embed_dim"),
+    "do_layer_norm_before": (True, bool, "pre_norm"),
+    "_remove_final_layer_norm": (False, bool, None),
+    "activation_function": ("relu", str, None),
+    "enable_bias": (True, bool, None),
+    "layer_norm_elementwise_affine": (True, bool, None),
+    "tie_word_embeddings": (True, bool, None),
+    "dropout": (0.1, _NUMBER, "dropout"),
+    "attention_dropout": (0.0, _NUMBER, "attn_dropout"),
+    "layerdrop": (0.0, _NUMBER, None),
+    "init_std": (0.02, _NUMBER, "init_std"),
 }
+HF_DEFAULTS = {key: default for key, (default, _, _) in HF_KEYS.items()}
 # Floating dtypes as safetensors headers name them; anything else (ints, fp8) is a quantized
 # or foreign checkpoint that a plain upcast would silently get wrong.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -92,8 +98,9 @@ _SHOW = 5  # how many names an error about missing/unexpected tensors lists
 # --- config -------------------------------------------------------------------------------
 
 
-def _field(cfg: dict, key: str, kind: type | tuple[type, ...]):
-    value = cfg.get(key, HF_DEFAULTS[key])
+def _field(cfg: dict, key: str):
+    default, kind, _ = HF_KEYS[key]
+    value = cfg.get(key, default)
     # bool is an int subclass; a dimension of True is a broken config, not 1.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise OptError(f"config.json: {key} has an invalid value {value!r}")
@@ -105,23 +112,20 @@ def _refuse_unsupported(cfg: dict) -> None:
     if (model_type := cfg.get("model_type")) != "opt":
         raise OptError(f"config.json: model_type is {model_type!r}, only 'opt' can be converted")
     checks = [
-        (_field(cfg, "activation_function", str) == "relu", "activation_function must be relu"),
-        (_field(cfg, "enable_bias", bool), "enable_bias=false (bias-free linears)"),
+        (_field(cfg, "activation_function") == "relu", "activation_function must be relu"),
+        (_field(cfg, "enable_bias"), "enable_bias=false (bias-free linears)"),
         (
-            _field(cfg, "layer_norm_elementwise_affine", bool),
+            _field(cfg, "layer_norm_elementwise_affine"),
             "layer_norm_elementwise_affine=false (LayerNorm without weights)",
         ),
-        (_field(cfg, "tie_word_embeddings", bool), "tie_word_embeddings=false (untied lm_head)"),
+        (_field(cfg, "tie_word_embeddings"), "tie_word_embeddings=false (untied lm_head)"),
         (
-            not (
-                _field(cfg, "do_layer_norm_before", bool)
-                and _field(cfg, "_remove_final_layer_norm", bool)
-            ),
+            not (_field(cfg, "do_layer_norm_before") and _field(cfg, "_remove_final_layer_norm")),
             "_remove_final_layer_norm=true with pre-LN blocks",
         ),
         # A training-time regulariser, but the blocks have no way to skip layers, so a
         # conversion would silently change how the model trains.
-        (_field(cfg, "layerdrop", (int, float)) == 0, "layerdrop > 0 (set it to 0 to convert)"),
+        (_field(cfg, "layerdrop") == 0, "layerdrop > 0 (set it to 0 to convert)"),
     ]
     for ok, what in checks:
         if not ok:
@@ -131,22 +135,13 @@ def _refuse_unsupported(cfg: dict) -> None:
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """Our model shape for a transformers OPT ``config.json`` dict; OptError if unsupported."""
     _refuse_unsupported(cfg)
-    d_model = _field(cfg, "hidden_size", int)
-    # None (or absent) means "as wide as the model", as in OPTConfig.
-    word_embed_dim = _field(cfg, "word_embed_proj_dim", (int, type(None))) or d_model
-    return ModelArgs(
-        n_layers=_field(cfg, "num_hidden_layers", int),
-        n_heads=_field(cfg, "num_attention_heads", int),
-        d_model=d_model,
-        ffn_dim=_field(cfg, "ffn_dim", int),
-        vocab_size=_field(cfg, "vocab_size", int),
-        max_positions=_field(cfg, "max_position_embeddings", int),
-        word_embed_dim=word_embed_dim,
-        pre_norm=_field(cfg, "do_layer_norm_before", bool),
-        dropout=float(_field(cfg, "dropout", (int, float))),
-        attn_dropout=float(_field(cfg, "attention_dropout", (int, float))),
-        init_std=float(_field(cfg, "init_std", (int, float))),
-    )
+    fields = {}
+    for key, (_, kind, ours) in HF_KEYS.items():
+        if ours is not None:
+            value = _field(cfg, key)
+            fields[ours] = float(value) if kind == _NUMBER else value
+    fields["word_embed_dim"] = fields["word_embed_dim"] or fields["d_model"]
+    return ModelArgs(**fields)
 
 
 def hf_config_from_args(args: ModelArgs) -> dict:
@@ -154,23 +149,10 @@ def hf_config_from_args(args: ModelArgs) -> dict:
     return {
         "architectures": ["OPTForCausalLM"],
         "model_type": "opt",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.d_model,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "ffn_dim": args.ffn_dim,
-        "max_position_embeddings": args.max_positions,
-        "word_embed_proj_dim": args.word_embed_dim,
-        "do_layer_norm_before": args.pre_norm,
-        "_remove_final_layer_norm": False,
-        "activation_function": "relu",
-        "enable_bias": True,
-        "layer_norm_elementwise_affine": True,
-        "tie_word_embeddings": True,
-        "dropout": args.dropout,
-        "attention_dropout": args.attn_dropout,
-        "layerdrop": 0.0,
-        "init_std": args.init_std,
+        **{
+            key: default if ours is None else getattr(args, ours)
+            for key, (default, _, ours) in HF_KEYS.items()
+        },
         # OPT's GPT-2 tokenizer: </s> doubles as bos and eos, <pad> is 1.
         "pad_token_id": 1,
         "bos_token_id": 2,

@@ -10,14 +10,20 @@ its logits; backward only scales the two by the incoming gradient. The head's th
 
 Numerics follow the plain path under autocast: logits in the autocast dtype, log-softmax in
 fp32, the gradient GEMMs in the autocast dtype (in fp32 under fp16, whose unscaled
-gradients would underflow), the weight gradient summed over chunks in fp32.
+gradients would underflow), the weight gradient summed over chunks in fp32. Under
+``bf16_via_fp32`` (opt/models/kernels.py) the bf16 GEMMs run as fp32 ones on exact copies.
+
+``ChunkedLossHead`` is the tied head with this loss: a run swaps it in for the model's
+``LMHead`` (opt/parallel/compute.py) where the whole head is on one rank.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from opt.models.kernels import gemm
+from opt.models.kernels import gemm, linear_via_fp32
+from opt.models.model import LMHead
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype:
@@ -28,7 +34,7 @@ def _autocast_dtype(device: torch.device) -> torch.dtype:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, via_fp32: bool):
         n = hidden.shape[0]
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         w = weight.to(dtype)
@@ -41,15 +47,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk].to(dtype)
             h_for_grad = h if grad_dtype == dtype else hidden[start : start + chunk].to(grad_dtype)
             t = targets[start : start + chunk]
-            logits = gemm(h, w.t()).float()  # (c, V)
+            logits = gemm(h, w.t(), via_fp32).float()  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             # d(mean loss)/d(logits) = (softmax - onehot) / n, built in place of the logits.
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[rows[: len(t)], t] -= 1.0
             g = grad_logits.div_(n).to(grad_dtype)
-            grad_hidden[start : start + chunk] = gemm(g, w_for_grad)
-            chunk_grad_weight = gemm(g.t(), h_for_grad)
+            grad_hidden[start : start + chunk] = gemm(g, w_for_grad, via_fp32)
+            chunk_grad_weight = gemm(g.t(), h_for_grad, via_fp32)
             if grad_weight is None:  # no zero-filled buffer and no add for the first chunk
                 grad_weight = chunk_grad_weight.float()
             else:
@@ -70,16 +76,43 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    bf16_via_fp32: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``: hidden (B, T, D),
     weight (V, D), targets (B, T) -> a scalar, as ``F.cross_entropy`` of the full logits."""
     dtype = _autocast_dtype(hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(
-            hidden.flatten(0, 1), weight, targets.flatten(), chunk, dtype
+            hidden.flatten(0, 1), weight, targets.flatten(), chunk, dtype, bf16_via_fp32
         )
+
+
+class ChunkedLossHead(LMHead):
+    """The tied head whose loss (forward with targets) runs over chunks of ``chunk`` tokens;
+    without targets it returns the logits, as ``LMHead`` does."""
+
+    def __init__(self, chunk: int, bf16_via_fp32: bool = False):
+        super().__init__()
+        if chunk < 1:
+            raise ValueError(f"loss chunk must be at least 1 token, got {chunk}")
+        self.chunk = chunk
+        self.bf16_via_fp32 = bf16_via_fp32
+
+    def forward(
+        self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if targets is not None:
+            return chunked_cross_entropy(h, weight, targets, self.chunk, self.bf16_via_fp32)
+        return linear_via_fp32(h, weight) if self.bf16_via_fp32 else F.linear(h, weight)
+
+    def extra_repr(self) -> str:
+        return f"chunk={self.chunk}, bf16_via_fp32={self.bf16_via_fp32}"

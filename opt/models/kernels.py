@@ -1,4 +1,5 @@
-"""Where the model's matmuls and attention run: one switch for CPUs without native bf16.
+"""Where the model's matmuls and attention run: bf16 on CPUs without native bf16, and the
+choice of SDPA kernel.
 
 Under bf16 autocast, PyTorch runs CPU matmuls and attention with bf16 kernels. On CPUs
 without bf16 instructions (no AVX-512 BF16, no AMX) those kernels are slow: on the 2-core
@@ -14,6 +15,11 @@ save their bf16 inputs for backward, as a bf16 linear does, and an fp32 copy of 
 bf16-rounded weight (twice a bf16 weight's bytes); attention saves the fp32 copies it ran
 on, twice the bytes of bf16 (the activation model of `opt plan`, which is for GPUs, does
 not count them). On GPUs and bf16-capable CPUs nothing changes.
+
+The choice is made once per run (``cpu_bf16_via_fp32``) and applied by swapping the modules
+below into the plain model (opt/parallel/compute.py): the blocks' linears, their attention
+and the tied head. Each still computes natively outside CPU bf16 autocast, and for DTensor
+operands, whose sharding propagation is left to PyTorch.
 """
 
 from __future__ import annotations
@@ -26,35 +32,31 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from opt.config import ATTENTION, CPU_BF16_COMPUTE
 from opt.device import native_bf16_cpu
-
-CPU_BF16_COMPUTE = ("auto", "native", "fp32")
-_policy = {"cpu_bf16_compute": "auto"}
+from opt.models.model import LMHead, ScaledDotProductAttention, cross_entropy
 
 
-def set_cpu_bf16_compute(mode: str) -> None:
-    """Process-wide, like ``torch.backends`` flags: the trainer sets it from its config."""
-    if mode not in CPU_BF16_COMPUTE:
-        raise ValueError(f"cpu_bf16_compute must be one of {CPU_BF16_COMPUTE}, got {mode!r}")
-    _policy["cpu_bf16_compute"] = mode
-
-
-def cpu_bf16_via_fp32_enabled(device: torch.device) -> bool:
-    """Whether bf16 matmuls on ``device`` run as fp32 ones under the current policy."""
-    mode = _policy["cpu_bf16_compute"]
-    return device.type == "cpu" and (mode == "fp32" or (mode == "auto" and not native_bf16_cpu()))
-
-
-def cpu_bf16_via_fp32() -> bool:
-    """True when the current CPU autocast region should compute bf16 ops in fp32."""
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+def cpu_bf16_via_fp32(device: torch.device, precision: str, cpu_bf16_compute: str) -> bool:
+    """Whether a run's bf16 matmuls and attention compute from fp32 copies: bf16 training
+    on a CPU, with ``train.cpu_bf16_compute`` fp32, or auto on a CPU without bf16 kernels."""
+    if cpu_bf16_compute not in CPU_BF16_COMPUTE:
+        raise ValueError(
+            f"cpu_bf16_compute must be one of {CPU_BF16_COMPUTE}, got {cpu_bf16_compute!r}"
+        )
+    if precision != "bf16" or device.type != "cpu":
         return False
-    return cpu_bf16_via_fp32_enabled(torch.device("cpu"))
+    return cpu_bf16_compute == "fp32" or (cpu_bf16_compute == "auto" and not native_bf16_cpu())
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in their common dtype, outside autocast, bf16 on CPU following the policy."""
-    if a.dtype == torch.bfloat16 and cpu_bf16_via_fp32_enabled(a.device):
+def _in_cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bf16_via_fp32: bool = False) -> torch.Tensor:
+    """``a @ b`` in their common dtype, outside autocast; bf16 on a CPU from fp32 copies when
+    ``bf16_via_fp32``."""
+    if bf16_via_fp32 and a.dtype == torch.bfloat16 and a.device.type == "cpu":
         return (a.float() @ b.float()).to(torch.bfloat16)
     return a @ b
 
@@ -95,16 +97,18 @@ class _LinearViaFp32(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    if cpu_bf16_via_fp32() and not _is_dtensor(weight):
+def linear_via_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear``; under CPU bf16 autocast from fp32 copies (not for DTensor weights)."""
+    if _in_cpu_bf16_autocast() and not isinstance(weight, DTensor):
         with torch.autocast("cpu", enabled=False):
             return _LinearViaFp32.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def attention(q, k, v, dropout_p: float, is_causal: bool = True) -> torch.Tensor:
-    """Causal SDPA; under the fp32 policy on exact fp32 copies, output rounded to bf16."""
-    if cpu_bf16_via_fp32() and not _is_dtensor(q):
+def attention_via_fp32(q, k, v, dropout_p: float, is_causal: bool = True) -> torch.Tensor:
+    """Causal SDPA; under CPU bf16 autocast on exact fp32 copies, output rounded to bf16
+    (not for DTensor queries)."""
+    if _in_cpu_bf16_autocast() and not isinstance(q, DTensor):
         with torch.autocast("cpu", enabled=False):
             q, k, v = (_bf16_exact_fp32(t) for t in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
@@ -112,7 +116,28 @@ def attention(q, k, v, dropout_p: float, is_causal: bool = True) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
 
 
-_SDPA_BACKENDS = {
+class Bf16ViaFp32Linear(nn.Linear):
+    """``nn.Linear`` (so tensor-parallel plans recognise it) computing bf16 from fp32 copies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_via_fp32(x, self.weight, self.bias)
+
+
+class Bf16ViaFp32Attention(ScaledDotProductAttention):
+    def forward(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        return attention_via_fp32(q, k, v, dropout_p)
+
+
+class Bf16ViaFp32Head(LMHead):
+    def forward(
+        self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = linear_via_fp32(h, weight)  # (B, T, D) -> (B, T, V)
+        return logits if targets is None else cross_entropy(logits, targets)
+
+
+# Every choice of train.attention (opt.config.ATTENTION) but auto; a test holds them equal.
+SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -122,18 +147,8 @@ _SDPA_BACKENDS = {
 
 def attention_backend(name: str) -> contextlib.AbstractContextManager:
     """Restrict SDPA to one kernel (``train.attention``); ``auto`` lets PyTorch choose."""
+    if name not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {name!r}")
     if name == "auto":
         return contextlib.nullcontext()
-    return sdpa_kernel(_SDPA_BACKENDS[name])
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # Tensor-parallel weights are DTensors; their sharding propagation is left to PyTorch.
-    return isinstance(t, DTensor)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (so tensor-parallel plans recognise it) that follows the policy above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    return sdpa_kernel(SDPA_BACKENDS[name])

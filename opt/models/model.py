@@ -1,9 +1,12 @@
 """The OPT decoder in plain single-device PyTorch.
 
-Nothing here imports torch.distributed: tensor, pipeline and data parallelism are applied
-from outside (opt/parallel). Two properties make that possible:
+Nothing here imports torch.distributed, and nothing here is a switch: tensor, pipeline and
+data parallelism, and the faster kernels a run may choose (the chunked head + loss, the
+sparse embedding gradient, bf16 via fp32 on CPUs), are applied from outside by
+opt/parallel. Three properties make that possible:
 - blocks live in an ``nn.ModuleDict`` keyed by layer id, and ``forward`` walks whatever is
   left, so a pipeline stage is this model with blocks (and the embedding or head) removed;
+- the attention kernel and the tied head are modules of their own, so they can be swapped;
 - modules can be built on the meta device and filled later by ``init_weights``.
 """
 
@@ -16,13 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt.errors import OptError
-from opt.models import kernels
-from opt.models.fused_loss import chunked_cross_entropy
 from opt.models.init import init_parameters
 from opt.models.sizes import ModelArgs
 
 # OPT's learned positions start at index 2 (fairseq reserved 0 and 1 for padding).
 POSITION_OFFSET = 2
+
+
+class ScaledDotProductAttention(nn.Module):
+    """Causal attention of (B, H, T, Dh) queries, keys and values: PyTorch's fused kernel."""
+
+    def forward(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 class Attention(nn.Module):
@@ -32,10 +40,11 @@ class Attention(nn.Module):
         self.attn_dropout = args.attn_dropout
         d = args.d_model
         # Separate q/k/v (not one fused qkv) so a column-parallel plan shards each by heads.
-        self.q_proj = kernels.Linear(d, d)
-        self.k_proj = kernels.Linear(d, d)
-        self.v_proj = kernels.Linear(d, d)
-        self.out_proj = kernels.Linear(d, d)
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.sdpa = ScaledDotProductAttention()
+        self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -43,9 +52,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        y = kernels.attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, H, T, Dh)
+        y = self.sdpa(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, D)
         return self.out_proj(y)
 
@@ -53,8 +60,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.fc1 = kernels.Linear(args.d_model, args.ffn_dim)
-        self.fc2 = kernels.Linear(args.ffn_dim, args.d_model)
+        self.fc1 = nn.Linear(args.d_model, args.ffn_dim)
+        self.fc2 = nn.Linear(args.ffn_dim, args.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x)))
@@ -81,17 +88,22 @@ class Block(nn.Module):
         return self.ffn_norm(x + F.dropout(self.ffn(x), drop, self.training))
 
 
-class LMHead(nn.Module):
-    """The tied output projection. A module (without parameters of its own) so that a
-    tensor-parallel plan can lay out its input; the weight is the embedding matrix."""
-
-    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(h, weight)  # (B, T, D) -> (B, T, V)
-
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss, computed in fp32 whatever the autocast dtype."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class LMHead(nn.Module):
+    """The tied output projection: logits, or with targets the mean loss. A module without
+    parameters of its own (the weight is the embedding matrix) so that a tensor-parallel
+    plan can lay out its input and a run can swap in a head that never builds the whole
+    batch's logits (opt/models/fused_loss.py)."""
+
+    def forward(
+        self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = F.linear(h, weight)  # (B, T, D) -> (B, T, V)
+        return logits if targets is None else cross_entropy(logits, targets)
 
 
 # Wrappers (activation checkpointing, torch.compile) insert these into parameter names.
@@ -109,19 +121,13 @@ class OPTModel(nn.Module):
     """OPT decoder with tied input/output embeddings; ``forward`` maps tokens to logits.
 
     A pipeline stage is this module with parts set to None or deleted: without
-    ``embed_positions`` the input is taken as hidden states, and with ``emit_logits`` False
-    the hidden states are returned instead of logits.
+    ``embed_positions`` the input is taken as hidden states, and without ``lm_head`` the
+    hidden states are returned instead of logits.
     """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.emit_logits = True
-        # Parallel wrappers that cannot take sparse gradients (FSDP, DTensor) switch this off.
-        self.sparse_embedding_grad = True
-        # Tokens per chunk of the fused head + cross-entropy (forward with targets); 0 turns
-        # it off: the whole batch's logits are built and the loss is F.cross_entropy.
-        self.loss_chunk = 0
         self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_dim)
         self.embed_positions = nn.Embedding(args.max_positions + POSITION_OFFSET, args.d_model)
         self.project_in = (
@@ -144,11 +150,7 @@ class OPTModel(nn.Module):
             raise OptError(
                 f"sequence length {seq} exceeds the model's max_positions={self.args.max_positions}"
             )
-        # With the head tied, the weight's gradient is dense anyway (the head's GEMM); a
-        # sparse lookup gradient is added into it row by row instead of materialising and
-        # adding a second dense vocab x d matrix (154 MB at 125M) every backward.
         # Called as a module (not F.embedding) so a tensor-parallel plan's hooks run.
-        self.embed_tokens.sparse = self.sparse_embedding_grad and self.emit_logits
         h = self.embed_tokens(tokens)
         if self.project_in is not None:
             h = self.project_in(h)
@@ -162,10 +164,8 @@ class OPTModel(nn.Module):
         if self.project_out is not None:
             h = self.project_out(h)
         # Tied output: reuse the embedding matrix instead of a separate lm_head parameter.
-        if targets is not None and self.loss_chunk > 0:
-            return chunked_cross_entropy(h, self.embed_tokens.weight, targets, self.loss_chunk)
-        logits = self.lm_head(h, self.embed_tokens.weight)
-        return logits if targets is None else cross_entropy(logits, targets)
+        # Targets by keyword: a tensor-parallel plan lays out the positional inputs only.
+        return self.lm_head(h, self.embed_tokens.weight, targets=targets)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or with ``targets`` the mean next-token loss (computed inside forward so
@@ -173,7 +173,7 @@ class OPTModel(nn.Module):
         h = self.embed(tokens) if self.embed_positions is not None else tokens
         for layer in self.layers.values():
             h = layer(h)
-        return self.head(h, targets) if self.emit_logits else h
+        return self.head(h, targets) if self.lm_head is not None else h
 
     def init_rule(self, name: str) -> tuple[str, float]:
         """OPT's init for one parameter: (normal, 0.006) for weights, with the projections

@@ -15,6 +15,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from opt.config import ParallelConfig
 from opt.models.model import OPTModel
 
+# The training state FSDP shards, in bytes per parameter: fp32 master weights and
+# gradients; AdamW keeps two fp32 moments. (The dry run and `opt plan` count with these.)
+PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 4, 4, 8
+
 # Selective recompute keeps what is expensive to recompute (matmuls, attention) and
 # recomputes the cheap element-wise work (LayerNorm, ReLU, dropout, residual adds).
 _SAVE_OPS = {
@@ -75,7 +79,6 @@ def apply_fsdp(
     cast, so the residual stream stays fp32 as under plain autocast; the root (embeddings,
     final norm, head) keeps fp32 parameters, as autocast would use them.
     """
-    model.sparse_embedding_grad = False
     shard = partial(fully_shard, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     block_policy = MixedPrecisionPolicy()
     if param_dtype is not None:

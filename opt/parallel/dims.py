@@ -1,5 +1,5 @@
-"""Parallel degrees of a run, checked against the world size and the model before any memory
-is allocated, and the named device meshes built from them.
+"""Parallel degrees of a run, checked against the world size before any memory is allocated
+(what the model can be split by is in rules.py), and the named device meshes built from them.
 
 Mesh order, outermost first: pp, dp_replicate, dp_shard, tp. Tensor parallelism is innermost
 so its heavy collectives stay within a node; pipeline stages are outermost because they
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opt.errors import OptError
-from opt.models.sizes import ModelArgs
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -57,23 +56,6 @@ class ParallelDims:
     @property
     def degrees(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in MESH_DIMS}
-
-    def check_model(self, args: ModelArgs) -> None:
-        """Refuse a layout the model cannot be split by (before anything is allocated)."""
-        if args.n_heads % self.tp != 0:
-            raise OptError(f"parallel.tp={self.tp} does not divide n_heads={args.n_heads}")
-        if args.ffn_dim % self.tp != 0:
-            raise OptError(f"parallel.tp={self.tp} does not divide ffn_dim={args.ffn_dim}")
-        if args.vocab_size % self.tp != 0:
-            raise OptError(
-                f"parallel.tp={self.tp} does not divide vocab_size={args.vocab_size} "
-                "(the embedding is split by vocabulary rows)"
-            )
-        if args.n_layers < self.pp:
-            raise OptError(
-                f"parallel.pp={self.pp} needs at least {self.pp} layers, the model has "
-                f"{args.n_layers}"
-            )
 
     def build_meshes(self, device_type: str) -> dict:
         """Named meshes: ``world`` (4-D), each of its dims, ``hsdp`` (replicate x shard) and

@@ -1,6 +1,7 @@
-"""Turn the plain model into this rank's parallel part(s): pipeline split, then tensor
-parallel, then activation checkpointing, then FSDP; all on meta. Only then is the local
-shard allocated and initialised."""
+"""Turn the plain model into this rank's parallel part(s): pipeline split, then the compute
+swaps (chunked loss, sparse embedding gradient, CPU bf16 via fp32), then tensor parallel,
+then activation checkpointing, then FSDP; all on meta. Only then is the local shard
+allocated and initialised."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from opt.config import ParallelConfig
-from opt.errors import OptError
 from opt.models.init import init_parameters, plain_view
 from opt.models.model import OPTModel, canonical_name
 from opt.models.sizes import ModelArgs
+from opt.parallel.compute import apply_compute
 from opt.parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from opt.parallel.dims import ParallelDims
 from opt.parallel.pipeline import build_stage_model, split_layers, stage_costs, stage_ids
+from opt.parallel.rules import check_layout
 from opt.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -31,6 +33,8 @@ class ParallelModel:
     stage_indices: list[int] = field(default_factory=lambda: [0])
     n_stages: int = 1
     layer_split: list[range] = field(default_factory=list)
+    fused_loss: bool = False
+    """Whether ``part(tokens, targets)`` computes the loss by the chunked head (one part)."""
 
     @property
     def has_first_stage(self) -> bool:
@@ -63,35 +67,6 @@ class ParallelModel:
         ]
 
 
-def check_layout(args: ModelArgs, dims: ParallelDims, par: ParallelConfig) -> int:
-    """Every check that needs no memory; returns the number of pipeline stages."""
-    dims.check_model(args)
-    n_stages = dims.pp * par.pp_stages_per_rank
-    if dims.pp == 1 and par.pp_stages_per_rank > 1:
-        raise OptError("parallel.pp_stages_per_rank > 1 needs parallel.pp > 1")
-    if n_stages > args.n_layers:
-        raise OptError(
-            f"parallel.pp={dims.pp} x pp_stages_per_rank={par.pp_stages_per_rank} = {n_stages} "
-            f"stages need at least {n_stages} layers, the model has {args.n_layers}"
-        )
-    return n_stages
-
-
-def check_microbatches(dims: ParallelDims, par: ParallelConfig, n_microbatches: int) -> None:
-    if dims.pp == 1:
-        return
-    if n_microbatches < dims.pp:
-        raise OptError(
-            f"pipeline with pp={dims.pp} gets only {n_microbatches} microbatches per step "
-            "(batch_tokens / (micro_batch_size * seq_len * dp)); it needs at least pp"
-        )
-    if par.pp_schedule == "interleaved_1f1b" and n_microbatches % dims.pp != 0:
-        raise OptError(
-            f"interleaved_1f1b needs the microbatches per step ({n_microbatches}) to be a "
-            f"multiple of pp={dims.pp}"
-        )
-
-
 def parallelize(
     args: ModelArgs,
     dims: ParallelDims,
@@ -101,9 +76,13 @@ def parallelize(
     pp_rank: int = 0,
     compile_blocks: bool = False,
     fsdp_param_dtype: torch.dtype | None = None,
+    loss_chunk: int = 0,
+    bf16_via_fp32: bool = False,
 ) -> ParallelModel:
     """Build this rank's part(s) on the meta device with every parallelism applied, in
-    torchtitan's order: tensor parallel, activation checkpointing, compile, FSDP."""
+    torchtitan's order: tensor parallel, activation checkpointing, compile, FSDP. Before
+    them, the compute swaps each part can take (compute.py): ``loss_chunk`` tokens per
+    chunk of the fused head + loss (0: off) and ``bf16_via_fp32`` (kernels.cpu_bf16_via_fp32)."""
     n_stages = check_layout(args, dims, par)
     with torch.device("meta"):
         full = OPTModel(args)
@@ -113,7 +92,12 @@ def parallelize(
         split = split_layers(args.n_layers, n_stages, stage_costs(args, seq_len))
         indices = stage_ids(pp_rank, dims.pp, par.pp_stages_per_rank)
         parts = [build_stage_model(full, split[i], i, n_stages) for i in indices]
+    fused_loss = False
     for part in parts:
+        fused_loss |= apply_compute(
+            part, loss_chunk=loss_chunk, bf16_via_fp32=bf16_via_fp32,
+            tensor_parallel=dims.tp > 1, data_parallel=dims.dp > 1,
+        )  # fmt: skip
         if dims.tp > 1:
             apply_tensor_parallel(part, meshes["tp"], par.sequence_parallel)
         apply_activation_checkpointing(part, par.activation_checkpoint)
@@ -123,7 +107,7 @@ def parallelize(
         if dims.dp > 1:
             dp_mesh = meshes["dp_shard"] if dims.dp_replicate == 1 else meshes["hsdp"]
             apply_fsdp(part, dp_mesh, dims.pp == 1, fsdp_param_dtype)
-    return ParallelModel(dims, parts, indices, n_stages, split)
+    return ParallelModel(dims, parts, indices, n_stages, split, fused_loss)
 
 
 def dtensor_view(param: torch.Tensor):

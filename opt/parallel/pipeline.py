@@ -14,7 +14,13 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
+from opt.config import PP_SCHEDULES
 from opt.errors import OptError
+from opt.models.flops import (
+    block_forward_flops_per_token,
+    embedding_forward_flops_per_token,
+    head_forward_flops_per_token,
+)
 from opt.models.model import OPTModel
 from opt.models.sizes import ModelArgs
 
@@ -29,13 +35,13 @@ class StageCosts:
 
 
 def stage_costs(args: ModelArgs, seq_len: int) -> StageCosts:
-    d = args.d_model
-    layer = 2 * (4 * d * d + 2 * d * args.ffn_dim) + 2 * 2 * seq_len * d
-    projection = 2 * d * args.word_embed_dim if args.projects_embeddings else 0
     # The lookup is almost free; its backward scatter-adds a D-vector per token.
-    embedding = 2 * args.word_embed_dim + projection
-    head = 2 * args.word_embed_dim * args.vocab_size + projection
-    return StageCosts(embedding, layer, head)
+    lookup = 2 * args.word_embed_dim
+    return StageCosts(
+        embedding=lookup + embedding_forward_flops_per_token(args),
+        layer=block_forward_flops_per_token(args, seq_len),
+        head=head_forward_flops_per_token(args),
+    )
 
 
 def split_layers(n_layers: int, n_stages: int, costs: StageCosts) -> list[range]:
@@ -77,7 +83,8 @@ def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
 
 
 def build_stage_model(full: OPTModel, layers: range, stage: int, n_stages: int) -> OPTModel:
-    """A copy of ``full`` (on meta) keeping only this stage's layers and ends.
+    """A copy of ``full`` (on meta) keeping only this stage's layers and ends: a stage
+    without ``lm_head`` returns hidden states.
 
     The last stage keeps its own ``embed_tokens`` for the tied head; its gradient is summed
     with the first stage's copy every step, so the two copies stay identical.
@@ -95,10 +102,11 @@ def build_stage_model(full: OPTModel, layers: range, stage: int, n_stages: int) 
     if not last:
         model.final_norm = None
         model.project_out = None
-        model.emit_logits = False
+        model.lm_head = None
     return model
 
 
+# One per choice of parallel.pp_schedule (opt.config.PP_SCHEDULES); a test holds them equal.
 SCHEDULES = {
     "1f1b": Schedule1F1B,
     "gpipe": ScheduleGPipe,
@@ -120,6 +128,8 @@ def build_schedule(
         PipelineStage(model, index, n_stages, device, group=pp_group)
         for model, index in zip(stage_models, stage_indices, strict=True)
     ]
+    if schedule not in PP_SCHEDULES:
+        raise ValueError(f"pipeline schedule must be one of {PP_SCHEDULES}, got {schedule!r}")
     cls = SCHEDULES[schedule]
     # Gradients are averaged over microbatches (scale_grads), as gradient accumulation does.
     if schedule == "interleaved_1f1b":

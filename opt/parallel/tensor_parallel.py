@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from opt.models.model import OPTModel
+from opt.models.model import OPTModel, canonical_name
 
 # The plan's hooks on the embeddings see token ids, which never require gradients; torch
 # warns about that on every backward. It is expected here, not a sign of a broken graph.
@@ -70,9 +70,46 @@ class ReplicateParallel(ParallelStyle):
         )
 
 
+# The split, one entry per sharded module (its name in the model, or within a block): how
+# the plan lays it out. Every other parameter is replicated over the TP group.
+TP_SPLIT = {
+    "embed_tokens": "vocab",
+    "attn.q_proj": "colwise",
+    "attn.k_proj": "colwise",
+    "attn.v_proj": "colwise",
+    "attn.out_proj": "rowwise",
+    "ffn.fc1": "colwise",
+    "ffn.fc2": "rowwise",
+}
+# Which dimension of each parameter a kind of split divides by tp: column-parallel weights
+# and biases by output rows, row-parallel weights by input columns (their bias is added
+# once, after the reduction: replicated), the embedding by vocabulary rows.
+SHARD_DIM = {
+    "colwise": {"weight": 0, "bias": 0},
+    "rowwise": {"weight": 1},
+    "vocab": {"weight": 0},
+}
+
+
+def tp_shard_dim(name: str) -> int | None:
+    """The dimension the plan splits parameter ``name`` along, or None if replicated."""
+    module, _, param = canonical_name(name).rpartition(".")
+    if module.startswith("layers."):
+        module = module.split(".", 2)[2]  # layers.{i}.attn.q_proj -> attn.q_proj
+    kind = TP_SPLIT.get(module)
+    return None if kind is None else SHARD_DIM[kind].get(param)
+
+
 def tensor_parallel_plan(model: OPTModel, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """The plan for whatever parts this (possibly pipeline-stage) model holds."""
     residual = Shard(1) if sequence_parallel else Replicate()  # layout between sub-layers
+    styles = {
+        # Token ids in, replicated; out in the residual stream's layout (sharded by
+        # sequence under SP), the partial lookups of each vocabulary shard reduced.
+        "vocab": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
+        "colwise": ColwiseParallel,
+        "rowwise": lambda: RowwiseParallel(output_layouts=residual),
+    }
 
     def norm() -> ParallelStyle:
         if sequence_parallel:
@@ -84,7 +121,7 @@ def tensor_parallel_plan(model: OPTModel, sequence_parallel: bool) -> dict[str, 
 
     plan: dict[str, ParallelStyle] = {}
     if model.embed_tokens is not None:
-        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+        plan["embed_tokens"] = styles[TP_SPLIT["embed_tokens"]]()
     if model.embed_positions is not None:
         # (T, D) positions are added to (B, T, D) tokens: under SP both are sharded by T.
         plan["embed_positions"] = ReplicateParallel(
@@ -99,14 +136,12 @@ def tensor_parallel_plan(model: OPTModel, sequence_parallel: bool) -> dict[str, 
         plan[f"{prefix}.ffn_norm"] = norm()
         plan[f"{prefix}.attn"] = gather_input()
         plan[f"{prefix}.ffn"] = gather_input()
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            plan[f"{prefix}.attn.{proj}"] = ColwiseParallel()
-        plan[f"{prefix}.attn.out_proj"] = RowwiseParallel(output_layouts=residual)
-        plan[f"{prefix}.ffn.fc1"] = ColwiseParallel()
-        plan[f"{prefix}.ffn.fc2"] = RowwiseParallel(output_layouts=residual)
+        for name, kind in TP_SPLIT.items():
+            if name.startswith(("attn.", "ffn.")):
+                plan[f"{prefix}.{name}"] = styles[kind]()
     if model.final_norm is not None:
         plan["final_norm"] = norm()
-    if model.emit_logits:
+    if model.lm_head is not None:
         # Hidden states gathered to every rank, times the vocab-sharded tied weight: logits
         # sharded over the vocabulary, kept as a DTensor for loss_parallel.
         plan["lm_head"] = PrepareModuleInput(
@@ -118,6 +153,4 @@ def tensor_parallel_plan(model: OPTModel, sequence_parallel: bool) -> dict[str, 
 
 
 def apply_tensor_parallel(model: OPTModel, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    # A DTensor weight cannot take a sparse gradient.
-    model.sparse_embedding_grad = False
     parallelize_module(model, tp_mesh, tensor_parallel_plan(model, sequence_parallel))

@@ -32,9 +32,9 @@ mask; None means "the dtype of the tensor dropped", which is what CPU dropout ke
 from __future__ import annotations
 
 from opt.errors import OptError
+from opt.models.flops import check_checkpoint_mode
 from opt.models.sizes import ModelArgs
-
-CHECKPOINT_MODES = ("none", "full", "selective")
+from opt.parallel.rules import tensor_parallel_problem
 
 FP32 = 4
 # LayerNorm keeps its input and an fp32 mean and rstd per token (fp32 under autocast too).
@@ -252,16 +252,11 @@ def autocast_weight_copy_bytes(
     return elements * dtype_bytes
 
 
-def check_checkpoint_mode(checkpoint: str) -> None:
-    if checkpoint not in CHECKPOINT_MODES:
-        raise OptError(f"checkpoint must be one of {', '.join(CHECKPOINT_MODES)}: {checkpoint!r}")
-
-
 def _check(
     args: ModelArgs, seq_len: int, tp: int, sequence_parallel: bool, checkpoint: str
 ) -> None:
     check_checkpoint_mode(checkpoint)
-    if args.n_heads % tp or args.ffn_dim % tp:
-        raise OptError(f"tp={tp} must divide n_heads={args.n_heads} and ffn_dim={args.ffn_dim}")
+    if (problem := tensor_parallel_problem(args, tp)) is not None:
+        raise OptError(problem)
     if sequence_parallel and seq_len % tp:
         raise OptError(f"sequence parallelism needs tp={tp} to divide seq_len={seq_len}")

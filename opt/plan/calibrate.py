@@ -21,9 +21,10 @@ from opt.device import accelerator_of, measure_matmul_peak, synchronize
 from opt.errors import OptError
 from opt.fsutil import atomic_write
 from opt.hardware import ACCELERATORS
+from opt.models.flops import training_flops_per_token
 from opt.models.model import build_model
 from opt.models.sizes import ModelArgs
-from opt.train.flops import training_flops_per_token
+from opt.parallel.compute import use_sparse_embedding_grad
 from opt.train.optim import build_optimizer
 
 
@@ -34,6 +35,7 @@ def measure_training_step(
     from opt.config import OptimConfig
 
     model = build_model(args, device)
+    use_sparse_embedding_grad(model)  # as the trainer runs one device
     optimizer = build_optimizer(model, OptimConfig())
     dtype = torch.bfloat16 if device.type == "cuda" else None
     tokens = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1), device=device)

@@ -176,6 +176,8 @@ def format_plan(job, cluster, fits, excluded) -> str:
 def _kind(reason: str) -> str:
     if reason.startswith("needs"):
         return "do not fit in memory"
+    if reason.startswith("parallel."):  # opt/parallel/rules.py's words
+        return "cannot split this model"
     if "pipeline" in reason:
         return "have too few micro-batches for the pipeline"
     return "cannot make the batch"

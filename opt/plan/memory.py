@@ -2,8 +2,9 @@
 
 The parameter list comes from the real model and the real pipeline split (built on the
 meta device, so nothing is allocated); each tensor is then cut the way the parallel code
-cuts it: the Megatron TP plan divides one dimension by tp (tensor_parallel.py), and FSDP2
-chunks dim 0 of what is left over dp_shard, the first rank holding ceil(rows / dp_shard)
+cuts it: the Megatron TP plan divides one dimension by tp (the table in
+opt/parallel/tensor_parallel.py, which the plan is built from), and FSDP2 chunks dim 0 of
+what is left over dp_shard, the first rank holding ceil(rows / dp_shard)
 rows. The numbers are those of the first rank of each pipeline rank, the largest one, as
 the dry run reports them; tests hold them equal to the dry run's sharded tensors.
 """
@@ -15,28 +16,16 @@ from functools import cache
 
 import torch
 
-from opt.dry_run import GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES
 from opt.models.model import OPTModel
 from opt.models.sizes import ModelArgs
+from opt.parallel.data_parallel import GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES
 from opt.parallel.pipeline import build_stage_model, split_layers, stage_costs, stage_ids
-
-# Which dimension the TP plan splits: column-parallel weights (and biases) by output rows,
-# row-parallel weights by input columns, the embedding by vocabulary. Others: replicated.
-_TP_DIM = {
-    "embed_tokens.weight": 0,
-    "q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0,
-    "v_proj.weight": 0, "v_proj.bias": 0, "fc1.weight": 0, "fc1.bias": 0,
-    "out_proj.weight": 1, "fc2.weight": 1,
-}  # fmt: skip
-
-
-def tp_dim(name: str) -> int | None:
-    return _TP_DIM.get(".".join(name.split(".")[-2:]))
+from opt.parallel.tensor_parallel import tp_shard_dim
 
 
 def local_numel(name: str, shape: tuple[int, ...], tp: int, dp_shard: int) -> int:
     dims = list(shape)
-    split = tp_dim(name)
+    split = tp_shard_dim(name)
     if tp > 1 and split is not None:
         dims[split] //= tp
     if dp_shard > 1:

@@ -25,14 +25,18 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from opt.hardware import Accelerator, GiB
+from opt.models.flops import training_flops
 from opt.models.sizes import ModelArgs
 from opt.parallel.pipeline import split_layers, stage_costs
+from opt.parallel.rules import layout_problem, microbatch_problem
 from opt.plan.activations import activation_bytes, autocast_weight_copy_bytes
-from opt.plan.flops import training_flops
 from opt.plan.memory import training_state_bytes
 
 CHECKPOINTING = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+TP_DEGREES = (1, 2, 4, 8, 16)
+PP_DEGREES = (1, 2, 4, 8, 16, 32)
+PP_SCHEDULE = "1f1b"  # one stage per pipeline rank, as write_config sets it
 BF16 = 2
 
 
@@ -84,12 +88,10 @@ class Candidate:
 
 
 def layouts(job: Job, cluster: Cluster):
-    """Every (tp, pp, micro_batch, checkpointing, sp) worth estimating."""
-    a = job.args
-    for tp in (t for t in (1, 2, 4, 8, 16) if t <= cluster.gpus_per_node):
-        if a.n_heads % tp or a.ffn_dim % tp or a.vocab_size % tp:
-            continue
-        for pp in (p for p in (1, 2, 4, 8, 16, 32) if p <= a.n_layers):
+    """Every (tp, pp, micro_batch, checkpointing, sp) worth estimating: TP within a node,
+    and tp x pp dividing the GPUs (the data-parallel degree takes the rest)."""
+    for tp in (t for t in TP_DEGREES if t <= cluster.gpus_per_node):
+        for pp in PP_DEGREES:
             if cluster.gpus % (tp * pp):
                 continue
             for mb, ac in itertools.product(MICRO_BATCHES, CHECKPOINTING):
@@ -104,11 +106,14 @@ def evaluate(job: Job, cluster: Cluster, tp: int, pp: int, mb: int, ac: str, sp:
     # 2,031,616); a layout that would change it by more than 5% is left out.
     grad_accum = max(1, round(job.batch_tokens / per_pass))
     c = Candidate(tp, pp, dp, mb, grad_accum, ac, sp, batch_tokens=grad_accum * per_pass)
+    # The trainer's own rules (opt/parallel/rules.py), with the trainer's words.
+    if (problem := layout_problem(job.args, tp, pp)) is not None:
+        return _exclude(c, problem)
     if abs(c.batch_tokens - job.batch_tokens) > 0.05 * job.batch_tokens:
         return _exclude(c, f"micro-batch x seq_len x dp = {per_pass:,} tokens cannot make a "
                            f"batch within 5% of {job.batch_tokens:,}")  # fmt: skip
-    if pp > 1 and grad_accum < pp:
-        return _exclude(c, f"{grad_accum} micro-batches cannot fill {pp} pipeline stages")
+    if (problem := microbatch_problem(pp, grad_accum, PP_SCHEDULE)) is not None:
+        return _exclude(c, problem)
     c.memory = memory_per_gpu(job, cluster, c)
     budget = cluster.gpu.memory_bytes
     if c.memory["total"] > budget:

@@ -14,7 +14,6 @@ from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
 from opt.host_memory import retain_freed_memory
 from opt.job import Job
-from opt.models import kernels
 from opt.parallel.data_parallel import fsdp_param_dtype
 from opt.parallel.parallelize import (
     ParallelModel,
@@ -103,13 +102,12 @@ def build_data(job: Job, where: Placement) -> tuple[PrefetchingLoader, Path]:
     return loader, prefix
 
 
-def build_model(job: Job, where: Placement) -> ParallelModel:
-    """This rank's part(s) of the model with every parallelism applied, allocated and
-    initialised (the same weights as one process, whatever the layout)."""
+def build_model(job: Job, where: Placement, bf16_via_fp32: bool) -> ParallelModel:
+    """This rank's part(s) of the model with every parallelism and compute swap applied,
+    allocated and initialised (the same weights as one process, whatever the layout)."""
     cfg = job.cfg
     if cfg.train.keep_host_memory:
         retain_freed_memory()
-    kernels.set_cpu_bf16_compute(cfg.train.cpu_bf16_compute)
     # Dropout: the same masks across a TP group where activations are replicated, and
     # different ones where each rank holds its own sequence shard (SP) or batch.
     dims = job.dims
@@ -121,12 +119,9 @@ def build_model(job: Job, where: Placement) -> ParallelModel:
         job.model_args, dims, where.meshes, cfg.parallel, cfg.data.seq_len, where.pp_rank,
         compile_blocks=compile_enabled(cfg, where.device),
         fsdp_param_dtype=fsdp_param_dtype(cfg.train.precision, cfg.parallel),
+        loss_chunk=cfg.train.loss_chunk, bf16_via_fp32=bf16_via_fp32,
     )  # fmt: skip
     materialize(model, where.device, cfg.run.seed)
-    # The fused head + loss needs the whole head on this rank, outside any pipeline.
-    fused = cfg.train.loss_chunk > 0 and dims.tp == 1 and dims.pp == 1
-    for part in model.parts:
-        part.loss_chunk = cfg.train.loss_chunk if fused else 0
     return model
 
 

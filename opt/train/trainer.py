@@ -27,6 +27,7 @@ from opt.device import measure_matmul_peak
 from opt.faults import maybe_inject_fault
 from opt.job import check_job
 from opt.models import kernels
+from opt.models.flops import training_flops_per_token
 from opt.models.model import cross_entropy
 from opt.parallel.grads import (
     align_grad_placements,
@@ -44,7 +45,6 @@ from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
 from opt.train.agreement import Shares, agree
 from opt.train.data_setup import resolve_tokenizer_file
-from opt.train.flops import training_flops_per_token
 from opt.train.interventions import Interventions
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
@@ -91,7 +91,11 @@ class Trainer:
         self.where = where = build.place(job)
         self.device, self.rank = where.device, where.rank
         self.loader, dataset_prefix = build.build_data(job, where)
-        self.parallel = build.build_model(job, where)
+        # bf16 matmuls on a CPU without bf16 instructions run as exact fp32 ones (kernels.py).
+        self.bf16_via_fp32 = kernels.cpu_bf16_via_fp32(
+            self.device, cfg.train.precision, cfg.train.cpu_bf16_compute
+        )
+        self.parallel = build.build_model(job, where, self.bf16_via_fp32)
         self.model_parts = self.parallel.parts
         self.model = self.model_parts[0]
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.model_parts]
@@ -99,7 +103,7 @@ class Trainer:
         self.pp_schedule = build.build_pipeline(job, where, self.parallel, self._pipeline_loss)
         self.pp_group = where.group("pp")
         self.embed_group = build.embedding_group(job, where)
-        self.fused_loss = self.model.loss_chunk > 0
+        self.fused_loss = self.parallel.fused_loss  # the head and the loss in one, chunked
         self.schedule = LinearWarmupDecay(cfg.optim.lr, cfg.schedule, cfg.train.batch_tokens)
         self.scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.train.precision == "fp16")
         self.max_steps = job.max_steps
@@ -403,8 +407,7 @@ class Trainer:
             peak = cfg.metrics.peak_tflops * 1e12
         else:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
-            via_fp32 = kernels.cpu_bf16_via_fp32_enabled(self.device)
-            peak = measure_matmul_peak(dtype, self.device, bf16_via_fp32=via_fp32)
+            peak = measure_matmul_peak(dtype, self.device, bf16_via_fp32=self.bf16_via_fp32)
         tb_dir = cfg.run_dir / "tensorboard" if cfg.metrics.tensorboard else None
         # Tokens are counted globally, so per-device MFU divides the work over every rank.
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
