@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opt.checkpoint import load_model_args, load_model_weights, save_checkpoint
-from opt.convert import cli
+from opt.cli import convert as cli
 from opt.convert.hf import (
     args_from_hf_config,
     from_hf,
