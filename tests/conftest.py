@@ -1,34 +1,16 @@
-"""Shared fixtures: a small token dataset and a factory for tiny, fast training configs."""
+"""Shared fixtures: a small token dataset, a factory for tiny, fast training configs, and the
+real Slurm cluster. Plain helpers (no fixtures) live in helpers.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import NOT_TESTED, REPO, TINY_OVERRIDES, skip_group
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-
-# A model small enough that a training step takes milliseconds on two cores.
-TINY_OVERRIDES = {
-    "model.name": "opt-tiny",
-    "model.n_layers": 2,
-    "model.d_model": 64,
-    "model.vocab_size": 512,
-    "data.seq_len": 32,
-    "train.micro_batch_size": 4,
-    "train.batch_tokens": 256,  # 2 micro-batches: gradient accumulation is always on
-    "schedule.warmup_tokens": 512,
-    "schedule.decay_tokens": 256 * 50,
-    "optim.lr": 1e-3,
-    "metrics.log_every": 1,
-    "metrics.peak_tflops": 1.0,  # skip the matmul-peak measurement in tests
-    "metrics.tensorboard": False,
-}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,33 +56,7 @@ def tiny_config(tmp_path, pydoc_dataset):
     return make
 
 
-def _toml(value) -> str:
-    """A value as a `--section.key` override spells it on the command line (TOML syntax)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    """Run `python -m opt ...` (never Debian's LLVM `opt`) and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "opt", *args],
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-
-
 # ----- the real one-node Slurm cluster (tests marked `slurm`) --------------------------------
-_SLURM_SKIPPED: list[str] = []
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A running Slurm: one that `.ci/run` started (found through $SLURM_CONF), or one
@@ -114,8 +70,7 @@ def slurm_cluster(tmp_path_factory):
         return
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
         reason = "Slurm is not installed and there is no apt-get to install it"
-        _SLURM_SKIPPED.append(reason)
-        pytest.skip(f"SLURM TESTS SKIPPED, NOTHING ABOUT SLURM WAS TESTED: {reason}")
+        skip_group("the Slurm tests", reason)
     reason = ensure_slurm_installed()
     if reason is not None:  # apt is there but failed: that is a failure, not a skip
         pytest.fail(f"could not install Slurm for the tests: {reason}")
@@ -127,6 +82,6 @@ def slurm_cluster(tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _SLURM_SKIPPED:
-        terminalreporter.write_sep("!", "THE SLURM TESTS WERE SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(f"reason: {_SLURM_SKIPPED[0]}", red=True)
+    for group, reason in NOT_TESTED.items():
+        terminalreporter.write_sep("!", f"{group.upper()} WERE SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(f"reason: {reason}", red=True)

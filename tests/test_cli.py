@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_OVERRIDES, _toml, run_cli
+from helpers import TINY_OVERRIDES, run_cli, toml_value
 
 from opt.models.model import count_parameters
 from opt.models.sizes import MODEL_SIZES
@@ -23,7 +23,7 @@ def _train_args(tmp_path, dataset, **extra) -> list[str]:
     }
     args = ["train", "configs/demo.toml"]
     for key, value in values.items():
-        args += [f"--{key}", _toml(value)]
+        args += [f"--{key}", toml_value(value)]
     return args
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from opt.data import cli as data_cli
+from opt.cli import data as data_cli
 from opt.data.corpus import (
     builtin_documents,
     iter_documents,

@@ -11,11 +11,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from helpers import import_or_skip_group
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opt.checkpoint import load_model_args, load_model_weights, save_checkpoint
-from opt.convert import cli
+from opt.cli import convert as cli
 from opt.convert.hf import (
     args_from_hf_config,
     from_hf,
@@ -28,7 +29,7 @@ from opt.errors import OptError
 from opt.models.model import OPTModel, build_model, count_parameters
 from opt.models.sizes import MODEL_SIZES, ModelArgs
 
-transformers = pytest.importorskip("transformers")
+transformers = import_or_skip_group("transformers", "the transformers parity tests")
 
 SMALL = {
     "hidden_size": 64,

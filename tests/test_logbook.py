@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from pydantic import ValidationError
 
 from opt.errors import OptError

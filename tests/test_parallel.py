@@ -4,20 +4,15 @@ gradients after step 1, on real gloo process groups started by torchrun."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, _toml
+from helpers import REPO, TINY_OVERRIDES, toml_value, torchrun
 from parallel_worker import full_gradients
 
 from opt.config import to_toml
 from opt.train.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
 
 # fp32, dropout off; 4 layers so that interleaved 1F1B has 4 stages over 2 ranks. The
@@ -68,24 +63,6 @@ LAYOUTS = {
 }
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-
-
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory, pydoc_dataset):
     """The single-process reference: config file, losses, and gradients after step 1."""
@@ -99,7 +76,7 @@ def exact_run(tmp_path_factory, pydoc_dataset):
         "checkpoint.dir": str(root / "ckpt"),
         "logbook.dir": str(root / "logbook"),
     }
-    args = [item for key, value in values.items() for item in (f"--{key}", _toml(value))]
+    args = [item for key, value in values.items() for item in (f"--{key}", toml_value(value))]
     cfg = load_config(None, args)
     config_file = root / "exact.toml"
     config_file.write_text(to_toml(cfg))
@@ -115,7 +92,7 @@ def exact_run(tmp_path_factory, pydoc_dataset):
 def test_layout_matches_one_process(layout, exact_run, tmp_path):
     config_file, expected_losses, expected_grads = exact_run
     nproc, overrides = LAYOUTS[layout]
-    override_args = [item for k, v in overrides.items() for item in (f"--{k}", _toml(v))]
+    override_args = [item for k, v in overrides.items() for item in (f"--{k}", toml_value(v))]
     result = torchrun(
         nproc,
         str(REPO / "tests" / "parallel_worker.py"),
@@ -152,7 +129,7 @@ def test_dropout_masks_under_tensor_parallel(sequence_parallel, exact_run, tmp_p
         str(config_file),
         "--model.dropout", "0.1",
         "--parallel.tp", "2",
-        "--parallel.sequence_parallel", _toml(sequence_parallel),
+        "--parallel.sequence_parallel", toml_value(sequence_parallel),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

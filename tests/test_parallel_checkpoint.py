@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_OVERRIDES, _toml, run_cli
+from helpers import REPO, TINY_OVERRIDES, run_cli, toml_value
 from safetensors.torch import load_file
 
 from opt.checkpoint import list_checkpoints, manifest, verify_checkpoint
@@ -59,7 +59,7 @@ def config_file(tmp_path_factory, pydoc_dataset) -> Path:
         "checkpoint.dir": str(root / "ckpt"),
         "logbook.dir": str(root / "logbook"),
     }
-    cfg = load_config(None, [item for k, v in values.items() for item in (f"--{k}", _toml(v))])
+    cfg = load_config(None, [item for k, v in values.items() for item in (f"--{k}", toml_value(v))])
     path = root / "tiny.toml"
     path.write_text(to_toml(cfg))
     return path

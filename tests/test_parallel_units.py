@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from opt import dist as distributed
 from opt.config import ParallelConfig, load_config

@@ -10,83 +10,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_OVERRIDES, _toml
+from helpers import config_for, finish, launch_local, rank_pid, tensorboard_losses
 
 from opt.checkpoint.resume import newest_complete_checkpoint
 from opt.errors import OptError
 from opt.run.logbook import read_events
 from opt.run.preemption import StopOnSignal
 from opt.run.status import read_status
-
-
-def tensorboard_losses(run_dir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars("train/loss")}
-
-
-def rank_pid(config_file: Path, rank: int, variable: str = "RANK") -> int | None:
-    """The PID of training rank ``rank`` of the job started with ``config_file``; under
-    Slurm the rank is in SLURM_PROCID (the task sets RANK itself, after it starts)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        is_trainer = b"train" in cmdline and str(config_file).encode() in cmdline
-        if is_trainer and f"{variable}={rank}".encode() in environ:
-            return int(proc.name)
-    return None
-
-
-def config_for(root: Path, dataset: Path, run: str, **extra) -> Path:
-    values = {
-        **TINY_OVERRIDES,
-        "model.dropout": 0.1,  # the RNG streams must resume too
-        "metrics.tensorboard": True,
-        "checkpoint.every": 5,
-        "train.max_steps": 12,
-        "parallel.dp_shard": 2,
-        "data.path": str(dataset),
-        "run.name": run,
-        "run.dir": str(root / "runs"),
-        "checkpoint.dir": str(root / "ckpt"),
-        "logbook.dir": str(root / "logbook"),
-        **extra,
-    }
-    sections: dict[str, list[str]] = {}
-    for key, value in values.items():
-        section, name = key.split(".")
-        sections.setdefault(section, []).append(f"{name} = {_toml(value)}")
-    path = root / f"{run}.toml"
-    path.write_text("".join(f"[{s}]\n" + "\n".join(v) + "\n" for s, v in sections.items()))
-    return path
-
-
-def launch_local(config: Path, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "opt", "launch", "local", "--nproc", "2", str(config)],
-        cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
-    output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, output[-3000:]
-    return output
 
 
 @pytest.mark.timeout(400)

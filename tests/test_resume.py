@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO, metrics_losses
 
 from opt.config import to_toml
 
@@ -30,12 +30,6 @@ LAYOUTS = {
     "dp2": ["--parallel.dp_shard", "2"],
     "tp2": ["--parallel.tp", "2"],
 }
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Each step's loss; a step trained twice (before a crash and after) keeps its last."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {(r := json.loads(line))["step"]: r["loss"] for line in lines}
 
 
 def all_lines(run_dir: Path) -> list[tuple[int, float]]:
@@ -88,7 +82,7 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     runs = Runs(tiny_config, tmp_path, layout)
     straight = runs.run("straight", STEPS)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = losses(runs.run_dir("straight"))
+    expected = metrics_losses(runs.run_dir("straight"))
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     # A clean stop at step 5, then `opt train` again with the full length.
@@ -96,7 +90,7 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     resumed = runs.run("clean", STEPS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _resumed_from(resumed).endswith("step_00000005")
-    assert losses(runs.run_dir("clean")) == expected
+    assert metrics_losses(runs.run_dir("clean")) == expected
 
     # kill -9 in the middle of the step-6 save: its shards are written, its manifest is not.
     killed = runs.run("mid-save", STEPS, fault="0:save@6:die")
@@ -107,7 +101,7 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     resumed = runs.run("mid-save", STEPS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _resumed_from(resumed).endswith("step_00000003")  # the half-written one unused
-    assert losses(runs.run_dir("mid-save")) == expected
+    assert metrics_losses(runs.run_dir("mid-save")) == expected
     # The steps the killed run trained before it died were the same ones, too.
     assert all(expected[step] == loss for step, loss in all_lines(runs.run_dir("mid-save")))
 
@@ -118,4 +112,4 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     assert killed.returncode == -signal.SIGKILL
     resumed = runs.run("mid-run", STEPS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(runs.run_dir("mid-run")) == expected
+    assert metrics_losses(runs.run_dir("mid-run")) == expected

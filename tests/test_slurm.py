@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_preemption import config_for, finish, launch_local, rank_pid, tensorboard_losses
+from helpers import REPO, config_for, finish, launch_local, rank_pid, tensorboard_losses
 
 from opt.run.logbook import read_events
 from opt.run.logbook.events import Event

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, _toml
-from test_parallel import torchrun
+from helpers import REPO, toml_value, torchrun
 
 from opt.config import load_config, to_toml
 from opt.data.prefetch import PrefetchingLoader
@@ -339,7 +338,7 @@ def test_fsdp_gathers_bf16_block_parameters_and_keeps_fp32_masters(tiny_config, 
 )
 def test_bad_speed_switch_values_are_refused(key, value, message):
     with pytest.raises(OptError, match=message):
-        load_config(None, [f"--{key}", _toml(value)])
+        load_config(None, [f"--{key}", toml_value(value)])
 
 
 def test_gpu_only_attention_kernel_is_refused_on_cpu(tiny_config):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from opt.config import to_toml
 from opt.run.logbook import Logbook, read_events
