@@ -81,6 +81,13 @@ def slurm_cluster(tmp_path_factory):
         cluster.stop()
 
 
+def pytest_collection_modifyitems(items):
+    """Every test on the real Slurm is also slow: `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_terminal_summary(terminalreporter):
     for group, reason in NOT_TESTED.items():
         terminalreporter.write_sep("!", f"{group.upper()} WERE SKIPPED", red=True, bold=True)

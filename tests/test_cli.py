@@ -33,6 +33,7 @@ def test_help_everywhere(command):
     assert result.returncode == 0 and "usage: opt" in result.stdout
 
 
+@pytest.mark.slow
 def test_configs_prints_exact_counts_of_every_size():
     result = run_cli("configs")
     assert result.returncode == 0
@@ -44,6 +45,7 @@ def test_configs_prints_exact_counts_of_every_size():
     assert {r["name"]: r["params"] for r in rows}["opt-350m"] == 331_196_416
 
 
+@pytest.mark.slow
 def test_train_resume_and_score_end_to_end(tmp_path, pydoc_dataset):
     first = run_cli(*_train_args(tmp_path, pydoc_dataset, train__max_steps=3, checkpoint__every=3))
     assert first.returncode == 0, first.stderr
@@ -93,6 +95,7 @@ def test_bad_training_input_gets_one_line_and_writes_nothing(
     _assert_clean_failure(result, message, tmp_path)
 
 
+@pytest.mark.slow
 def test_missing_config_file_and_corrupt_checkpoint(tmp_path, pydoc_dataset):
     result = run_cli("train", str(tmp_path / "nope.toml"))
     assert result.returncode == 2 and "config file not found" in result.stderr

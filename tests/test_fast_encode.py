@@ -61,6 +61,7 @@ def test_random_tricky_text_ids_are_identical(tokenizer: Tokenizer, seed: int) -
         assert ours(encoder, docs) == theirs(tokenizer, docs), docs
 
 
+@pytest.mark.slow
 def test_every_basic_plane_character_in_context(tokenizer: Tokenizer) -> None:
     """Each character of the BMP after and before letters, digits, marks and blanks."""
     chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF]

@@ -14,6 +14,8 @@ from opt.config import to_toml
 from opt.errors import OptError
 from opt.faults import parse_fault
 
+pytestmark = pytest.mark.slow  # multi-process runs, seconds each
+
 
 @pytest.fixture
 def config_file(tiny_config, tmp_path):

@@ -13,6 +13,8 @@ from parallel_worker import full_gradients
 from opt.config import to_toml
 from opt.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # multi-process runs, seconds each
+
 STEPS = 5
 
 # fp32, dropout off; 4 layers so that interleaved 1F1B has 4 stages over 2 ranks. The

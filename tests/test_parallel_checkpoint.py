@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from opt.checkpoint import list_checkpoints, manifest, verify_checkpoint
 from opt.config import load_config, to_toml
 
+pytestmark = pytest.mark.slow  # multi-process runs, seconds each
+
 LAYOUT_FLAGS = {
     "tp2xpp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2"]),
     "dp2": (2, ["--parallel.dp_shard", "2"]),

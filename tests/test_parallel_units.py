@@ -309,6 +309,7 @@ TP_FSDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_tensor_and_fsdp_sharded_rank_holds_its_slice_of_the_plain_models_weights():
     """Rank 3 of tp=2 x dp_shard=2 on a fake process group: the second TP shard and the
@@ -502,6 +503,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_world_sizes_that_do_not_fit_175b():
     # 1000 = 8 x 125 is divisible by tp, but 125 data-parallel ranks cannot split the
     # 2M-token batch of 2048-token sequences.
@@ -516,6 +518,7 @@ def test_dry_run_refuses_world_sizes_that_do_not_fit_175b():
         dry_run_report(cfg, 1020)
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_a_tp_degree_that_does_not_divide_the_heads():
     line = _one_error_line(
         run_cli(
@@ -569,6 +572,7 @@ def _hand_count_175b() -> tuple[dict[str, tuple[int, ...]], int]:
     return shapes, sum(math.prod(s) for s in shapes.values())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_dry_run_of_opt_175b_on_1024_ranks_matches_a_hand_count():
     result = run_cli(
@@ -623,6 +627,7 @@ tp = 2
 """
 
 
+@pytest.mark.slow
 def test_dry_run_with_pipeline_and_tensor_parallelism_reports_each_stage(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_PP_TP)

@@ -62,6 +62,7 @@ def _plan(*args: str):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_opt_175b_on_992_a100s_matches_opts_setup_and_days():
     plan = _plan("--model", "opt-175b", "--gpus", "992", "--gpu", "a100-80gb", "--tokens",
                  "300B", "--global-batch", "2097152", "--achieved-tflops", "147", "--top", "200")  # fmt: skip
@@ -78,6 +79,7 @@ def test_opt_175b_on_992_a100s_matches_opts_setup_and_days():
     assert "needs" in excluded  # e.g. no checkpointing at tp 1 cannot fit 175B
 
 
+@pytest.mark.slow
 def test_a_written_config_is_accepted_by_the_trainer_unchanged(tmp_path):
     out = tmp_path / "planned.toml"
     result = run_cli("plan", "--model", "opt-1.3b", "--gpus", "16", "--gpu", "h100-80gb",
@@ -106,6 +108,7 @@ def test_bad_requests_get_one_line(args, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_calibration_measures_this_machine_and_is_used_only_for_its_own_gpu(tmp_path):
     stored = tmp_path / "calibration.json"
     result = run_cli("plan", "--model", "opt-tiny", "--gpus", "1", "--seq-len", "128",

@@ -23,6 +23,7 @@ from opt.run.preemption import StopOnSignal
 from opt.run.status import read_status
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_signal_to_one_rank_stops_all_at_one_step_and_the_resume_is_exact(
     tmp_path, pydoc_dataset

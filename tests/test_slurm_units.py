@@ -107,6 +107,7 @@ def _example(script: str, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_175b_example_dry_run_prints_the_sbatch_script_and_layout_and_submits_nothing(
     tmp_path,
 ):
@@ -123,6 +124,7 @@ def test_the_175b_example_dry_run_prints_the_sbatch_script_and_layout_and_submit
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_the_125m_example_dry_run_is_one_node_of_eight_ranks(tmp_path):
     result = _example("opt-125m-1node.sh", "--run.dir", str(tmp_path / "runs"), "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -130,6 +132,7 @@ def test_the_125m_example_dry_run_is_one_node_of_eight_ranks(tmp_path):
     assert "dp_shard=8 x tp=1" in result.stdout
 
 
+@pytest.mark.slow
 def test_an_inconsistent_layout_is_refused_before_submitting(tmp_path):
     result = run_cli(
         "launch", "slurm", "configs/opt-125m.toml", "--nodes", "1", "--gpus-per-node", "8",

@@ -146,6 +146,7 @@ def test_host_side_switches_change_nothing_at_all(tiny_config, switch):
     assert _losses(tiny_config, **{switch: False}) == _losses(tiny_config)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_compiled_blocks_keep_the_losses(tiny_config):
     eager = _losses(tiny_config, train__compile="off")
@@ -178,6 +179,7 @@ def test_synchronous_checkpoints_resume_exactly_like_async_ones(tiny_config):
     assert runs == [[r.loss for r in straight][2:]] * 3
 
 
+@pytest.mark.slow
 def test_background_staging_copies_the_weights_of_the_save_step(tiny_config, monkeypatch):
     """The copy of an async save runs beside the next steps; the optimizer waits for it.
 
@@ -265,6 +267,7 @@ print(mmapped, libc.mallinfo2().arena)
 """
 
 
+@pytest.mark.slow
 def test_kept_host_memory_stays_in_the_heap_after_free():
     """glibc by default serves a 64 MiB tensor from its own mmap and unmaps it on free, so
     the next step faults it in again page by page; kept, it comes from the heap and the
@@ -282,6 +285,7 @@ def test_kept_host_memory_stays_in_the_heap_after_free():
 
 
 # ----- FSDP mixed precision -------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fsdp_bf16_parameters_train_like_one_bf16_process(tiny_config, tmp_path):
     cfg = tiny_config(model__dropout=0.0, train__precision="bf16", train__micro_batch_size=2,

@@ -56,6 +56,7 @@ def test_an_injected_nan_skips_the_update_and_changes_nothing_else(tiny_config, 
     assert not healthy.skipped and torch.isfinite(torch.tensor(healthy.loss))
 
 
+@pytest.mark.slow
 def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2")
     trainer = Trainer(cfg)
@@ -83,6 +84,7 @@ def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_pat
     assert "rollback+lower_lr_clip" in (cfg.logbook_dir / "LOGBOOK.md").read_text()
 
 
+@pytest.mark.slow
 def test_persistent_divergence_escalates_then_stops_for_a_human(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2!")
     config_file = tmp_path / "persist.toml"
@@ -102,6 +104,7 @@ def test_persistent_divergence_escalates_then_stops_for_a_human(tiny_config, tmp
     verify_checkpoint(latest_checkpoint(cfg.checkpoint_dir))
 
 
+@pytest.mark.slow
 def test_normal_training_raises_no_false_alarm(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, train__max_steps=120, model__dropout=0.1)
     Trainer(cfg).fit()
@@ -113,6 +116,7 @@ def test_normal_training_raises_no_false_alarm(tiny_config, tmp_path):
 @pytest.mark.parametrize(
     "layout", [["--parallel.tp", "2"], ["--parallel.dp_shard", "2"]], ids=["tp2", "dp2"]
 )
+@pytest.mark.slow
 def test_every_rank_takes_the_same_action(layout, tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2")
     config_file = tmp_path / "drill.toml"
@@ -205,6 +209,7 @@ def test_kill_switch_and_manual_intervention(tiny_config, tmp_path):
     assert (cfg.run_dir / "STOP.consumed").exists() and not (cfg.run_dir / "STOP").exists()
 
 
+@pytest.mark.slow
 def test_logbook_commands_note_show_summary_render(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2", metrics__tensorboard=True,
                        metrics__log_every=1)  # fmt: skip
@@ -271,6 +276,7 @@ def test_too_many_interventions_stop_the_run(tiny_config, tmp_path):
     assert "more than 2 interventions" in trainer.stop.reason
 
 
+@pytest.mark.slow
 def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_config, tmp_path):
     cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2")
     config_file = tmp_path / "killed.toml"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from opt.config import OptimConfig
 from opt.device import accelerator_of, measure_matmul_peak, synchronize
 from opt.errors import OptError
 from opt.fsutil import atomic_write
@@ -32,8 +33,6 @@ def measure_training_step(
     args: ModelArgs, seq_len: int, micro_batch: int, device: torch.device, steps: int = 3
 ) -> float:
     """Median model FLOP/s of ``steps`` training steps (after one warm-up)."""
-    from opt.config import OptimConfig
-
     model = build_model(args, device)
     use_sparse_embedding_grad(model)  # as the trainer runs one device
     optimizer = build_optimizer(model, OptimConfig())

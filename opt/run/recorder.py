@@ -19,6 +19,7 @@ from opt.fsutil import atomic_write
 from opt.run import status
 from opt.run.energy import EnergyMeter
 from opt.run.logbook.events import (
+    CheckpointSkipped,
     ConfigChange,
     Event,
     InterventionCompletedAfterRestart,
@@ -41,6 +42,12 @@ class RunRecorder:
     def log(self, event: Event) -> None:
         if self.logbook is not None:
             self.logbook.append(event)
+
+    def checkpoint_skipped(self, path: Path, problem: str) -> None:
+        """Resume set a checkpoint aside (it failed its manifest): say so, and log it."""
+        print(f"warning: skipping {path}: {problem}", flush=True)
+        self.log(CheckpointSkipped(checkpoint=str(path), problem=problem,
+                                   set_aside_as=path.name + ".corrupt"))  # fmt: skip
 
     def events(self) -> list[Event]:
         """The run's logbook so far (rank 0; empty elsewhere or before the first event)."""

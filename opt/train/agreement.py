@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from opt.parallel.dims import ParallelDims
+from opt.train.build import Placement
+
 
 @dataclass(frozen=True)
 class Agreed:
@@ -39,6 +42,18 @@ class Shares:
     holds_norm: bool
     squared_norm: bool  # with pipeline stages: the norm's square is summed over them
     data_parallel: int
+
+    @classmethod
+    def of(cls, where: Placement, dims: ParallelDims, has_last_stage: bool) -> Shares:
+        """This rank's shares, from its place in the layout."""
+        pipelined = dims.pp > 1
+        first_of_stage = (where.dp_rank, where.tp_rank) == (0, 0)
+        return cls(
+            holds_loss=has_last_stage and where.tp_rank == 0,
+            holds_norm=first_of_stage if pipelined else where.rank == 0,
+            squared_norm=pipelined,
+            data_parallel=dims.dp,
+        )
 
 
 def agree(

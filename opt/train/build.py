@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from opt import dist
-from opt.config import JobConfig
+from opt.config import JobConfig, to_toml
 from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
 from opt.host_memory import retain_freed_memory
@@ -22,7 +22,7 @@ from opt.parallel.parallelize import (
     tied_embedding_group,
 )
 from opt.parallel.pipeline import build_schedule
-from opt.train.data_setup import build_loader
+from opt.train.data_setup import build_loader, resolve_tokenizer_file
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,16 @@ def build_model(job: Job, where: Placement, bf16_via_fp32: bool) -> ParallelMode
     )  # fmt: skip
     materialize(model, where.device, cfg.run.seed)
     return model
+
+
+def checkpoint_files(cfg: JobConfig, dataset_prefix: Path) -> dict[str, bytes]:
+    """The files every checkpoint carries beside the tensors: the resolved config, and the
+    tokenizer, so that `opt score` and `opt convert` read text back without the run."""
+    files = {"config.toml": to_toml(cfg).encode()}
+    tokenizer = resolve_tokenizer_file(cfg, dataset_prefix)
+    if tokenizer is not None:
+        files["tokenizer.json"] = tokenizer.read_bytes()
+    return files
 
 
 def build_pipeline(job: Job, where: Placement, model: ParallelModel, loss_fn):

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from opt import dist
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.manager import CheckpointManager
-from opt.config import JobConfig, to_toml
+from opt.config import JobConfig
 from opt.data.prefetch import PrefetchingLoader
 from opt.device import measure_matmul_peak
 from opt.faults import maybe_inject_fault
@@ -36,7 +36,6 @@ from opt.parallel.grads import (
     sync_tied_embedding_grads,
 )
 from opt.run.control import ControlFiles
-from opt.run.logbook.events import CheckpointSkipped
 from opt.run.preemption import StopOnSignal
 from opt.run.recorder import RunRecorder
 from opt.run.status import FINISHED, RUNNING, STOPPED_ON_SIGNAL, Stop
@@ -44,7 +43,6 @@ from opt.supervisor.rollback import Factors
 from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
 from opt.train.agreement import Shares, agree
-from opt.train.data_setup import resolve_tokenizer_file
 from opt.train.interventions import Interventions
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
@@ -101,7 +99,6 @@ class Trainer:
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.model_parts]
         self.optimizer = self.optimizers[0]
         self.pp_schedule = build.build_pipeline(job, where, self.parallel, self._pipeline_loss)
-        self.pp_group = where.group("pp")
         self.embed_group = build.embedding_group(job, where)
         self.fused_loss = self.parallel.fused_loss  # the head and the loss in one, chunked
         self.schedule = LinearWarmupDecay(cfg.optim.lr, cfg.schedule, cfg.train.batch_tokens)
@@ -116,12 +113,7 @@ class Trainer:
         self.stop_signal = StopOnSignal.from_environment()
         self.stop: Stop | None = None  # why the run ended early, once it has
         self.reconciled = None  # a rollback finished from the logbook at resume
-        self.shares = Shares(
-            holds_loss=self.parallel.has_last_stage and where.tp_rank == 0,
-            holds_norm=(where.rank == 0) if self.dims.pp == 1 else (where.dp_rank, where.tp_rank) == (0, 0),
-            squared_norm=self.dims.pp > 1,
-            data_parallel=self.dims.dp,
-        )  # fmt: skip
+        self.shares = Shares.of(where, self.dims, self.parallel.has_last_stage)
         self.checkpoints = CheckpointManager(
             cfg.checkpoint,
             cfg.checkpoint_dir,
@@ -131,9 +123,9 @@ class Trainer:
             model_args=self.model_args,
             layout=job.layout,
             device=self.device,
-            extra_files=self._checkpoint_files(dataset_prefix),
+            extra_files=build.checkpoint_files(cfg, dataset_prefix),
             protect=self._protected_checkpoints,
-            on_skip=self._checkpoint_skipped,
+            on_skip=self.recorder.checkpoint_skipped,
         )
         self.interventions = None
         if self.supervisor is not None:
@@ -156,25 +148,10 @@ class Trainer:
             states["supervisor"] = self.supervisor
         return states
 
-    def _checkpoint_files(self, dataset_prefix: Path) -> dict[str, bytes]:
-        files = {"config.toml": to_toml(self.cfg).encode()}
-        tokenizer = resolve_tokenizer_file(self.cfg, dataset_prefix)
-        if tokenizer is not None:  # so that `opt score` reads text back
-            files["tokenizer.json"] = tokenizer.read_bytes()
-        return files
-
     def _protected_checkpoints(self, checkpoints: list[Path]) -> set[Path]:
         if self.interventions is None:
             return set()
         return self.interventions.protected(checkpoints, self.step)
-
-    def _checkpoint_skipped(self, path: Path, problem: str) -> None:
-        print(f"warning: skipping {path}: {problem}", flush=True)
-        self.recorder.log(
-            CheckpointSkipped(
-                checkpoint=str(path), problem=problem, set_aside_as=path.name + ".corrupt"
-            )
-        )
 
     @property
     def step(self) -> int:
