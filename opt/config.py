@@ -545,9 +545,9 @@ _OLD_SENTINELS = {
 def _unset_old_sentinels(raw: dict) -> dict:
     for (section, key), is_sentinel in _OLD_SENTINELS.items():
         table = raw.get(section)
-        if isinstance(table, dict) and key in table and not isinstance(table[key], bool):
-            if is_sentinel(table[key]):
-                del table[key]
+        value = table.get(key) if isinstance(table, dict) else None
+        if value is not None and not isinstance(value, bool) and is_sentinel(value):
+            del table[key]
     return raw
 
 
