@@ -80,7 +80,7 @@ def config_overrides(args: argparse.Namespace, precision: str, data: Path, tmp: 
         "run.dir": str(tmp / "runs"),
         "run.seed": args.seed,
         "model.name": args.model,
-        "model.n_layers": args.layers,
+        **({"model.n_layers": args.layers} if args.layers else {}),  # 0: the size's own
         "data.path": str(data),
         "data.seq_len": args.seq_len,
         "train.micro_batch_size": args.batch,
