@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from report import write_section  # noqa: E402  (after the path it lives on)
+from report import machine_info, write_section  # noqa: E402  (after the path it lives on)
 
 TITLE = "## Fault tolerance: per-step cost, checkpoint verification, preemption (CPU)"
 MiB = 2**20
@@ -219,7 +219,7 @@ def main() -> None:
 
     lines = [
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "- Machine: the 2-core AVX2 CPU of the other sections",
+        f"- Machine: {machine_info(torch.get_num_threads())['cpu']}",
         "- Command: `python bench/fault_tolerance.py"
         + (" --slurm" if args.slurm else "") + " --write BENCHMARKS.md`",
         "",

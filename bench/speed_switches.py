@@ -70,7 +70,7 @@ def overrides(args, precision: str, switch: dict, data: Path, tmp: Path) -> list
     values = {
         "run.dir": str(tmp / "runs"),
         "model.name": args.model,
-        "model.n_layers": args.layers,
+        **({"model.n_layers": args.layers} if args.layers else {}),  # 0: the size's own
         "model.dropout": 0.0,
         "data.path": str(data),
         "data.seq_len": args.seq_len,

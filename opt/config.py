@@ -467,7 +467,7 @@ def load_config(
         if not path.is_file():
             raise OptError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = _unset_old_sentinels(tomllib.loads(path.read_text()))
         except tomllib.TOMLDecodeError as err:
             raise OptError(f"config file {path} is not valid TOML: {err}") from None
     for key, value in (values or {}).items():
@@ -524,6 +524,31 @@ def _set_dotted(raw: dict, key: str, value: object) -> None:
         if not isinstance(node, dict):
             raise OptError(f"config key {key!r}: {section!r} is not a section")
     node[leaf] = value
+
+
+# The values that meant "not set" in the resolved configs opt wrote before the tree had
+# Optional fields (run directories, Slurm job snapshots, checkpoints of runs still going).
+# A file that holds one of them means "not set" by it; typed anew, they are refused.
+_OLD_SENTINELS = {
+    ("model", "dropout"): lambda v: isinstance(v, (int, float)) and v < 0,
+    ("model", "n_layers"): lambda v: v == 0,
+    ("model", "n_heads"): lambda v: v == 0,
+    ("model", "d_model"): lambda v: v == 0,
+    ("model", "vocab_size"): lambda v: v == 0,
+    ("train", "max_steps"): lambda v: v == 0,
+    ("metrics", "peak_tflops"): lambda v: v == 0,
+    ("slurm", "tasks_per_node"): lambda v: v == 0,
+    ("slurm", "cpus_per_task"): lambda v: v == 0,
+}
+
+
+def _unset_old_sentinels(raw: dict) -> dict:
+    for (section, key), is_sentinel in _OLD_SENTINELS.items():
+        table = raw.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if value is not None and not isinstance(value, bool) and is_sentinel(value):
+            del table[key]
+    return raw
 
 
 def _validated(raw: dict) -> JobConfig:

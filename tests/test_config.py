@@ -346,3 +346,21 @@ def test_sections_check_assignments_too():
     cfg.checkpoint.async_save = False  # the benchmarks flip switches like this
     with pytest.raises(ValueError, match="Input should be"):
         cfg.train.precision = "fp8"
+
+
+def test_a_resolved_config_written_before_optional_fields_still_loads(tmp_path):
+    """Run directories, Slurm job snapshots and checkpoints of runs still going hold configs
+    resolved by the old writer, with 0 or -1 for "not set": a requeued job must start."""
+    old = tmp_path / "config.toml"
+    old.write_text(
+        '[model]\nname = "opt-125m"\ndropout = -1.0\nn_layers = 0\nn_heads = 0\nd_model = 0\n'
+        'vocab_size = 0\n[data]\npath = ""\nbuiltin = ""\ntokenizer = ""\n'
+        '[train]\nmax_steps = 0\n[metrics]\npeak_tflops = 0.0\n[checkpoint]\ninit_from = ""\n'
+        '[supervisor]\ndrill = ""\n[slurm]\ntasks_per_node = 0\ncpus_per_task = 0\n'
+        'partition = ""\nmem = ""\n'
+    )
+    cfg = load_config(old)
+    assert cfg == load_config(None, ["--model.name", "opt-125m"])
+    # Typed anew on the command line, the same values are still refused, with the hint.
+    with pytest.raises(OptError, match=r"leave model\.n_layers out"):
+        load_config(None, ["--model.n_layers", "0"])

@@ -43,6 +43,9 @@ from opt.run.logbook.summary import format_summary, summary
 from opt.run.logbook.tables import markdown, timeline
 from opt.run.recovery import PendingRollback, pending_rollback
 
+# The demo's logbook as committed before events had a schema version (version 0), kept
+# as it was; the committed demo logbook itself is rewritten whenever the demo is rerun.
+DEMO_V0 = REPO / "tests" / "data" / "logbook_v0_demo"
 DEMO = REPO / "logbook" / "demo"
 BEFORE = Hyperparameters(lr_scale=1.0, grad_clip=1.0, adam_eps=1e-8, adam_beta2=0.95)
 LOWER = Hyperparameters(lr_scale=0.9, grad_clip=0.6, adam_eps=1e-8, adam_beta2=0.95)
@@ -185,13 +188,13 @@ def test_a_torn_last_line_is_skipped_and_the_next_append_cuts_it_off(tmp_path):
     assert [e.text for e in book.events()] == ["hello", "three"]
 
 
-def test_the_committed_demo_logbook_reads_and_renders_as_before():
-    events = read_events(DEMO / "events.jsonl")
+def test_the_version_0_demo_logbook_reads_and_renders_as_before():
+    events = read_events(DEMO_V0 / "events.jsonl")
     assert [type(e) for e in events] == [RunStart, Intervention, Intervention, Outcome, RunStop]
     rollback = events[2]
     assert rollback.rolled_back_to_step == 100 and rollback.after == LOWER
-    assert markdown("demo", events, "events.jsonl") == (DEMO / "LOGBOOK.md").read_text()
-    committed = (DEMO / "report.html").read_text()
+    assert markdown("demo", events, "events.jsonl") == (DEMO_V0 / "LOGBOOK.md").read_text()
+    committed = (DEMO_V0 / "report.html").read_text()
     page = render_html("demo", events, None)
 
     def timeline_table(html: str) -> str:
@@ -204,6 +207,17 @@ def test_the_committed_demo_logbook_reads_and_renders_as_before():
     assert s["current"] == {"lr_scale": 0.9, "grad_clip": 0.6} and s["recovered"] == 1
     assert timeline(events).splitlines()[2].split()[:3] == ["2026-11-25T17:34:46+00:00", "120",
                                                             "245,760"]  # fmt: skip
+
+
+def test_the_committed_demo_logbook_is_current_and_tells_the_same_story():
+    """The demo's public logbook: every line of the current schema, the same events as the
+    version-0 one (the drill's skip and rollback to step 100, the outcome, the stop)."""
+    lines = [json.loads(line) for line in (DEMO / "events.jsonl").read_text().splitlines()]
+    assert {line["v"] for line in lines} == {SCHEMA_VERSION}
+    events, old = read_events(DEMO / "events.jsonl"), read_events(DEMO_V0 / "events.jsonl")
+    assert [(type(e), e.step) for e in events] == [(type(e), e.step) for e in old]
+    assert [getattr(e, "action", None) for e in events] == [getattr(e, "action", None) for e in old]
+    assert markdown("demo", events, "events.jsonl") == (DEMO / "LOGBOOK.md").read_text()
 
 
 # Lines as the writers before typed events wrote them: no "v", lists for pairs, nulls.
