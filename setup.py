@@ -19,6 +19,7 @@ setup(
         "submitit>=1.5",  # `opt launch slurm`
         "pydantic>=2.7",  # the config tree and the logbook's event schema
         "tomli-w>=1.0",  # writing the resolved config back as TOML
+        "matplotlib>=3.7",  # the logbook report's chart (imported only when one is rendered)
     ],
     extras_require={
         "dev": [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +18,10 @@ from helpers import REPO, run_cli
 
 from opt.config import to_toml
 from opt.run.logbook import Logbook, read_events
+from opt.run.logbook.chart import history
 from opt.run.logbook.events import Note
 from opt.run.logbook.redact import redact
+from opt.run.logbook.series import read_series
 from opt.train.trainer import Trainer
 
 # Checkpoints every 5 steps; a spike drill at step 30 lasting two steps.
@@ -175,7 +179,7 @@ def test_secrets_never_reach_the_logbook(tiny_config, tmp_path, monkeypatch):
     book = Logbook(cfg.logbook.dir, cfg.run.name)
     book.append(Note(text=f"used {token} and {password}; curl https://bob:pa55word@host/x",
                      extra={"api_key": "sk-" + "z" * 30}, tokens=123))  # fmt: skip
-    for name in ("events.jsonl", "LOGBOOK.md"):
+    for name in ("events.jsonl", "LOGBOOK.md", "series.jsonl", "config.toml"):
         text = (cfg.logbook_dir / name).read_text()
         for secret in (token, password, "pa55word", "z" * 30):
             assert secret not in text, (name, secret)
@@ -211,7 +215,7 @@ def test_kill_switch_and_manual_intervention(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_logbook_commands_note_show_summary_render(tiny_config, tmp_path):
-    cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2", metrics__tensorboard=True,
+    cfg = drill_config(tiny_config, tmp_path, supervisor__drill="spike@30x2",
                        metrics__log_every=1)  # fmt: skip
     Trainer(cfg).fit()
     root, run = cfg.logbook.dir, cfg.run.name
@@ -224,16 +228,28 @@ def test_logbook_commands_note_show_summary_render(tiny_config, tmp_path):
     assert data["by_action"] == {"skip": 1, "rollback+lower_lr_clip": 1}
     assert data["tokens_lost_to_rollbacks"] == 6 * cfg.train.batch_tokens
     assert data["current"] == {"lr_scale": 0.9, "grad_clip": pytest.approx(0.6)}
+    # The series holds what the run did: steps 26-30 twice, the first time abandoned by the
+    # rollback at 31 to step 25, with the factors lowered from then on.
+    points = read_series(cfg.logbook_dir / "series.jsonl")
+    assert [p.step for p in points] == [*range(1, 31), *range(26, 61)]
+    h = history(points)
+    assert [p.step for p in h.kept] == list(range(1, 61))
+    assert [[p.step for p in branch] for branch in h.abandoned] == [[25, 26, 27, 28, 29, 30]]
+    assert points[29].loss > 3 * points[28].loss  # the spike, logged before the rollback
+    assert all(p.lr_scale == 0.9 and p.grad_clip == pytest.approx(0.6) for p in points[30:])
+    # The report is drawn from the logbook alone: the private run directory is gone.
+    shutil.rmtree(cfg.run_dir)
     render = run_cli("logbook", "render", run, "--dir", root)
     assert render.returncode == 0, render.stderr
     page = (cfg.logbook_dir / "report.html").read_text()
     import xml.etree.ElementTree as ET
 
     svg = page[page.index("<svg") : page.index("</svg>") + 6]
-    tree = ET.fromstring(svg)  # well-formed
-    marks = [el for el in tree.iter() if el.tag.endswith("line")]
-    assert len(marks) == 3  # skip, rollback, note
-    assert '<path d="M' in svg and "[run]" in page and "checked the spike" in page
+    ids = {el.get("id") for el in ET.fromstring(svg).iter()}  # well-formed
+    assert {"train-loss", "abandoned-1", "lr-scale", "grad-clip"} <= ids
+    assert {i for i in ids if i and re.fullmatch(r"mark-\d+", i)} == {"mark-1", "mark-2",
+                                                                      "mark-3"}  # fmt: skip
+    assert "[run]" in page and "checked the spike" in page and "**" not in page
     missing = run_cli("logbook", "show", "nope", "--dir", root)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no logbook")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from opt.checkpoint import list_checkpoints
 from opt.config import load_config
 from opt.errors import OptError
+from opt.run.logbook.series import read_series
 from opt.train.optim import LinearWarmupDecay
 from opt.train.trainer import Trainer
 
@@ -136,6 +138,30 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tiny_config):
     assert {"train/loss", "train/grad_norm", "train/lr", "train/loss_scale"} <= tags
     assert {"train/tokens_per_s", "train/mfu"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_the_logbook_series_holds_every_logged_step_and_a_resume_appends(tiny_config):
+    """Rank 0 writes each logged step into the logbook; a run resumed from an older
+    checkpoint (the newest one lost) appends the steps it trains again."""
+    cfg = tiny_config(train__max_steps=4, checkpoint__every=2, checkpoint__keep_last=0,
+                      metrics__log_every=2, run__name="s")  # fmt: skip
+    first = Trainer(cfg).fit()
+    shutil.rmtree(cfg.checkpoint_dir / "step_00000004")  # lost: the resume starts at 2
+    second = Trainer(cfg.with_overrides({"train.max_steps": 6})).fit()
+    points = read_series(cfg.logbook_dir / "series.jsonl")
+    logged = [first[1], first[3], second[1], second[3]]
+    assert [p.step for p in points] == [2, 4, 4, 6] == [r.step for r in logged]
+    assert [p.tokens for p in points] == [s * cfg.train.batch_tokens for s in (2, 4, 4, 6)]
+    assert [(p.loss, p.lr, p.loss_scale) for p in points] == [
+        (r.loss, r.lr, r.loss_scale) for r in logged
+    ]  # exact: the values the trainer logged
+    assert {(p.lr_scale, p.grad_clip, p.val_loss) for p in points} == {
+        (1.0, cfg.optim.grad_clip, None)
+    }
+    # The logbook also carries the resolved config, as the run directory has it.
+    assert (cfg.logbook_dir / "config.toml").read_text() == (
+        cfg.run_dir / "config.toml"
+    ).read_text()
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tiny_config):

@@ -10,7 +10,8 @@ from pathlib import Path
 from opt.errors import OptError
 from opt.fsutil import atomic_write
 from opt.run.logbook.events import Note
-from opt.run.logbook.report import render_html, run_dir_of
+from opt.run.logbook.report import config_of, render_html
+from opt.run.logbook.series import SERIES, read_series
 from opt.run.logbook.store import MARKDOWN, Logbook
 from opt.run.logbook.summary import format_summary, summary
 from opt.run.logbook.tables import timeline
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("show", "print the timeline", _show)
     summary_ = add("summary", "interventions by kind, tokens lost, current factors", _summary)
     summary_.add_argument("--json", action="store_true", help="print JSON")
-    render = add("render", "write a self-contained HTML report", _render)
+    render = add("render", "write a self-contained HTML report (chart, marks, timeline, config)",
+                 _render)  # fmt: skip
     render.add_argument("--out", type=Path, help="output file (default: logbook/<run>/report.html)")
 
 
@@ -66,6 +68,7 @@ def _render(args) -> int:
     book = _logbook(args)
     events = book.events()
     out = args.out or book.dir / "report.html"
-    atomic_write(out, render_html(args.run, events, run_dir_of(events)))
+    points = read_series(book.dir / SERIES)
+    atomic_write(out, render_html(args.run, events, points, config_of(book.dir, events)))
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,6 @@
-"""What a run tells the world, from rank 0: the public logbook's events, ``status.json``,
-the resolved config in the run directory, and the compute it used.
+"""What a run tells the world, from rank 0: the public logbook (its events, the series of
+logged steps and a redacted copy of the resolved config), ``status.json``, the resolved
+config in the run directory, and the compute it used.
 
 Every method may be called on every rank; only rank 0 writes.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import tomli_w
 import tomllib
 import torch
 
@@ -26,9 +28,11 @@ from opt.run.logbook.events import (
     RunStart,
     RunStop,
 )
+from opt.run.logbook.redact import redact
+from opt.run.logbook.series import Point, Series
 from opt.run.logbook.store import Logbook
 
-CONFIG_FILE = "config.toml"  # the resolved config, in the run directory
+CONFIG_FILE = "config.toml"  # the resolved config, in the run directory and the logbook
 
 
 class RunRecorder:
@@ -37,11 +41,30 @@ class RunRecorder:
         self.lead = rank == 0
         self.run_dir = cfg.run_dir
         self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.lead else None
+        self.series = Series(cfg.logbook.dir, cfg.run.name) if self.lead else None
         self.energy = EnergyMeter(device, world_size, cfg.logbook.pue, cfg.logbook.carbon_intensity)
 
     def log(self, event: Event) -> None:
         if self.logbook is not None:
             self.logbook.append(event)
+
+    def logged(
+        self,
+        *,
+        step: int,
+        tokens: int,
+        loss: float,
+        lr: float,
+        lr_scale: float,
+        grad_clip: float,
+        loss_scale: float,
+        val_loss: float | None = None,
+    ) -> None:
+        """A logged step, into the logbook's series (``val_loss``: when one was computed)."""
+        if self.series is not None:
+            self.series.append(Point(step=step, tokens=tokens, loss=loss, lr=lr,
+                                     lr_scale=lr_scale, grad_clip=grad_clip,
+                                     loss_scale=loss_scale, val_loss=val_loss))  # fmt: skip
 
     def checkpoint_skipped(self, path: Path, problem: str) -> None:
         """Resume set a checkpoint aside (it failed its manifest): say so, and log it."""
@@ -94,6 +117,7 @@ class RunRecorder:
             self.log(reconciled)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(previous, text)
+        atomic_write(self.logbook.dir / CONFIG_FILE, public_config(text))
         self.status(status.RUNNING, step, tokens, max_steps, source=str(source) if source else None)
 
     def stopped(self, outcome: status.Stop, step: int, tokens: int, max_steps: int) -> None:
@@ -139,6 +163,15 @@ class RunRecorder:
             "lost_tokens": max(0, int(previous.get("tokens", 0)) - tokens),
             "lost_s": round(time.time() - saved_at, 1) if saved_at and interrupted else None,
         }
+
+
+def public_config(toml_text: str) -> str:
+    """The resolved config for the public logbook: as written, unless a value in it is a
+    secret (by its key's name, an environment secret's value, or a credential's shape);
+    then the same tree with those values redacted."""
+    tree = tomllib.loads(toml_text)
+    public = redact(tree)
+    return toml_text if public == tree else tomli_w.dumps(public)
 
 
 def config_changes(old_toml: str, new_toml: str) -> dict[str, tuple]:

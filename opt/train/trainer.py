@@ -323,6 +323,11 @@ class Trainer:
                 if self.step % cfg.metrics.log_every == 0 or last:
                     if metrics is not None:
                         metrics.log(self.step, tokens_since_log, _log_values(result))
+                    self.recorder.logged(
+                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
+                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
+                        loss_scale=result.loss_scale, val_loss=None,
+                    )  # fmt: skip
                     tokens_since_log = 0
                 if self.checkpoints.due(self.step, last):
                     if metrics is not None:

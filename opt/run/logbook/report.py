@@ -1,20 +1,27 @@
-"""The HTML report of a run (`opt logbook render`): the loss curve with every intervention
-and note marked on it, the timeline, the resolved config and the events.
+"""The HTML report of a run (`opt logbook render`), from the public logbook alone: the
+chart (training and validation loss, the supervisor's factors, every intervention and note
+marked and numbered; see ``chart``), the marks by number, the timeline, the resolved config
+and the events. One self-contained file: the chart is inline SVG, nothing is fetched.
 
-The loss curve and the config come from the run's private directory (``runs/<run>/``,
-named by its ``run_start`` events); without it the report says so and shows the rest.
+A logbook written before the series existed has no chart; the report says so and shows
+the rest.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
+from opt.run.logbook.chart import MARK_COLORS, Mark, marks_of
 from opt.run.logbook.codec import to_json
 from opt.run.logbook.describe import describe
-from opt.run.logbook.events import Event, Note, RunStart
-from opt.run.logbook.summary import INTERVENTIONS, summary
+from opt.run.logbook.events import Event, RunStart
+from opt.run.logbook.series import SERIES, Point
+from opt.run.logbook.summary import summary
+
+CONFIG = "config.toml"  # the resolved config, copied into the logbook by the run recorder
 
 
 def run_dir_of(events: list[Event]) -> Path | None:
@@ -24,77 +31,50 @@ def run_dir_of(events: list[Event]) -> Path | None:
     )
 
 
-def loss_curve(run_dir: Path) -> list[tuple[float, int, float]]:
-    """(wall time, step, loss) from the run's TensorBoard event files, in time order."""
-    tb = run_dir / "tensorboard"
-    if not tb.is_dir():
-        return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points = []
-    for events_dir in sorted({p.parent for p in tb.rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(events_dir))
-        acc.Reload()
-        if "train/loss" in acc.Tags().get("scalars", []):
-            points += [(e.wall_time, e.step, e.value) for e in acc.Scalars("train/loss")]
-    return sorted(points)
+def config_of(logbook_dir: Path, events: list[Event]) -> str | None:
+    """The resolved config: the logbook's copy, else (a logbook written before it carried
+    one) the run directory's, when it is at hand."""
+    for candidate in (logbook_dir / CONFIG, (run_dir_of(events) or Path("/nonexistent")) / CONFIG):
+        if candidate.is_file():
+            return candidate.read_text()
+    return None
 
 
-def _label(mark: Event) -> str:
-    return mark.action if isinstance(mark, INTERVENTIONS) else mark.kind
+def inline(text: str) -> str:
+    """One line of ``describe``'s prose as HTML: escaped, its Markdown bold as <strong>."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
 
 
-def _svg(points: list[tuple[float, int, float]], marks: list[Event]) -> str:
+def _chart(points: list[Point], marks: list[Mark]) -> str:
     if not points:
-        return "<p>No loss curve: the run wrote no TensorBoard events.</p>"
-    width, height, pad = 900, 320, 45
-    steps = [p[1] for p in points] + [m.step for m in marks]
-    losses = [p[2] for p in points]
-    x0, x1 = min(steps), max(steps) or 1
-    y0, y1 = min(losses), max(losses)
-    y1 = y1 if y1 > y0 else y0 + 1
+        return (
+            "<p>No chart: there is no series in this logbook (it was written before opt "
+            f"kept one in <code>{SERIES}</code>).</p>"
+        )
+    from opt.run.logbook.chart import svg  # matplotlib, only when there is something to draw
 
-    def x(step):
-        return pad + (step - x0) / max(x1 - x0, 1) * (width - 2 * pad)
-
-    def y(loss):
-        return height - pad - (min(loss, y1) - y0) / (y1 - y0) * (height - 2 * pad)
-
-    path = " ".join(
-        f"{'M' if i == 0 else 'L'}{x(s):.1f},{y(v):.1f}" for i, (_, s, v) in enumerate(points)
+    chart = f'<figure class="chart">{svg(points, marks)}</figure>'
+    if not marks:
+        return chart
+    rows = "\n".join(
+        f'<tr><td class="n" style="color:{MARK_COLORS[m.kind]}">{m.number}</td>'
+        f"<td>{m.step}</td><td>{inline(describe(m.event))}</td></tr>"
+        for m in marks
     )
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        'aria-label="training loss with interventions">',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-        f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>',
-        f'<text x="{pad}" y="{pad - 10}" font-size="12">loss {y1:.3f}</text>',
-        f'<text x="{pad}" y="{height - 10}" font-size="12">step {x0} (loss {y0:.3f})</text>',
-        f'<text x="{width - pad - 80}" y="{height - 10}" font-size="12">step {x1}</text>',
-    ]
-    for m in marks:
-        color = "#2ca02c" if isinstance(m, Note) else "#d62728"
-        label = html.escape(_label(m))
-        parts.append(
-            f'<line x1="{x(m.step):.1f}" x2="{x(m.step):.1f}" y1="{pad}" y2="{height - pad}" '
-            f'stroke="{color}" stroke-dasharray="4,3"><title>step {m.step}: {label}</title></line>'
-        )
-        parts.append(
-            f'<text x="{x(m.step) + 3:.1f}" y="{pad + 12}" font-size="11" fill="{color}">{label}</text>'
-        )
-    parts.append("</svg>")
-    return "\n".join(parts)
+    return (
+        f'{chart}\n<table class="marks"><tr><th>#</th><th>step</th><th>marked on the chart'
+        f"</th></tr>\n{rows}\n</table>"
+    )
 
 
-def render_html(run: str, events: list[Event], run_dir: Path | None) -> str:
-    config = ""
-    if run_dir is not None and (run_dir / "config.toml").is_file():
-        config = (run_dir / "config.toml").read_text()
-    points = loss_curve(run_dir) if run_dir is not None else []
-    marks = [e for e in events if isinstance(e, (*INTERVENTIONS, Note)) and e.step is not None]
+def render_html(
+    run: str, events: list[Event], points: list[Point] | None = None, config: str | None = None
+) -> str:
+    points = points or []
+    marks = marks_of(events)
     rows = "\n".join(
         f"<tr><td>{html.escape(e.time)}</td><td>{'' if e.step is None else e.step}</td>"
-        f"<td>{html.escape(e.kind)}</td><td>{html.escape(describe(e))}</td></tr>"
+        f"<td>{html.escape(e.kind)}</td><td>{inline(describe(e))}</td></tr>"
         for e in events
     )
     s = summary(events)
@@ -103,19 +83,21 @@ def render_html(run: str, events: list[Event], run_dir: Path | None) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>Logbook: {html.escape(run)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}}
+td.n{{font-weight:bold;text-align:right}}td:first-child{{white-space:nowrap}}
+figure.chart{{margin:0 0 1em 0}}figure.chart svg{{max-width:100%;height:auto}}
 pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
 <h1>Logbook: {html.escape(run)}</h1>
 <p>{s["interventions"]} intervention(s); {s["steps_lost_to_rollbacks"]} steps
 ({s["tokens_lost_to_rollbacks"]:,} tokens) lost to rollbacks; current lr_scale
 {s["current"]["lr_scale"]}, grad_clip {s["current"]["grad_clip"]}.</p>
 <h2>Loss</h2>
-{_svg(points, marks)}
+{_chart(points, marks)}
 <h2>Timeline</h2>
 <table><tr><th>time (UTC)</th><th>step</th><th>kind</th><th>event</th></tr>
 {rows}
 </table>
 <h2>Config</h2>
-<pre>{html.escape(config) or "(no config.toml found)"}</pre>
+<pre>{html.escape(config) if config else "(no config in this logbook)"}</pre>
 <h2>Events (JSON)</h2>
 <pre>{html.escape(lines)}</pre>
 </body></html>

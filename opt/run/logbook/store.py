@@ -6,8 +6,8 @@ Durability: each event is one ``write`` to a file opened with O_APPEND, followed
 so a crash (kill -9 included) leaves every earlier line intact. Only a machine that dies
 mid-write can leave a torn last line (no newline at its end): the reader skips it, and the
 next append, holding an exclusive lock on the file, cuts it off first, so the file stays a
-sequence of whole lines. LOGBOOK.md is replaced atomically, so it is always a complete
-rendering.
+sequence of whole lines (``append_line`` and ``whole_lines``, which the series beside the
+events uses too). LOGBOOK.md is replaced atomically, so it is always a complete rendering.
 
 Reading validates: every line must be an event of a known kind with known fields, of
 schema version 0 (upgraded) or the current one; anything else is an error naming the file
@@ -53,22 +53,7 @@ class Logbook:
             raise OptError(
                 f"logbook {self.events_path}: refused to write an event: {err}"
             ) from None
-        line = (json.dumps(fields, allow_nan=False) + "\n").encode()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        new = not self.events_path.exists()
-        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            with contextlib.suppress(OSError):  # a filesystem without locks: append anyway
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            line = _after_torn_tail(fd) + line
-            count = os.write(fd, line)
-            if count != len(line):  # a short write to a regular file means a full disk
-                raise OptError(f"logbook {self.events_path}: short write ({count}/{len(line)})")
-            os.fsync(fd)
-        finally:
-            os.close(fd)  # releases the lock
-        if new:
-            fsync_dir(self.dir)
+        append_line(self.events_path, (json.dumps(fields, allow_nan=False) + "\n").encode())
         self.render_markdown()
         return written
 
@@ -84,16 +69,7 @@ def read_events(path: str | Path) -> list[Event]:
     path = Path(path)
     if not path.is_file():
         raise OptError(f"no logbook at {path}")
-    lines = path.read_bytes().split(b"\n")
-    # The piece after the last newline: empty, or a line whose write did not finish.
-    unterminated = lines.pop()
-    events = []
-    for number, raw in enumerate(lines, start=1):
-        if raw.strip():
-            events.append(_parse_line(path, number, raw))
-    if unterminated.strip() and _is_json(unterminated):
-        events.append(_parse_line(path, len(lines) + 1, unterminated))
-    return events
+    return [_parse_line(path, number, raw) for number, raw in whole_lines(path)]
 
 
 def _parse_line(path: Path, number: int, raw: bytes) -> Event:
@@ -111,6 +87,40 @@ def _is_json(raw: bytes) -> bool:
     except json.JSONDecodeError:
         return False
     return True
+
+
+# ----- append-only JSON lines (the events, and the series beside them) ---------------------
+def append_line(path: Path, line: bytes) -> None:
+    """Append one whole line (ending in a newline) to ``path`` durably: one ``write`` to
+    the file opened with O_APPEND under an exclusive lock, a torn last line cut off first,
+    then fsync (and the directory's fsync when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: append anyway
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        line = _after_torn_tail(fd) + line
+        count = os.write(fd, line)
+        if count != len(line):  # a short write to a regular file means a full disk
+            raise OptError(f"logbook {path}: short write ({count}/{len(line)})")
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
+    if new:
+        fsync_dir(path.parent)
+
+
+def whole_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The non-empty lines of an append-only JSON-lines file with their line numbers; a
+    torn final line (a crash mid-write: no newline, not JSON) is left out."""
+    lines = path.read_bytes().split(b"\n")
+    # The piece after the last newline: empty, or a line whose write did not finish.
+    unterminated = lines.pop()
+    numbered = [(number, raw) for number, raw in enumerate(lines, start=1) if raw.strip()]
+    if unterminated.strip() and _is_json(unterminated):
+        numbered.append((len(lines) + 1, unterminated))
+    return numbered
 
 
 def _after_torn_tail(fd: int) -> bytes:
