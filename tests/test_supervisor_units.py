@@ -1,10 +1,16 @@
 """The supervisor's decisions without training: detectors, the ladder, incidents and their
 outcomes, drills and rollback planning. Pure functions of numbers, so each runs in
-microseconds; the end-to-end tests (test_supervisor.py) show the trainer carrying them out."""
+microseconds; the end-to-end tests (test_supervisor.py, test_rungs.py) show the trainer
+carrying them out.
+
+Most of it is tables: a detector case is a history of healthy steps and the flags each
+following step raises; a ladder case is the decision for each step of a warmed-up
+supervisor; a planning case is what a rung's rollback does. A new case is one row."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 
@@ -21,6 +27,7 @@ from opt.supervisor.rollback import (
 from opt.supervisor.supervisor import KILL_SWITCH_REASON, Supervisor
 
 CFG = SupervisorConfig(window=50, min_steps=20, spike_z=6.0, spike_min_rise=0.05)
+INF, NAN = math.inf, math.nan
 
 
 def warmed(cfg: SupervisorConfig = CFG, steps: int = 30) -> Supervisor:
@@ -32,63 +39,83 @@ def warmed(cfg: SupervisorConfig = CFG, steps: int = 30) -> Supervisor:
     return sup
 
 
-def flags(detectors: Detectors, step, loss, norm, overflow=False, at_floor=False) -> list[str]:
-    return [
-        NAMES[i] for i, f in enumerate(detectors.flags(step, loss, norm, overflow, at_floor)) if f
-    ]
-
-
 # ----- detectors -------------------------------------------------------------------------------
-def test_detectors_wait_for_min_steps_before_judging_spikes_and_norms():
-    detectors = Detectors(CFG)
-    for _step in range(1, CFG.min_steps):
-        detectors.observe(5.0, 1.0)
-    assert flags(detectors, 20, 50.0, 1e6) == []  # not armed: 19 healthy steps seen
-    detectors.observe(5.0, 1.0)
-    assert flags(detectors, 21, 50.0, 1e6) == ["loss_spike", "grad_norm_explosion"]
+class Step(NamedTuple):
+    """One step shown to the detectors, and the detectors it must fire (space-separated)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    fires: str = ""
+    overflow: bool = False
+    at_floor: bool = False
 
 
-def test_a_spike_must_clear_both_the_robust_z_and_the_minimum_rise():
-    detectors = Detectors(CFG)
-    for i in range(30):
-        detectors.observe(5.0 + 0.001 * (i % 3), 1.0)  # robust std ~0.0015
-    assert flags(detectors, 31, 5.04, 1.0) == []  # 27 robust stds, but below min rise 0.05
-    assert flags(detectors, 32, 5.06, 1.0) == ["loss_spike"]
-    noisy = Detectors(CFG)
-    for i in range(30):
-        noisy.observe(5.0 + 0.2 * (i % 3), 1.0)  # robust std ~0.3
-    assert flags(noisy, 31, 6.0, 1.0) == []  # +0.8: under 6 robust stds
-    assert flags(noisy, 32, 7.5, 1.0) == ["loss_spike"]
+def flat(n: int, loss: float = 5.0, grad_norm: float = 1.0) -> list[tuple[float, float]]:
+    return [(loss, grad_norm)] * n
 
 
-def test_grad_norm_explosion_is_a_multiple_of_the_running_median():
-    detectors = Detectors(CFG)
-    for _ in range(25):
-        detectors.observe(5.0, 2.0)
-    assert flags(detectors, 26, 5.0, 19.9) == []
-    assert flags(detectors, 27, 5.0, 20.1) == ["grad_norm_explosion"]
-    off = Detectors(SupervisorConfig(grad_norm_factor=0))
-    for _ in range(25):
-        off.observe(5.0, 2.0)
-    assert flags(off, 26, 5.0, 1e9) == []
+OVERFLOWS = SupervisorConfig(window=10, scale_collapses=3)
+
+# name: (config, healthy (loss, grad norm) history, the steps that follow, in order)
+DETECTOR_CASES = {
+    "spike and norm wait for min_steps healthy steps": (
+        CFG, flat(19), [Step(20, 50.0, 1e6)],
+    ),
+    "spike and norm armed at min_steps": (
+        CFG, flat(20), [Step(21, 50.0, 1e6, "loss_spike grad_norm_explosion")],
+    ),
+    "a rise of many robust stds but under spike_min_rise is no spike": (
+        CFG, [(5.0 + 0.001 * (i % 3), 1.0) for i in range(30)],  # robust std ~0.0015
+        [Step(31, 5.04, 1.0), Step(32, 5.06, 1.0, "loss_spike")],
+    ),
+    "a rise over spike_min_rise but under spike_z robust stds is no spike": (
+        CFG, [(5.0 + 0.2 * (i % 3), 1.0) for i in range(30)],  # robust std ~0.3
+        [Step(31, 6.0, 1.0), Step(32, 7.5, 1.0, "loss_spike")],
+    ),
+    "grad_norm_explosion above grad_norm_factor times the median": (
+        CFG, flat(25, grad_norm=2.0),
+        [Step(26, 5.0, 19.9), Step(27, 5.0, 20.1, "grad_norm_explosion")],
+    ),
+    "grad_norm_factor 0 turns grad_norm_explosion off": (
+        SupervisorConfig(grad_norm_factor=0), flat(25, grad_norm=2.0), [Step(26, 5.0, 1e9)],
+    ),
+    "non-finite values fire at once, an fp16 overflow alone does not": (
+        CFG, [],
+        [Step(1, NAN, 1.0, "nonfinite"), Step(2, 5.0, INF, "nonfinite"),
+         Step(3, 5.0, INF, overflow=True)],  # the scaler's business
+    ),
+    "a non-finite value is only that, armed or not": (
+        CFG, flat(20), [Step(21, NAN, 1.0, "nonfinite"), Step(22, 5.0, INF, "nonfinite")],
+    ),
+    "scale_collapse_count overflows within the window, or the floor": (
+        OVERFLOWS, [],
+        [Step(1, 5.0, INF, overflow=True), Step(5, 5.0, INF, overflow=True),
+         Step(9, 5.0, INF, "loss_scale_collapse", overflow=True),
+         Step(15, 5.0, INF, overflow=True),  # steps 1 and 5 have left the window
+         Step(16, 5.0, 1.0, "loss_scale_collapse", at_floor=True)],
+    ),
+    "the clean steps after the collapse count are healthy, the next overflow is not": (
+        OVERFLOWS, [],
+        [Step(1, 5.0, INF, overflow=True), Step(2, 5.0, INF, overflow=True),
+         Step(3, 5.0, INF, "loss_scale_collapse", overflow=True),
+         Step(4, 5.0, 1.0), Step(5, 5.0, 1.0),
+         Step(6, 5.0, INF, "loss_scale_collapse", overflow=True)],
+    ),
+    "the loss-scale floor fires without an overflow": (
+        OVERFLOWS, [], [Step(1, 5.0, 1.0, "loss_scale_collapse", at_floor=True)],
+    ),
+}  # fmt: skip
 
 
-def test_non_finite_values_fire_at_once_but_an_fp16_overflow_alone_does_not():
-    detectors = Detectors(CFG)
-    assert flags(detectors, 1, math.nan, 1.0) == ["nonfinite"]
-    assert flags(detectors, 2, 5.0, math.inf) == ["nonfinite"]
-    assert flags(detectors, 3, 5.0, math.inf, overflow=True) == []  # the scaler's business
-
-
-def test_loss_scale_collapse_is_n_overflows_within_the_window_or_the_floor():
-    cfg = SupervisorConfig(window=10, scale_collapses=3)
+@pytest.mark.parametrize(("cfg", "history", "steps"), DETECTOR_CASES.values(), ids=DETECTOR_CASES)
+def test_detectors(cfg, history, steps):
     detectors = Detectors(cfg)
-    assert flags(detectors, 1, 5.0, math.inf, overflow=True) == []
-    assert flags(detectors, 5, 5.0, math.inf, overflow=True) == []
-    assert flags(detectors, 9, 5.0, math.inf, overflow=True) == ["loss_scale_collapse"]
-    # Overflows age out of the window: steps 1 and 5 are gone by step 15.
-    assert flags(detectors, 15, 5.0, math.inf, overflow=True) == []
-    assert flags(detectors, 16, 5.0, 1.0, at_floor=True) == ["loss_scale_collapse"]
+    for loss, grad_norm in history:
+        detectors.observe(loss, grad_norm)
+    for s in steps:
+        flags = detectors.flags(s.step, s.loss, s.grad_norm, s.overflow, s.at_floor)
+        assert [NAMES[i] for i, f in enumerate(flags) if f] == s.fires.split(), s
 
 
 def test_anomalous_steps_never_enter_the_history():
@@ -99,8 +126,68 @@ def test_anomalous_steps_never_enter_the_history():
     assert list(sup.detectors.losses) == before
 
 
-# ----- the ladder and incidents ----------------------------------------------------------------
-def test_the_ladder_escalates_within_an_incident_then_resets_after_recovery():
+# ----- the ladder ------------------------------------------------------------------------------
+class At(NamedTuple):
+    """One step shown to a warmed-up supervisor (30 healthy steps) and its decision's moves
+    ('' when healthy), with ``reason`` a part of the decision's reason."""
+
+    step: int
+    loss: float
+    moves: str
+    reason: str = ""
+    stop_file: bool = False
+    manual_file: bool = False
+
+
+SPIKE = 50.0
+DEFAULT_LADDER = SupervisorConfig().ladder
+
+# name: (config, the steps after the warm-up, in order)
+LADDER_CASES = {
+    "one rung per anomaly of an incident, a fresh ladder after it is judged": (
+        SupervisorConfig(recovery_steps=5),
+        [At(31, SPIKE, DEFAULT_LADDER[0]), At(32, SPIKE, DEFAULT_LADDER[1]),
+         At(33, SPIKE, DEFAULT_LADDER[2]),
+         *[At(step, 5.5, "") for step in range(34, 39)],
+         At(39, SPIKE, DEFAULT_LADDER[0])],
+    ),
+    "the default ladder runs out into stop, which repeats": (
+        SupervisorConfig(),
+        [*[At(31 + i, SPIKE, rung) for i, rung in enumerate(DEFAULT_LADDER)],
+         At(36, SPIKE, "stop", "the escalation ladder is exhausted")],
+    ),
+    "the last rung repeats, then too many interventions stop the run": (
+        SupervisorConfig(ladder=["skip"], max_interventions=2, intervention_window=100),
+        [At(31, SPIKE, "skip"), At(32, SPIKE, "skip"),
+         At(33, SPIKE, "stop", "more than 2 interventions within 100 steps")],
+    ),
+    "interventions older than the window no longer count": (
+        SupervisorConfig(ladder=["skip"], max_interventions=2, intervention_window=3),
+        [At(31, SPIKE, "skip"), At(32, SPIKE, "skip"), At(35, SPIKE, "skip")],
+    ),
+    "the kill switch stops at once, an anomaly or not, requests wait": (
+        CFG,
+        [At(31, 5.0, "stop", KILL_SWITCH_REASON, stop_file=True, manual_file=True),
+         At(32, SPIKE, "skip")],
+    ),
+    "an operator's request alone is healthy": (
+        CFG, [At(31, 5.0, "", manual_file=True)],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("cfg", "steps"), LADDER_CASES.values(), ids=LADDER_CASES)
+def test_the_ladder(cfg, steps):
+    sup = warmed(cfg)
+    for at in steps:
+        decision = sup.inspect(at.step, at.loss, 1.0, False, 1.0, False, at.stop_file,
+                               at.manual_file)  # fmt: skip
+        assert "+".join(decision.moves) == at.moves, at
+        assert at.reason in decision.reason, at
+        assert decision.manual == at.manual_file, at
+
+
+def test_an_incident_is_judged_recovered_and_the_ladder_resets():
     cfg = SupervisorConfig(recovery_steps=5)
     sup = warmed(cfg)
     rungs = [sup.inspect(31 + i, 50.0, 1.0, False, 1.0, False).rung for i in range(3)]
@@ -127,16 +214,7 @@ def test_an_incident_whose_loss_stays_high_is_judged_not_recovered():
     assert outcome.result.startswith("not recovered")
 
 
-def test_the_last_rung_repeats_and_too_many_interventions_stop_the_run():
-    cfg = SupervisorConfig(ladder=["skip"], max_interventions=2, intervention_window=100)
-    sup = warmed(cfg)
-    assert sup.inspect(31, 50.0, 1.0, False, 1.0, False).rung == "skip"
-    assert sup.inspect(32, 50.0, 1.0, False, 1.0, False).rung == "skip"
-    stop = sup.inspect(33, 50.0, 1.0, False, 1.0, False)
-    assert stop.moves == ("stop",) and "more than 2 interventions within 100 steps" in stop.reason
-
-
-def test_the_kill_switch_stops_without_dropping_the_update_and_requests_wait():
+def test_the_kill_switch_keeps_the_update_every_other_intervention_drops_it():
     sup = warmed()
     stop = sup.inspect(31, 5.0, 1.0, False, 1.0, False, stop_file=True, manual_file=True)
     assert stop.moves == ("stop",) and stop.reason == KILL_SWITCH_REASON
@@ -192,25 +270,45 @@ def test_rollback_targets_are_before_the_incident_with_a_margin():
     assert protected_step([20], step=24, cfg=cfg) is None
 
 
-def test_step_samples_are_the_stream_positions_a_step_range_reads():
+@pytest.mark.parametrize(
+    ("first", "last", "samples"),
+    [(11, 11, (80, 88)), (13, 15, (96, 120))],
+)
+def test_step_samples_are_the_stream_positions_a_step_range_reads(first, last, samples):
     # The stream stands at 80 after 10 steps of 8 samples each.
-    assert step_samples(80, 10, 11, 11, 8) == (80, 88)
-    assert step_samples(80, 10, 13, 15, 8) == (96, 120)
+    assert step_samples(80, 10, first, last, 8) == samples
 
 
-def test_a_rollback_plan_lowers_the_factors_and_skips_the_window_before_the_anomaly():
+class Planned(NamedTuple):
+    lr_scale: float
+    grad_clip: float
+    skipped_steps: tuple[int, int] | None
+    skipped_data: tuple[int, int] | None
+    reset_optimizer: bool
+
+
+# lr_factor 0.5, clip_factor 0.6 and skip_data_steps 3, from factors (0.8, 1.0), to the
+# checkpoint of step 25, where the stream stands at 200 (8 samples a step).
+PLAN_CASES = {
+    "lower and skip the window before the anomaly": (
+        "rollback+lower_lr_clip+skip_data", 31, Planned(0.4, 0.6, (29, 31), (224, 248), False),
+    ),
+    "reset keeps the factors": (
+        "rollback+reset_optimizer", 31, Planned(0.8, 1.0, None, None, True),
+    ),
+    "the skipped window never reaches before the target": (
+        "rollback+skip_data", 27, Planned(0.8, 1.0, (26, 27), (200, 216), False),
+    ),
+    "a plain rollback changes nothing": ("rollback", 31, Planned(0.8, 1.0, None, None, False)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("rung", "anomaly_step", "planned"), PLAN_CASES.values(), ids=PLAN_CASES)
+def test_rollback_plans(rung, anomaly_step, planned):
     cfg = SupervisorConfig(lr_factor=0.5, clip_factor=0.6, skip_data_steps=3)
-    factors = Factors(lr_scale=0.8, grad_clip=1.0)
-    plan = plan_rollback(cfg, ("rollback", "lower_lr_clip", "skip_data"), anomaly_step=31,
-                         target_step=25, target_pos=200, factors=factors, batch_tokens=256,
-                         samples_per_step=8)  # fmt: skip
-    assert (plan.target_step, plan.tokens_lost) == (25, 6 * 256)
-    assert (plan.lr_scale, plan.grad_clip) == (0.4, 0.6)
-    assert plan.skipped_steps == (29, 31)  # the 3 steps up to the anomaly
-    assert plan.skipped_data == (200 + 3 * 8, 200 + 6 * 8)
-    assert not plan.reset_optimizer
-    plain = plan_rollback(cfg, ("rollback", "reset_optimizer"), 31, 25, 200, factors, 256, 8)
-    assert (plain.lr_scale, plain.grad_clip, plain.skipped_data) == (0.8, 1.0, None)
-    assert plain.reset_optimizer
-    near = plan_rollback(cfg, ("rollback", "skip_data"), 27, 25, 200, factors, 256, 8)
-    assert near.skipped_steps == (26, 27)  # never before the target
+    plan = plan_rollback(cfg, tuple(rung.split("+")), anomaly_step, target_step=25,
+                         target_pos=200, factors=Factors(lr_scale=0.8, grad_clip=1.0),
+                         batch_tokens=256, samples_per_step=8)  # fmt: skip
+    assert (plan.target_step, plan.tokens_lost) == (25, (anomaly_step - 25) * 256)
+    assert Planned(plan.lr_scale, plan.grad_clip, plan.skipped_steps, plan.skipped_data,
+                   plan.reset_optimizer) == planned  # fmt: skip

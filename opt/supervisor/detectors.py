@@ -60,7 +60,9 @@ class Detectors:
             self.overflow_steps.append(step)
         while self.overflow_steps and self.overflow_steps[0] <= step - cfg.window:
             self.overflow_steps.popleft()
-        if at_floor or len(self.overflow_steps) >= cfg.scale_collapses:
+        # Judged on the step that overflows: once the scale has come down, the clean steps
+        # that follow are healthy, though the overflows are still in the window.
+        if at_floor or (overflow and len(self.overflow_steps) >= cfg.scale_collapses):
             flags[SCALE_COLLAPSE] = 1.0
         if self.armed and math.isfinite(loss):
             median = statistics.median(self.losses)
