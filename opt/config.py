@@ -236,6 +236,16 @@ class SupervisorConfig(Section):
     """...and at least this much above the median (absolute), so flat curves cannot trip it."""
     grad_norm_factor: float = 10.0
     """A grad norm above this multiple of its running median is an explosion; 0 disables."""
+    norm_min_steps: int = Field(5, ge=1)
+    """Healthy steps seen before the grad-norm detector arms (a blow-up in warmup is common)."""
+    blowup_factor: float = Field(1.2, ge=0)
+    """From the first step: a loss above this multiple of ln(vocab) (the loss of predicting
+    uniformly, where training starts) is a blow-up; 0 disables."""
+    trend_window: int = Field(50, ge=2)
+    """Healthy steps whose median loss the slow-divergence detector follows."""
+    trend_rise: float = Field(0.03, ge=0)
+    """The median of the last `trend_window` losses this fraction above the best such median
+    is a slow divergence (each step looks healthy, the curve does not); 0 disables."""
     scale_collapses: int = 5
     """fp16 overflows within `window` steps that count as a loss-scale collapse (floor counts always)."""
     ladder: list[str] = [
@@ -320,6 +330,9 @@ class CheckpointConfig(Section):
     """Save every this many steps (and at the end of training)."""
     keep_last: int = Field(3, ge=0)
     """Keep this many newest checkpoints; 0 keeps all."""
+    initial: bool = True
+    """With the supervisor on, save step 0 of a fresh run: a blow-up in the first steps (in
+    warmup, the common case) then has a healthy checkpoint to roll back to."""
     resume: str = "auto"
     """auto (newest complete checkpoint, if any), none, or a checkpoint directory."""
     init_from: str | None = None

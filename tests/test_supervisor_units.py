@@ -28,6 +28,7 @@ from opt.supervisor.supervisor import KILL_SWITCH_REASON, Supervisor
 
 CFG = SupervisorConfig(window=50, min_steps=20, spike_z=6.0, spike_min_rise=0.05)
 INF, NAN = math.inf, math.nan
+LN_V = math.log(8192)  # the loss of predicting an 8192-token vocabulary uniformly
 
 
 def warmed(cfg: SupervisorConfig = CFG, steps: int = 30) -> Supervisor:
@@ -59,11 +60,31 @@ OVERFLOWS = SupervisorConfig(window=10, scale_collapses=3)
 
 # name: (config, healthy (loss, grad norm) history, the steps that follow, in order)
 DETECTOR_CASES = {
-    "spike and norm wait for min_steps healthy steps": (
-        CFG, flat(19), [Step(20, 50.0, 1e6)],
+    "the spike waits for min_steps healthy steps, the norm for norm_min_steps": (
+        CFG, flat(19), [Step(20, 9.5, 1.0), Step(21, 5.0, 1e6, "grad_norm_explosion")],
+    ),
+    "the norm detector waits for norm_min_steps healthy steps": (
+        CFG, flat(4), [Step(5, 5.0, 1e6)],
+    ),
+    "a blow-up above blowup_factor x ln(V) fires from the first step": (
+        CFG, [], [Step(1, 9.0, 1.0), Step(2, 1.2 * LN_V + 0.01, 1.0, "loss_blowup")],
+    ),
+    "blowup_factor 0 turns the blow-up detector off": (
+        SupervisorConfig(blowup_factor=0), [], [Step(1, 1e6, 1.0)],
+    ),
+    # Best median of 10: 4.855 (steps 11-20); then the last 10 climb to a median of 5.225.
+    "a slow rise of the median over trend_window above its best by trend_rise": (
+        SupervisorConfig(trend_window=10, trend_rise=0.05, spike_min_rise=10.0),
+        [(5.0 - 0.01 * i, 1.0) for i in range(20)] + [(5.0 + 0.05 * i, 1.0) for i in range(10)],
+        [Step(31, 5.0, 1.0, "slow_divergence")],
+    ),
+    "a rise under trend_rise, or a noisy flat curve, is no slow divergence": (
+        SupervisorConfig(trend_window=10, trend_rise=0.05, spike_min_rise=10.0),
+        [(5.0 - 0.01 * i, 1.0) for i in range(20)] + [(5.0 + 0.02 * (i % 3), 1.0) for i in range(30)],
+        [Step(51, 5.0, 1.0)],
     ),
     "spike and norm armed at min_steps": (
-        CFG, flat(20), [Step(21, 50.0, 1e6, "loss_spike grad_norm_explosion")],
+        CFG, flat(20), [Step(21, 9.5, 1e6, "loss_spike grad_norm_explosion")],
     ),
     "a rise of many robust stds but under spike_min_rise is no spike": (
         CFG, [(5.0 + 0.001 * (i % 3), 1.0) for i in range(30)],  # robust std ~0.0015
@@ -110,9 +131,9 @@ DETECTOR_CASES = {
 
 @pytest.mark.parametrize(("cfg", "history", "steps"), DETECTOR_CASES.values(), ids=DETECTOR_CASES)
 def test_detectors(cfg, history, steps):
-    detectors = Detectors(cfg)
-    for loss, grad_norm in history:
-        detectors.observe(loss, grad_norm)
+    detectors = Detectors(cfg, reference_loss=LN_V)
+    for step, (loss, grad_norm) in enumerate(history, 1):
+        detectors.observe(step, loss, grad_norm)
     for s in steps:
         flags = detectors.flags(s.step, s.loss, s.grad_norm, s.overflow, s.at_floor)
         assert [NAMES[i] for i, f in enumerate(flags) if f] == s.fires.split(), s

@@ -44,8 +44,9 @@ class RollbackPlan:
 
 def rollback_limit(incident_start: int, cfg: SupervisorConfig) -> int:
     """The newest step a rollback target may have: before the incident, with a margin
-    (the divergence may have been brewing before it showed)."""
-    return incident_start - cfg.healthy_margin
+    (the divergence may have been brewing before it showed), and never before the start:
+    a fresh run's step-0 checkpoint is always healthy."""
+    return max(0, incident_start - cfg.healthy_margin)
 
 
 def protected_step(checkpoint_steps: list[int], step: int, cfg: SupervisorConfig) -> int | None:

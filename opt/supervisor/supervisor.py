@@ -59,6 +59,7 @@ class IncidentOutcome:
 class Incident:
     start: int  # first anomalous step
     pre_level: float  # median healthy loss before it
+    rollback_before: int = 0  # the newest step a rollback target may have
     last_intervention: int = 0
     healthy_steps: int = 0
     recovered_at: int | None = None
@@ -66,9 +67,10 @@ class Incident:
 
 
 class Supervisor:
-    def __init__(self, cfg: SupervisorConfig):
+    def __init__(self, cfg: SupervisorConfig, reference_loss: float | None = None):
+        """``reference_loss``: the loss of predicting uniformly, ln(vocab size)."""
         self.cfg = cfg
-        self.detectors = Detectors(cfg)
+        self.detectors = Detectors(cfg, reference_loss)
         self.drill = Drill.parse(cfg.drill)
         self.incident: Incident | None = None
         self.rung = 0
@@ -99,12 +101,18 @@ class Supervisor:
             return Decision(("stop",), reason=KILL_SWITCH_REASON, manual=manual_file)
         if not any(flags):
             if not overflow:
-                self.detectors.observe(loss, grad_norm)
+                self.detectors.observe(step, loss, grad_norm)
             self._track_recovery(step, loss)
             return Decision(manual=manual_file)
         anomaly = self.detectors.describe(flags, loss, grad_norm, scale)
+        return self._escalate(step, anomaly)
+
+    def _escalate(self, step: int, anomaly: Anomaly) -> Decision:
+        """The next rung of the incident ``anomaly`` starts or continues."""
         if self.incident is None:
-            self.incident = Incident(step, self.detectors.pre_incident_level())
+            # A gradual divergence began where the curve was last at its best.
+            before = anomaly.since if anomaly.since is not None else rollback_limit(step, self.cfg)
+            self.incident = Incident(step, self.detectors.pre_incident_level(), before)
         while self.interventions and self.interventions[0] <= step - self.cfg.intervention_window:
             self.interventions.popleft()
         self.interventions.append(step)
@@ -114,8 +122,12 @@ class Supervisor:
                 f"more than {self.cfg.max_interventions} interventions within "
                 f"{self.cfg.intervention_window} steps",
             )  # fmt: skip
+        if anomaly.gradual:  # skipping one step cannot help: go to the first rollback rung
+            self.rung = max(self.rung, self._first_rollback_rung())
         rung = self.cfg.ladder[min(self.rung, len(self.cfg.ladder) - 1)]
         self.rung += 1
+        if "rollback" in rung:
+            self.detectors.restart_trend()
         self.incident.last_intervention = step
         self.incident.healthy_steps = 0
         self.incident.recovered_at = None
@@ -159,9 +171,14 @@ class Supervisor:
         outcome, self.last_outcome = self.last_outcome, None
         return outcome
 
+    def _first_rollback_rung(self) -> int:
+        ladder = self.cfg.ladder
+        return next((i for i, rung in enumerate(ladder) if "rollback" in rung), len(ladder) - 1)
+
     def rollback_limit(self) -> int:
-        """Newest step a rollback target may have: before the incident, with a margin."""
-        return rollback_limit(self.incident.start if self.incident else 0, self.cfg)
+        """Newest step a rollback target may have: before the incident, with a margin (or,
+        for a gradual divergence, where the curve was last at its best)."""
+        return self.incident.rollback_before if self.incident else 0
 
     def lr_multiplier(self, step: int) -> float:
         """Linear re-warmup after an optimizer reset."""
@@ -187,7 +204,10 @@ class Supervisor:
 
     def load_state_dict(self, state: dict) -> None:
         self.detectors.load_state_dict(state["detectors"])
-        self.incident = Incident(**state["incident"]) if state["incident"] else None
+        incident = state["incident"]
+        if incident is not None and "rollback_before" not in incident:  # an older checkpoint
+            incident = {**incident, "rollback_before": rollback_limit(incident["start"], self.cfg)}
+        self.incident = Incident(**incident) if incident else None
         self.rung = int(state["rung"])
         self.interventions = deque(state["interventions"])
         self.furthest_step = int(state["furthest_step"])

@@ -106,7 +106,9 @@ class Trainer:
         self.max_steps = job.max_steps
         self.progress = Progress()
         self.factors = Factors(lr_scale=1.0, grad_clip=cfg.optim.grad_clip)
-        self.supervisor = Supervisor(cfg.supervisor) if cfg.supervisor.enabled else None
+        self.supervisor = None
+        if cfg.supervisor.enabled:  # its blow-up level: the loss of predicting uniformly
+            self.supervisor = Supervisor(cfg.supervisor, math.log(self.model_args.vocab_size))
         self.recorder = RunRecorder(cfg, self.rank, self.device, self.dims.world_size)
         self.control = ControlFiles(cfg.run_dir, lead=self.rank == 0)
         # The scheduler's warning signal (set by `opt launch slurm`): stop and save.
@@ -308,6 +310,8 @@ class Trainer:
             reconciled=self.reconciled, max_steps=self.max_steps,
         )  # fmt: skip
         metrics = self._metrics_logger() if lead else None
+        if self.step == 0 and self.supervisor is not None and cfg.checkpoint.initial:
+            self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
         results, tokens_since_log = [], 0
         try:
             while self.should_continue_training():
