@@ -122,6 +122,9 @@ class DataConfig(Section):
     """Tokenizer file or directory; not set means tokenizer.json beside the token files."""
     seq_len: int = Field(2048, gt=0)
     """Tokens per training sequence."""
+    shuffle: bool = True
+    """A fresh seeded permutation of the samples every epoch; off reads them in file order
+    (a dataset shuffled offline, or a curriculum)."""
     prefetch: bool = True
     """Build the next step's batches in a background thread while this step computes."""
     pin_memory: bool = True
@@ -243,6 +246,9 @@ class SupervisorConfig(Section):
     uniformly, where training starts) is a blow-up; 0 disables."""
     trend_window: int = Field(50, ge=2)
     """Healthy steps whose median loss the slow-divergence detector follows."""
+    valid_rise: float = Field(0.05, ge=0)
+    """A validation loss this fraction above the best one so far is a regression (it rolls
+    back to a checkpoint from before the best evaluation); 0 disables."""
     trend_rise: float = Field(0.03, ge=0)
     """The median of the last `trend_window` losses this fraction above the best such median
     is a slow divergence (each step looks healthy, the curve does not); 0 disables."""

@@ -227,12 +227,50 @@ def test_an_incident_is_judged_recovered_and_the_ladder_resets():
 def test_an_incident_whose_loss_stays_high_is_judged_not_recovered():
     sup = warmed(SupervisorConfig(recovery_steps=3))
     level = sup.detectors.pre_incident_level()
-    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
-    for step in (32, 33, 34):
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)  # skip
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)  # rollback: the weights change
+    for step in (33, 34, 35):
         sup.inspect(step, level + 0.04, 1.0, False, 1.0, False)  # high, but not a spike
     outcome = sup.pop_outcome()
     assert not outcome.recovered and outcome.recovered_at_step is None
-    assert outcome.result.startswith("not recovered")
+    assert outcome.verdict == "not_recovered" and outcome.result.startswith("not recovered")
+
+
+def test_skipped_updates_alone_are_no_harm_done_not_a_recovery():
+    """A skip never touched the weights: there was nothing to recover from."""
+    sup = warmed(SupervisorConfig(recovery_steps=3))
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    for step in (32, 33, 34):
+        sup.inspect(step, 5.0, 1.0, False, 1.0, False)
+    outcome = sup.pop_outcome()
+    assert outcome.verdict == "no_harm_done" and not outcome.recovered
+    assert outcome.result.startswith("no harm done")
+
+
+def test_recovery_is_judged_on_the_validation_loss_after_the_intervention():
+    sup = warmed(SupervisorConfig(recovery_steps=4))
+    assert sup.validated(30, 5.5).healthy  # the pre-incident held-out level
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)  # rollback
+    sup.inspect(33, 5.0, 1.0, False, 1.0, False)  # a low training loss is not enough
+    assert sup.validated(33, 5.6).healthy  # (under valid_rise: no regression either)
+    sup.inspect(34, 5.0, 1.0, False, 1.0, False)
+    assert sup.validated(34, 5.4).healthy
+    for step in (35, 36):
+        sup.inspect(step, 5.0, 1.0, False, 1.0, False)
+    outcome = sup.pop_outcome()
+    assert outcome.verdict == "recovered" and outcome.recovered_at_step == 34
+    assert outcome.judged_by == "validation loss" and outcome.pre_incident_loss == 5.5
+
+
+def test_a_validation_regression_rolls_back_to_before_the_best_evaluation():
+    sup = warmed(SupervisorConfig(valid_rise=0.05))
+    for step, val in ((10, 6.0), (20, 5.5), (30, 5.7)):  # best 5.5 at step 20
+        assert sup.validated(step, val).healthy
+    decision = sup.validated(40, 5.9)  # 7% above the best
+    assert decision.anomaly.detector == "validation_regression"
+    assert "rollback" in decision.moves  # skipping one step cannot help a gradual rise
+    assert sup.rollback_limit() == 20
 
 
 def test_the_kill_switch_keeps_the_update_every_other_intervention_drops_it():

@@ -12,6 +12,7 @@ and the operator's files are read on rank 0 and shared in the same per-step vect
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,6 +54,8 @@ class IncidentOutcome:
     recovered: bool
     recovered_at_step: int | None
     judged_at_step: int
+    verdict: str  # recovered, not_recovered, or no_harm_done (only skipped updates)
+    judged_by: str  # validation loss, or training loss where the run has no held-out set
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Incident:
     start: int  # first anomalous step
     pre_level: float  # median healthy loss before it
     rollback_before: int = 0  # the newest step a rollback target may have
+    pre_valid: float | None = None  # the last validation loss before it
+    touched: bool = False  # a rung changed the weights (rollback, optimizer reset)
     last_intervention: int = 0
     healthy_steps: int = 0
     recovered_at: int | None = None
@@ -77,6 +82,8 @@ class Supervisor:
         self.interventions: deque[int] = deque()
         self.furthest_step = 0  # a non-repeating drill fires only the first time through
         self.rewarmup_start: int | None = None
+        self.last_valid: float | None = None  # the newest held-out loss, once there is one
+        self.valid_best, self.valid_best_step = math.inf, 0
         self.last_outcome: IncidentOutcome | None = None  # just judged, for the logbook
 
     # ----- drills --------------------------------------------------------------------------
@@ -112,7 +119,9 @@ class Supervisor:
         if self.incident is None:
             # A gradual divergence began where the curve was last at its best.
             before = anomaly.since if anomaly.since is not None else rollback_limit(step, self.cfg)
-            self.incident = Incident(step, self.detectors.pre_incident_level(), before)
+            self.incident = Incident(
+                step, self.detectors.pre_incident_level(), before, pre_valid=self.last_valid
+            )
         while self.interventions and self.interventions[0] <= step - self.cfg.intervention_window:
             self.interventions.popleft()
         self.interventions.append(step)
@@ -132,6 +141,7 @@ class Supervisor:
         self.incident.healthy_steps = 0
         self.incident.recovered_at = None
         self.incident.rungs.append(rung)
+        self.incident.touched |= "rollback" in rung or "reset_optimizer" in rung
         reason = "the escalation ladder is exhausted" if rung == "stop" else ""
         return Decision(tuple(rung.split("+")), anomaly, rung, reason)
 
@@ -140,7 +150,9 @@ class Supervisor:
         if incident is None:
             return
         incident.healthy_steps += 1
-        if incident.recovered_at is None and loss <= incident.pre_level:
+        # Without a held-out set, the training loss is the only measure there is.
+        by_training = incident.pre_valid is None
+        if by_training and incident.recovered_at is None and loss <= incident.pre_level:
             incident.recovered_at = step
         self.last_outcome = None
         if incident.healthy_steps >= self.cfg.recovery_steps:
@@ -148,24 +160,65 @@ class Supervisor:
             self.incident, self.rung = None, 0
 
     def outcome(self, step: int) -> IncidentOutcome:
+        """The incident's verdict. Only an intervention that changed the weights can have
+        repaired anything: skipped updates that never touched them are "no harm done"."""
         incident = self.incident
-        recovered = incident.recovered_at is not None
+        by_valid = incident.pre_valid is not None
+        level = incident.pre_valid if by_valid else incident.pre_level
+        judged_by = "validation loss" if by_valid else "training loss (no held-out set)"
+        recovered = incident.touched and incident.recovered_at is not None
+        if not incident.touched:
+            verdict = "no_harm_done"
+            result = (
+                "no harm done: the anomalous updates were skipped before they touched the "
+                f"weights, and {incident.healthy_steps} healthy steps followed"
+            )
+        elif recovered:
+            verdict = "recovered"
+            result = (
+                f"recovered: the {judged_by} came back under its pre-incident level "
+                f"{level:.4f} at step {incident.recovered_at}, after the rollback"
+            )
+        else:
+            verdict = "not_recovered"
+            result = (
+                f"not recovered: the {judged_by} is still above its pre-incident level "
+                f"{level:.4f} after {incident.healthy_steps} healthy steps"
+            )
         return IncidentOutcome(
             intervention_step=incident.last_intervention,
             incident_start=incident.start,
             rungs=list(incident.rungs),
-            pre_incident_loss=incident.pre_level,
-            result=(
-                f"recovered: loss back under the pre-incident level {incident.pre_level:.4f} "
-                f"at step {incident.recovered_at}"
-                if recovered
-                else f"not recovered: loss still above {incident.pre_level:.4f} after "
-                f"{incident.healthy_steps} healthy steps"
-            ),
+            pre_incident_loss=level,
+            result=result,
             recovered=recovered,
-            recovered_at_step=incident.recovered_at,
+            recovered_at_step=incident.recovered_at if recovered else None,
             judged_at_step=step,
+            verdict=verdict,
+            judged_by=judged_by,
         )
+
+    # ----- validation ----------------------------------------------------------------------
+    def validated(self, step: int, val_loss: float) -> Decision:
+        """The held-out loss of an evaluation after ``step``: judges an incident's recovery,
+        and is itself a detector (a regression from its best by ``valid_rise``)."""
+        incident = self.incident
+        judging = incident is not None and incident.touched and incident.recovered_at is None
+        if judging and incident.pre_valid is not None and val_loss <= incident.pre_valid:
+            incident.recovered_at = step
+        rise = self.cfg.valid_rise
+        regressed = rise > 0 and math.isfinite(self.valid_best) and (
+            not math.isfinite(val_loss) or val_loss > self.valid_best * (1 + rise)
+        )  # fmt: skip
+        if regressed:
+            numbers = {"val_loss": val_loss, "val_best": self.valid_best,
+                       "val_best_step": self.valid_best_step}  # fmt: skip
+            return self._escalate(step, Anomaly("validation_regression", numbers,
+                                                since=self.valid_best_step))  # fmt: skip
+        self.last_valid = val_loss
+        if val_loss < self.valid_best:
+            self.valid_best, self.valid_best_step = val_loss, step
+        return Decision()
 
     def pop_outcome(self) -> IncidentOutcome | None:
         outcome, self.last_outcome = self.last_outcome, None
@@ -200,6 +253,9 @@ class Supervisor:
             "interventions": list(self.interventions),
             "furthest_step": self.furthest_step,
             "rewarmup_start": self.rewarmup_start,
+            "last_valid": self.last_valid,
+            "valid_best": self.valid_best,
+            "valid_best_step": self.valid_best_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,8 +263,14 @@ class Supervisor:
         incident = state["incident"]
         if incident is not None and "rollback_before" not in incident:  # an older checkpoint
             incident = {**incident, "rollback_before": rollback_limit(incident["start"], self.cfg)}
+        if incident is not None and "touched" not in incident:
+            incident = {**incident, "touched": any("rollback" in r for r in incident["rungs"])}
         self.incident = Incident(**incident) if incident else None
         self.rung = int(state["rung"])
         self.interventions = deque(state["interventions"])
         self.furthest_step = int(state["furthest_step"])
         self.rewarmup_start = state["rewarmup_start"]
+        # Checkpoints from before validation was in the loop have none of it.
+        self.last_valid = state.get("last_valid")
+        self.valid_best = float(state.get("valid_best", math.inf))
+        self.valid_best_step = int(state.get("valid_best_step", 0))

@@ -81,8 +81,11 @@ class Interventions:
         return {p for p in checkpoints if step_of(p) == keep}
 
     # ----- automatic decisions ---------------------------------------------------------------
-    def carry_out(self, decision: Decision, step: int, tokens: int) -> Stop | None:
-        """Act on an unhealthy decision for ``step``; a Stop when the run must end."""
+    def carry_out(
+        self, decision: Decision, step: int, tokens: int, drill: bool = False
+    ) -> Stop | None:
+        """Act on an unhealthy decision for ``step`` (``drill``: its anomaly was a fault
+        drill); a Stop when the run must end."""
         anomaly = decision.anomaly
         event = {
             "step": step,
@@ -92,6 +95,7 @@ class Interventions:
             "action": decision.rung or "+".join(decision.moves),
             "before": self.hyperparameters(),
             "detail": _detail(anomaly),
+            "drill": drill,
         }
         if "stop" in decision.moves:
             return self._stop(decision.reason, event)

@@ -59,6 +59,7 @@ class StepResult:
     skipped: bool
     decision: Decision = field(default_factory=Decision)
     stop_signal: bool = False  # some rank received the scheduler's warning signal
+    drill: str | None = None  # the fault drill injected into this step, if any
 
 
 @dataclass
@@ -269,7 +270,7 @@ class Trainer:
         self.progress.tokens_seen += self.cfg.train.batch_tokens
         return StepResult(
             self.step, agreed.loss, agreed.grad_norm, lr, self.scaler.scale, skipped, decision,
-            agreed.stop_signal,
+            agreed.stop_signal, drill,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -368,7 +369,9 @@ class Trainer:
         if decision.healthy:
             self.interventions.judged(self.step, self.tokens_seen)
             return
-        self.stop = self.interventions.carry_out(decision, result.step, self.tokens_seen)
+        self.stop = self.interventions.carry_out(
+            decision, result.step, self.tokens_seen, drill=result.drill is not None
+        )
         if self.rank == 0:
             cause = decision.anomaly.detector if decision.anomaly else decision.reason
             print(

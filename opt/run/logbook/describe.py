@@ -65,7 +65,8 @@ def _(e: RunStop) -> str:
 def _(e: Intervention | ManualIntervention) -> str:
     manual = isinstance(e, ManualIntervention)
     cause = "an operator's request" if manual else e.detector or "an operator's request"
-    parts = [f"**{e.action}** after {cause}"]
+    drill = "" if manual or not e.drill else "drill: "
+    parts = [f"{drill}**{e.action}** after {cause}"]
     if manual and e.reason:
         parts.append(f"({e.reason})")
     if e.detail:

@@ -1,0 +1,258 @@
+"""The supervisor against runs that truly diverge: nothing injected into the loss or the
+gradients, only settings and data that go wrong as they do in practice.
+
+    python bench/divergence.py                              # every scenario, 3 runs each
+    python bench/divergence.py --only lr_too_high --write BENCHMARKS.md
+
+Each scenario trains the demo shape (opt-tiny, seq 128, 2048 tokens a step, the shipped
+pydoc corpus) three times on the same number of steps:
+- **reference**: sane settings (the demo's LR 2e-3 with its warmup and decay, clean data);
+- **no supervisor**: the scenario's fault, `supervisor.enabled = false`;
+- **supervised**: the same fault, the supervisor on with its default detectors and ladder.
+A scenario counts only if the unsupervised run ends at least 20% above the reference's
+validation loss, or non-finite. Target: the supervised run ends within 5% of the reference.
+
+Every run is `python -m opt train configs/demo.toml` in a process of its own, with
+checkpoints every 10 steps (all three runs alike) and the drill off; the figures come from
+each run's `metrics.jsonl` and public logbook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from report import command_line, machine_info, write_section  # noqa: E402
+
+TITLE = "## Divergence suite: the supervisor against runs that truly diverge (CPU)"
+TOKENS_PER_STEP = 2048  # the demo's batch: 16 sequences of 128 tokens
+DIVERGED = 1.20  # the unsupervised run must end at least this far above the reference
+TARGET = 1.05  # the supervised run must end within this of the reference
+
+
+@dataclass(frozen=True)
+class Scenario:
+    what: str
+    fault: dict
+    steps: int = 200
+    reference: dict = field(default_factory=dict)  # beyond the demo's own settings
+    poisoned: bool = False  # train on the corpus with a block of garbage documents
+
+
+SCENARIOS = {
+    "lr_too_high": Scenario(
+        "peak LR 0.5 (250x the demo's 2e-3), the same warmup and decay",
+        {"optim.lr": 0.5},
+    ),
+    "fp16_scale_collapse": Scenario(
+        "fp16 with dynamic loss scaling and peak LR 0.2: activations overflow fp16, steps "
+        "overflow again and again, and the loss scale falls to its floor",
+        {"train.precision": "fp16", "optim.lr": 0.2},
+        steps=80,
+        reference={"train.precision": "fp16"},
+    ),
+    "poisoned_data": Scenario(
+        "the corpus read in order, with a block of documents of random tokens (about 12 steps "
+        "of data) at step 150, as a bad crawl shard would put there",
+        {},
+        reference={"data.shuffle": False},
+        poisoned=True,
+    ),
+    "slow_divergence": Scenario(
+        "the LR warms up over the whole run to 0.2 and never decays: the loss falls, then "
+        "creeps up over a hundred steps",
+        {
+            "optim.lr": 0.2,
+            "schedule.warmup_tokens": 200 * TOKENS_PER_STEP,
+            "schedule.min_lr_ratio": 1.0,
+        },
+    ),
+}
+
+
+@dataclass
+class Run:
+    name: str
+    final_loss: float
+    loss_kind: str  # "validation" or "training (median of the last 5 logged)"
+    interventions: list[str]
+    tokens_lost: int
+    wall_s: float
+    stopped_for_human: bool
+    returncode: int
+
+
+def poisoned_corpus(root: Path) -> Path:
+    """The pydoc corpus repeated (4 copies, one epoch of 200 steps read in order) with a
+    block of random-token documents inserted at step 150's position; tokenized with the
+    demo's own tokenizer. Returns the token-file prefix."""
+    import random
+
+    from opt.data.corpus import builtin_documents
+    from opt.data.prepare import ensure_builtin_dataset, prepare_dataset
+    from opt.data.tokenizer import load_tokenizer
+
+    clean = ensure_builtin_dataset(root / "pydoc", 8192)
+    tokenizer = load_tokenizer(clean.parent / "tokenizer.json")
+    documents = builtin_documents("pydoc") * 4
+    # About 150 steps' worth of text precedes the block (the corpus tokenizes to ~1.3 tokens
+    # per 4 characters; measured, not assumed: the tokens are counted below).
+    rng = random.Random(0)
+    vocab = [tokenizer.id_to_token(i) for i in range(200, 8000)]
+    garbage = [" ".join(rng.choice(vocab) for _ in range(2000)) for _ in range(12)]
+    counted, at = 0, 0
+    while counted < 150 * TOKENS_PER_STEP and at < len(documents):
+        counted += len(tokenizer.encode(documents[at]).ids) + 1
+        at += 1
+    documents = documents[:at] + garbage + documents[at:]
+    prefix = root / "poisoned" / "train"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    (prefix.parent / "tokenizer.json").write_bytes((clean.parent / "tokenizer.json").read_bytes())
+    prepare_dataset(documents, tokenizer, prefix, show_progress=False)
+    return prefix
+
+
+def run(tmp: Path, name: str, scenario: Scenario, supervised: bool | None, data: Path) -> Run:
+    """One `opt train` of the demo config: the reference (supervised None), or the fault."""
+    work = tmp / name
+    work.mkdir(parents=True)
+    overrides = {
+        "run.name": name,
+        "run.dir": str(work / "runs"),
+        "checkpoint.dir": str(work / "checkpoints"),
+        "logbook.dir": str(work / "logbook"),
+        "data.path": str(data),
+        "train.max_steps": scenario.steps,
+        "checkpoint.every": 10,
+        "checkpoint.keep_last": 0,
+        "metrics.log_every": 5,
+        "metrics.tensorboard": False,
+        "metrics.peak_tflops": 1.0,
+        "supervisor.enabled": supervised is not False,
+        **scenario.reference,
+        **({} if supervised is None else scenario.fault),
+    }
+    if scenario.poisoned:
+        overrides["data.shuffle"] = False
+        if supervised is None:  # the reference trains on the clean corpus, in order
+            overrides["data.path"] = str(data.parent.parent / "pydoc" / "train")
+    command = [sys.executable, "-m", "opt", "train", str(REPO / "configs" / "demo.toml"),
+               "--supervisor.drill", '""',
+               *[f"--{k}={json.dumps(v)}" for k, v in overrides.items()]]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    wall = time.perf_counter() - start
+    (work / "output.txt").write_text(result.stdout + result.stderr)
+    if result.returncode not in (0, 3):
+        raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    final, kind = final_loss(work / "runs" / name)
+    events = [json.loads(line) for line in (work / "logbook" / name / "events.jsonl").open()]
+    acts = [f"{e['step']}: {e['action']} ({e['detector']})" for e in events
+            if e["kind"] in ("intervention", "stop_for_human")]  # fmt: skip
+    lost = sum(e.get("tokens_lost") or 0 for e in events if e["kind"] == "intervention")
+    return Run(name, final, kind, acts, lost, wall, result.returncode == 3, result.returncode)
+
+
+def final_loss(run_dir: Path) -> tuple[float, str]:
+    """The run's last validation loss, or the median of its last 5 logged training losses."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    if valid:
+        return _number(valid[-1]), "validation"
+    return statistics.median(_number(r["loss"]) for r in rows[-5:]), "training (last 5 logged)"
+
+
+def _number(value) -> float:
+    return float(value) if not isinstance(value, str) else float(value.replace("inf", "inf"))
+
+
+def verdict(ref: Run, nosup: Run, sup: Run) -> tuple[bool, bool]:
+    diverged = not math.isfinite(nosup.final_loss) or nosup.final_loss >= DIVERGED * ref.final_loss
+    met = math.isfinite(sup.final_loss) and sup.final_loss <= TARGET * ref.final_loss
+    return diverged, met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--write", type=Path)
+    args = parser.parse_args()
+    names = args.only or list(SCENARIOS)
+    rows = []
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        from opt.data.prepare import ensure_builtin_dataset
+
+        clean = ensure_builtin_dataset(tmp / "data" / "pydoc", 8192)
+        poisoned = None
+        for key in names:
+            scenario = SCENARIOS[key]
+            data = clean
+            if scenario.poisoned:
+                poisoned = poisoned or poisoned_corpus(tmp / "data")
+                data = poisoned
+            ref = run(tmp, f"{key}-reference", scenario, None, data)
+            nosup = run(tmp, f"{key}-nosup", scenario, False, data)
+            sup = run(tmp, f"{key}-supervised", scenario, True, data)
+            diverged, met = verdict(ref, nosup, sup)
+            rows.append((key, scenario, ref, nosup, sup, diverged, met))
+            print(f"[{key}] reference {ref.final_loss:.4f}, no supervisor "
+                  f"{nosup.final_loss:.4f}, supervised {sup.final_loss:.4f} "
+                  f"({'diverged' if diverged else 'DID NOT DIVERGE'}, "
+                  f"{'target met' if met else 'target NOT met'}); interventions: "
+                  f"{'; '.join(sup.interventions) or 'none'}; false alarms in the reference: "
+                  f"{'; '.join(ref.interventions) or 'none'}", flush=True)  # fmt: skip
+    body = report(rows, args)
+    print(body)
+    if args.write:
+        write_section(args.write, TITLE, body)
+
+
+def report(rows, args) -> str:
+    lines = [
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Machine: {machine_info(2)['cpu']}",
+        f"- Command: `{command_line(args)}`",
+        "- Each scenario: three `opt train configs/demo.toml` runs of the same number of steps "
+        "(reference with sane settings, the fault without the supervisor, the fault with the "
+        "supervisor's defaults); checkpoints every 10 steps; the drill off",
+        "",
+        "| scenario | steps | final loss: reference | no supervisor | supervised | diverged "
+        "(≥ 1.2× ref) | target (≤ 1.05× ref) | supervisor's interventions | tokens lost to "
+        "rollbacks | false alarms in the reference | wall time ref / no sup / sup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, scenario, ref, nosup, sup, diverged, met in rows:
+        acts = "; ".join(sup.interventions) or "none"
+        if sup.stopped_for_human:
+            acts += " (stopped for a human)"
+        lines.append(
+            f"| {key} | {scenario.steps} | {ref.final_loss:.4f} | {nosup.final_loss:.4f} "
+            f"({nosup.final_loss / ref.final_loss:.2f}×) | {sup.final_loss:.4f} "
+            f"({sup.final_loss / ref.final_loss:.2f}×) | {'yes' if diverged else 'no'} | "
+            f"{'met' if met else 'not met'} | {acts} | {sup.tokens_lost:,} | "
+            f"{len(ref.interventions) or 'none'} | "
+            f"{ref.wall_s:.0f} / {nosup.wall_s:.0f} / {sup.wall_s:.0f} s |"
+        )
+    lines += ["", "Scenarios:"]
+    for key, scenario, ref, *_ in rows:
+        lines.append(f"- `{key}`: {scenario.what}. Loss compared: {ref.loss_kind}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
