@@ -1,5 +1,6 @@
 """The trainer's pieces, each built by one small function from the job: the device and the
-process groups, the data loader, the parallel model, and the pipeline schedule."""
+process groups, the data loader, the held-out batches, the parallel model, and the pipeline
+schedule."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from opt.parallel.parallelize import (
     tied_embedding_group,
 )
 from opt.parallel.pipeline import build_schedule
-from opt.train.data_setup import build_loader, resolve_tokenizer_file
+from opt.train.data_setup import build_loader, held_out_dataset, resolve_tokenizer_file
+from opt.train.evaluate import HeldOutBatches
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,20 @@ def build_data(job: Job, where: Placement) -> tuple[PrefetchingLoader, Path]:
         pin = cfg.data.pin_memory and where.device.type == "cuda"
         loader = PrefetchingLoader(loader, pin_memory=pin)
     return loader, prefix
+
+
+def build_validation(job: Job, where: Placement, train_prefix: Path) -> HeldOutBatches | None:
+    """This rank's share of the held-out batches one evaluation reads, or None without
+    validation (turned off, or no held-out set beside the training set)."""
+    cfg = job.cfg
+    dataset = held_out_dataset(cfg, train_prefix)
+    if dataset is None:
+        return None
+    return HeldOutBatches.of(
+        dataset, seq_len=cfg.data.seq_len, batch_tokens=cfg.train.batch_tokens,
+        tokens=cfg.validation.tokens, micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=job.grad_accum, dp_rank=where.dp_rank, dp_size=job.dims.dp,
+    )  # fmt: skip
 
 
 def build_model(job: Job, where: Placement, bf16_via_fp32: bool) -> ParallelModel:
