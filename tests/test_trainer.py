@@ -231,6 +231,11 @@ def test_validation_goes_to_the_console_metrics_tensorboard_and_status(tiny_conf
     assert [e.step for e in events.Scalars("valid/ppl")] == [0, 2, 3, 4, 5]
     status = json.loads((cfg.run_dir / "status.json").read_text())
     assert (status["valid_step"], status["valid_loss"]) == (5, valid[-1]["val_loss"])
+    from opt.launch.status import format_status, run_status_report
+
+    shown = format_status(run_status_report(cfg.run.name, cfg.run.dir))
+    assert f"validation: loss {valid[-1]['val_loss']:.4f} (perplexity " in shown
+    assert shown.split("validation: ")[1].splitlines()[0].endswith("at step 5")
 
 
 def test_without_a_held_out_set_there_is_no_validation(tiny_config, tmp_path, pydoc_dataset):
