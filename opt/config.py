@@ -339,7 +339,8 @@ class ValidationConfig(Section):
     """Evaluate the loss on a held-out set while training (validation loss and perplexity)."""
     path: str | None = None
     """Prefix of the held-out token files; not set: <data.path>-valid, the held-out split
-    `opt data prepare --valid-fraction` writes, and no validation when there is none."""
+    `opt data prepare --valid-fraction` writes, and no validation when there is none (or it
+    holds less than one global batch)."""
     every: int = Field(1000, gt=0)
     """Evaluate every this many steps; also at every checkpoint save and when a run starts."""
     tokens: int | None = Field(None, gt=0)

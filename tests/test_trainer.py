@@ -248,7 +248,7 @@ def test_without_a_held_out_set_there_is_no_validation(tiny_config, tmp_path, py
     shutil.copy(pydoc_dataset.parent / "tokenizer.json", bare)
     trainer = Trainer(tiny_config(data__path=str(bare / "train")))
     assert trainer.evaluator is None and trainer.validate() is None
-    assert trainer._validation_plan().startswith("validation: off: no held-out set at")
+    assert trainer.validation_plan.startswith("validation: off: no held-out set at")
     with pytest.raises(OptError, match="dataset not found"):  # named, it must be there
         Trainer(tiny_config(data__path=str(bare / "train"), validation__path=str(bare / "v")))
     # Named explicitly, another set serves: here the training set itself.
@@ -278,6 +278,12 @@ def test_a_held_out_set_that_does_not_belong_is_refused(tiny_config, tmp_path, p
     prepare_dataset(docs, train_tokenizer(docs, 300), other / "y", show_progress=False)
     with pytest.raises(OptError, match="tokenized with another vocabulary"):
         Trainer(tiny_config(validation__path=str(other / "y")))
-    with pytest.raises(OptError, match="fewer than one global batch"):
-        Trainer(tiny_config(validation__path=str(other / "x"), train__batch_tokens=256 * 64,
-                            train__micro_batch_size=64))  # fmt: skip
+    # Named, a held-out set too small for one global batch is refused; derived, it is unused.
+    big_batch = {"train__batch_tokens": 256 * 64, "train__micro_batch_size": 64}
+    with pytest.raises(OptError, match="less than one global batch"):
+        Trainer(tiny_config(validation__path=str(other / "x"), **big_batch))
+    prepare_dataset(docs[:4], load_tokenizer(pydoc_dataset.parent), other / "z",
+                    show_progress=False, valid_fraction=0.3)  # fmt: skip
+    trainer = Trainer(tiny_config(data__path=str(other / "z"), **big_batch))
+    assert trainer.evaluator is None
+    assert "holds less than one global batch (16,384 tokens)" in trainer.validation_plan

@@ -11,6 +11,7 @@ import torch
 
 from opt import dist
 from opt.config import JobConfig, to_toml
+from opt.data.dataset import valid_prefix
 from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
 from opt.host_memory import retain_freed_memory
@@ -104,18 +105,35 @@ def build_data(job: Job, where: Placement) -> tuple[PrefetchingLoader, Path]:
     return loader, prefix
 
 
-def build_validation(job: Job, where: Placement, train_prefix: Path) -> HeldOutBatches | None:
+def build_validation(
+    job: Job, where: Placement, train_prefix: Path
+) -> tuple[HeldOutBatches | None, str]:
     """This rank's share of the held-out batches one evaluation reads, or None without
-    validation (turned off, or no held-out set beside the training set)."""
-    cfg = job.cfg
+    validation; and the line that says which (the first line of a run)."""
+    cfg, valid = job.cfg, job.cfg.validation
+    if not valid.enabled:
+        return None, "validation: off (validation.enabled = false)"
     dataset = held_out_dataset(cfg, train_prefix)
     if dataset is None:
-        return None
-    return HeldOutBatches.of(
-        dataset, seq_len=cfg.data.seq_len, batch_tokens=cfg.train.batch_tokens,
-        tokens=cfg.validation.tokens, micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=job.grad_accum, dp_rank=where.dp_rank, dp_size=job.dims.dp,
+        return None, (
+            f"validation: off: no held-out set at {valid_prefix(train_prefix)} "
+            "(`opt data prepare --valid-fraction F` makes one; or set validation.path)"
+        )
+    seq_len, batch_tokens = cfg.data.seq_len, cfg.train.batch_tokens
+    if valid.path is None and HeldOutBatches.available(dataset, seq_len, batch_tokens) == 0:
+        return None, (
+            f"validation: off: the held-out set {dataset.prefix} holds less than one global "
+            f"batch ({batch_tokens:,} tokens); hold out more, or set validation.path"
+        )
+    batches = HeldOutBatches.of(
+        dataset, seq_len=seq_len, batch_tokens=batch_tokens, tokens=valid.tokens,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum=job.grad_accum,
+        dp_rank=where.dp_rank, dp_size=job.dims.dp,
     )  # fmt: skip
+    return batches, (
+        f"validation: {batches.tokens:,} tokens ({batches.n_batches} batch(es)) of "
+        f"{dataset.prefix} every {valid.every} steps and at every checkpoint save"
+    )
 
 
 def build_model(job: Job, where: Placement, bf16_via_fp32: bool) -> ParallelModel:

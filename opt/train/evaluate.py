@@ -95,17 +95,22 @@ class HeldOutBatches:
     ) -> HeldOutBatches:
         """The first ``tokens`` of the held-out set in whole global batches (rounded down,
         at least one; all of it when None)."""
-        per_batch = batch_tokens // seq_len
-        available = dataset.num_samples(seq_len) // per_batch
+        available = cls.available(dataset, seq_len, batch_tokens)
         if available == 0:
             raise OptError(
-                f"held-out set {dataset.prefix} has {dataset.num_samples(seq_len)} sequences of "
-                f"{seq_len + 1} tokens, fewer than one global batch ({per_batch}) to evaluate; "
-                "hold out more (opt data prepare --valid-fraction) or set validation.enabled = false"
+                f"held-out set {dataset.prefix} has {dataset.n_tokens:,} tokens, less than one "
+                f"global batch ({batch_tokens:,} tokens of sequences of {seq_len + 1}) to "
+                "evaluate; hold out more (opt data prepare --valid-fraction) or set "
+                "validation.enabled = false"
             )
         wanted = available if tokens is None else max(1, tokens // batch_tokens)
         return cls(dataset, seq_len, micro_batch_size, grad_accum, min(wanted, available),
                    dp_rank, dp_size)  # fmt: skip
+
+    @staticmethod
+    def available(dataset: TokenDataset, seq_len: int, batch_tokens: int) -> int:
+        """Whole global batches of ``batch_tokens`` the held-out set holds."""
+        return max(0, (dataset.n_tokens - 1) // seq_len) // (batch_tokens // seq_len)
 
     @property
     def tokens(self) -> int:

@@ -90,7 +90,7 @@ class Trainer:
         self.where = where = build.place(job)
         self.device, self.rank = where.device, where.rank
         self.loader, dataset_prefix = build.build_data(job, where)
-        held_out = build.build_validation(job, where, dataset_prefix)
+        held_out, self.validation_plan = build.build_validation(job, where, dataset_prefix)
         # bf16 matmuls on a CPU without bf16 instructions run as exact fp32 ones (kernels.py).
         self.bf16_via_fp32 = kernels.cpu_bf16_via_fp32(
             self.device, cfg.train.precision, cfg.train.cpu_bf16_compute
@@ -361,7 +361,7 @@ class Trainer:
         )  # fmt: skip
         metrics = self.metrics = self._metrics_logger() if lead else None
         if lead:
-            print(self._validation_plan(), flush=True)
+            print(self.validation_plan, flush=True)
         results, tokens_since_log = [], 0
         try:
             # The curve's first point; after a resume, the last evaluation before the stop.
@@ -435,21 +435,6 @@ class Trainer:
         return Stop(
             STOPPED_ON_SIGNAL,
             f"stopped on {received} at step {self.step}, checkpoint {saved} saved for the requeue",
-        )
-
-    def _validation_plan(self) -> str:
-        cfg = self.cfg.validation
-        if self.evaluator is None:
-            if not cfg.enabled:
-                return "validation: off (validation.enabled = false)"
-            return (
-                f"validation: off: no held-out set at {self.cfg.data.path}-valid "
-                "(`opt data prepare --valid-fraction F` makes one; or set validation.path)"
-            )
-        batches = self.evaluator.batches
-        return (
-            f"validation: {batches.tokens:,} tokens ({batches.n_batches} batch(es)) of "
-            f"{batches.dataset.prefix} every {cfg.every} steps and at every checkpoint save"
         )
 
     def _metrics_logger(self) -> MetricsLogger:
