@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import metrics_valid_losses
 
 from opt.checkpoint import list_checkpoints
 from opt.config import load_config
@@ -157,9 +158,12 @@ def test_the_logbook_series_holds_every_logged_step_and_a_resume_appends(tiny_co
     assert [(p.loss, p.lr, p.loss_scale) for p in points] == [
         (r.loss, r.lr, r.loss_scale) for r in logged
     ]  # exact: the values the trainer logged
-    assert {(p.lr_scale, p.grad_clip, p.val_loss) for p in points} == {
-        (1.0, cfg.optim.grad_clip, None)
-    }
+    assert {(p.lr_scale, p.grad_clip) for p in points} == {(1.0, cfg.optim.grad_clip)}
+    # Validation runs at every start and save (here every logged step): each point carries
+    # the held-out loss that metrics.jsonl recorded for its step, by the run that trained it.
+    validated = metrics_valid_losses(cfg.run_dir)
+    assert [step for step, _ in validated] == [0, 2, 4, 2, 4, 6]  # each run evaluates at its start
+    assert [p.val_loss for p in points] == [loss for _, loss in validated[1:3] + validated[4:]]
     # The logbook also carries the resolved config, as the run directory has it.
     assert (cfg.logbook_dir / "config.toml").read_text() == (
         cfg.run_dir / "config.toml"

@@ -376,14 +376,10 @@ class Trainer:
                     continue  # stopped, or rolled back: nothing of this step to log or save
                 tokens_since_log += cfg.train.batch_tokens
                 last = self.step == self.max_steps
-                if self.step % cfg.metrics.log_every == 0 or last:
+                logged = self.step % cfg.metrics.log_every == 0 or last
+                if logged:
                     if metrics is not None:
                         metrics.log(self.step, tokens_since_log, _log_values(result))
-                    self.recorder.logged(
-                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
-                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
-                        loss_scale=result.loss_scale, val_loss=None,
-                    )  # fmt: skip
                     tokens_since_log = 0
                 if self.checkpoints.due(self.step, last):
                     if metrics is not None:
@@ -391,8 +387,17 @@ class Trainer:
                     self.checkpoints.save(self.step)
                     if metrics is not None:
                         metrics.resume()
+                evaluation = None
                 if self._validation_due(last):
-                    self.validate()  # after the save: it overlaps an async save's writes
+                    # After the save: it overlaps an async save's writes.
+                    evaluation = self.validate()
+                if logged or evaluation is not None:  # the logbook's series: the curve it draws
+                    self.recorder.logged(
+                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
+                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
+                        loss_scale=result.loss_scale,
+                        val_loss=evaluation.loss if evaluation is not None else None,
+                    )  # fmt: skip
                 self.recorder.status(RUNNING, self.step, self.tokens_seen, self.max_steps,
                                      loss=result.loss)  # fmt: skip
                 if result.stop_signal and self.should_continue_training():
