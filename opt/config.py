@@ -353,6 +353,21 @@ class CheckpointConfig(Section):
     made inside the save call, into buffers freed after the write."""
 
 
+class ValidationConfig(Section):
+    enabled: bool = True
+    """Evaluate the loss on a held-out set while training (validation loss and perplexity)."""
+    path: str | None = None
+    """Prefix of the held-out token files; not set: <data.path>-valid, the held-out split
+    `opt data prepare --valid-fraction` writes, and no validation when there is none (or it
+    holds less than one global batch)."""
+    every: int = Field(1000, gt=0)
+    """Evaluate every this many steps; also at every checkpoint save and when a run starts."""
+    tokens: int | None = Field(None, gt=0)
+    """Held-out tokens one evaluation reads, in whole global batches of train.batch_tokens
+    (rounded down, at least one): the first ones of the held-out set, the same each time;
+    not set: all of it."""
+
+
 class MetricsConfig(Section):
     log_every: int = Field(10, gt=0)
     """Console and TensorBoard logging interval in steps."""
@@ -439,6 +454,7 @@ class JobConfig(BaseModel):
     logbook: LogbookConfig = Field(default_factory=LogbookConfig)
     loss_scale: LossScaleConfig = Field(default_factory=LossScaleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 

@@ -48,6 +48,7 @@ TINY_OVERRIDES = {
     "metrics.log_every": 1,
     "metrics.peak_tflops": 1.0,  # skip the matmul-peak measurement in tests
     "metrics.tensorboard": False,
+    "validation.tokens": 1024,  # 4 global batches of the held-out split, at every checkpoint
 }
 
 
@@ -157,6 +158,13 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
 
 def metrics_losses(run_dir: Path) -> dict[int, float]:
     """Each logged step's loss from ``metrics.jsonl`` (full precision); a step trained twice
-    (before a crash and after the resume) keeps its last value."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {(row := json.loads(line))["step"]: row["loss"] for line in lines}
+    (before a crash and after the resume) keeps its last value. Validation lines are left
+    out (``metrics_valid_losses``)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def metrics_valid_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """Every validation line of ``metrics.jsonl``: (step, validation loss), in order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["val_loss"]) for row in rows if "val_loss" in row]

@@ -4,6 +4,9 @@ Trains ``steps`` steps of a tiny model and writes, to OUT_DIR:
 - ``grads_rank{r}.pt``: the full (unsharded) gradient of every parameter this rank's
   pipeline stage(s) hold, after step 1 (clipping is off, so these are the raw gradients);
 - ``losses.json`` (rank 0): the loss of every step, as agreed across ranks;
+- ``valid.json`` (rank 0): the held-out loss before step 1 and after the last step (and
+  one after step 1 that the single process does not take: the steps after it must not
+  notice it);
 - ``rank{r}.pt``: this rank's own copy of every replicated LayerNorm parameter and a draw
   from its RNG after training (what its next dropout mask would come from).
 """
@@ -55,11 +58,15 @@ def main() -> None:
         )
         distributed.destroy()
         return
+    valid = [trainer.validate().loss]
     losses = [trainer.train_step().loss]
     torch.save(full_gradients(trainer), out / f"grads_rank{trainer.rank}.pt")
+    valid.append(trainer.validate().loss)
     losses += [trainer.train_step().loss for _ in range(int(steps) - 1)]
+    valid.append(trainer.validate().loss)
     if trainer.rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
+        (out / "valid.json").write_text(json.dumps(valid))
     norms = {
         canonical_name(name): (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
         for part in trainer.model_parts

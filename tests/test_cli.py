@@ -53,7 +53,8 @@ def test_train_resume_and_score_end_to_end(tmp_path, pydoc_dataset):
     second = run_cli(*_train_args(tmp_path, pydoc_dataset), "--resume", "auto", "--max-steps", "5")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
-    assert "step       4 |" in second.stdout and "step       3 |" not in second.stdout
+    assert "step       4 | loss" in second.stdout and "step       3 | loss" not in second.stdout
+    assert "step       3 | val_loss" in second.stdout  # evaluated again at the resume
     checkpoint = tmp_path / "checkpoints" / "cli" / "step_00000005"
     assert checkpoint.is_dir()
 

@@ -41,8 +41,14 @@ def test_shipped_configs_load_and_follow_the_paper(path):
     cfg = load_config(path)
     args = resolve_model_args(cfg)
     assert gradient_accumulation_steps(cfg) >= 1
+    # Validation on the held-out split beside data.path (and at every save, by the rule).
+    assert cfg.validation.enabled and cfg.validation.path is None
     if path.stem == "demo":
+        assert cfg.validation.every == cfg.metrics.log_every
         return
+    # The same 10 global batches every 1000 steps: forward only, about 0.3% of the compute.
+    assert cfg.validation.every == 1000
+    assert cfg.validation.tokens == 10 * cfg.train.batch_tokens
     assert cfg.model.name == path.stem and args == get_model_args(path.stem)
     assert cfg.optim.lr == PEAK_LR[path.stem]
     assert cfg.train.batch_tokens == BATCH_TOKENS_M[path.stem] * 2**20
@@ -85,6 +91,9 @@ def test_values_are_parsed_as_toml_and_coerced_to_the_field_type():
         (["--optim.betas", "[0.9]"], "two values"),
         (["optim.lr", "1"], "expected a --section.key override"),
         (["--optim.lr"], "has no value"),
+        (["--validation.every", "0"], "validation.every must be positive"),
+        (["--validation.tokens", "-5"], r"validation.tokens must be positive, got -5 \(leave"),
+        (["--validation.evry", "5"], "did you mean validation.every"),
     ],
 )
 def test_bad_config_input_is_refused_with_one_clear_line(overrides, message):
@@ -181,6 +190,7 @@ def test_unset_means_none_and_is_derived_where_it_is_read():
     assert (cfg.data.path, cfg.data.builtin, cfg.data.tokenizer) == (None, None, None)
     assert (cfg.train.max_steps, cfg.checkpoint.init_from) == (None, None)
     assert (cfg.metrics.peak_tflops, cfg.supervisor.drill) == (None, None)
+    assert (cfg.validation.path, cfg.validation.tokens) == (None, None)  # derived, all of it
     slurm = cfg.slurm
     assert [slurm.partition, slurm.account, slurm.qos, slurm.exclude, slurm.nodelist, slurm.mem,
             slurm.tasks_per_node, slurm.cpus_per_task] == [None] * 8  # fmt: skip

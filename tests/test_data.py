@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, models
 
 from opt.cli import data as data_cli
+from opt.data import prepare
 from opt.data.corpus import (
     builtin_documents,
     iter_documents,
@@ -25,8 +26,15 @@ from opt.data.corpus import (
     resolve_inputs,
     total_bytes,
 )
-from opt.data.dataset import DatasetPaths, TokenDataset, token_dtype
-from opt.data.prepare import ensure_builtin_dataset, prepare_dataset, save_tokenizer
+from opt.data.dataset import DatasetPaths, TokenDataset, token_dtype, valid_prefix
+from opt.data.prepare import (
+    BUILTIN_SPLIT_SEED,
+    BUILTIN_VALID_FRACTION,
+    ensure_builtin_dataset,
+    held_out,
+    prepare_dataset,
+    save_tokenizer,
+)
 from opt.data.sampler import BatchLoader, SampleStream
 from opt.data.tokenizer import SPECIAL_TOKENS, eos_id, load_tokenizer, train_tokenizer
 from opt.errors import OptError
@@ -254,6 +262,112 @@ def test_empty_corpus_writes_nothing(tmp_path: Path, tokenizer: Tokenizer) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+# --- the held-out split -----------------------------------------------------------------------
+
+
+def split_docs(n: int = 40) -> list[str]:
+    """Documents of many sizes, with empty ones (skipped, and not numbered) among them."""
+    docs = builtin_documents("pydoc")
+    return [docs[i % len(docs)][: 50 + 97 * i] if i % 7 else "" for i in range(n)]
+
+
+def test_held_out_is_a_seeded_choice_of_about_the_fraction() -> None:
+    picks = [held_out(i, 0.1, seed=0) for i in range(20_000)]
+    assert 0.09 < sum(picks) / len(picks) < 0.11
+    assert picks == [held_out(i, 0.1, seed=0) for i in range(20_000)]  # deterministic
+    assert picks != [held_out(i, 0.1, seed=1) for i in range(20_000)]  # seeded
+    assert not any(held_out(i, 0.0) for i in range(1000))
+    more = [held_out(i, 0.3, seed=0) for i in range(20_000)]
+    assert all(m for p, m in zip(picks, more, strict=True) if p)  # a larger fraction adds
+
+
+def test_a_split_holds_out_whole_documents(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    docs = split_docs()
+    numbered = [d for d in docs if d]  # the numbers count the non-empty documents
+    held = [held_out(i, 0.25, seed=3) for i in range(len(numbered))]
+    assert 0 < sum(held) < len(numbered)
+    meta = prepare_dataset(docs, tokenizer, tmp_path / "ds", show_progress=False,
+                           valid_fraction=0.25, split_seed=3)  # fmt: skip
+    train, valid = TokenDataset(tmp_path / "ds"), TokenDataset(tmp_path / "ds-valid")
+    kept = [d for d, h in zip(numbered, held, strict=True) if not h]
+    out = [d for d, h in zip(numbered, held, strict=True) if h]
+    assert train.tokens.tolist() == expected_tokens(tokenizer, kept)
+    assert valid.tokens.tolist() == expected_tokens(tokenizer, out)
+    assert (train.n_docs, valid.n_docs) == (len(kept), len(out))
+    for ds in (train, valid):  # offsets fall on document ends
+        assert all(ds.tokens[end - 1] == eos_id(tokenizer) for end in ds.doc_offsets()[1:])
+        ds.verify()
+    assert meta == train.meta and meta["split"] == {
+        "part": "train", "valid_fraction": 0.25, "seed": 3, "valid_docs": len(out),
+        "valid_tokens": valid.n_tokens, "valid_sha256": valid.meta["sha256"],
+    }  # fmt: skip
+    assert valid.meta["split"] == {"part": "valid", "valid_fraction": 0.25, "seed": 3,
+                                   "train_sha256": train.meta["sha256"]}  # fmt: skip
+    assert leftover_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "variant", [{"word_cache": False}, {"word_cache": True}, {"word_cache": True, "workers": 2}]
+)
+def test_a_split_is_byte_identical_across_runs_and_worker_counts(
+    tmp_path: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, variant: dict
+) -> None:
+    """Small worker batches, so that both workers get several and a held-out document
+    falls inside some batches and at the edge of others."""
+    monkeypatch.setattr(prepare, "_WORKER_BATCH_BYTES", 16 << 10)
+    monkeypatch.setattr(prepare, "_BATCH_DOCS", 7)
+    docs = split_docs(120)
+    split = {"valid_fraction": 0.2, "split_seed": 5}
+    prepare_dataset(docs, tokenizer, tmp_path / "a", show_progress=False, word_cache=False,
+                    **split)  # fmt: skip
+    prepare_dataset(docs, tokenizer, tmp_path / "b", show_progress=False, **variant, **split)
+    for name in ("", "-valid"):
+        for suffix in (".bin", ".idx", ".json"):
+            a = (tmp_path / f"a{name}{suffix}").read_bytes()
+            assert (tmp_path / f"b{name}{suffix}").read_bytes() == a, name + suffix
+
+
+def test_the_two_datasets_are_published_together_markers_last(
+    tmp_path: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(src: str, dst: str) -> None:
+        renamed.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    prepare_dataset(split_docs(), tokenizer, tmp_path / "ds", show_progress=False,
+                    valid_fraction=0.3)  # fmt: skip
+    assert sorted(renamed[:4]) == ["ds-valid.bin", "ds-valid.idx", "ds.bin", "ds.idx"]
+    assert renamed[4:] == ["ds-valid.json", "ds.json"]  # the training set's marker last
+
+
+def test_preparing_without_a_split_removes_the_old_held_out_set(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    """An old PREFIX-valid may hold documents the new PREFIX trains on."""
+    prepare_dataset(split_docs(), tokenizer, tmp_path / "ds", show_progress=False,
+                    valid_fraction=0.3)  # fmt: skip
+    assert TokenDataset(tmp_path / "ds-valid").n_docs > 0
+    meta = prepare_dataset(split_docs(), tokenizer, tmp_path / "ds", show_progress=False)
+    assert "split" not in meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx", "ds.json"]
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.999])
+def test_a_split_that_leaves_a_side_empty_is_refused_and_writes_nothing(
+    tmp_path: Path, tokenizer: Tokenizer, fraction: float
+) -> None:
+    with pytest.raises(OptError, match="both need at least one"):
+        prepare_dataset(DOCS, tokenizer, tmp_path / "ds", show_progress=False,
+                        valid_fraction=fraction)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OptError, match=r"in \[0, 1\)"):
+        prepare_dataset(DOCS, tokenizer, tmp_path / "ds", valid_fraction=1.0)
+
+
 def test_token_dtype_widens_for_large_vocabularies() -> None:
     assert token_dtype(50272) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
@@ -408,18 +522,36 @@ def test_builtin_dataset_is_built_once_per_vocab_size(tmp_path: Path) -> None:
     prefix = ensure_builtin_dataset(tmp_path, vocab_size=1024)
     print(f"built-in pydoc dataset built in {time.perf_counter() - start:.2f}s")
     assert prefix == tmp_path / "train"
-    ds = TokenDataset(prefix)
-    assert ds.vocab_size == 1024 and ds.n_docs == len(builtin_documents())
-    assert load_tokenizer(tmp_path).get_vocab_size() == 1024
-    stamp = DatasetPaths.of(prefix).meta.stat().st_mtime_ns
+    ds, valid = TokenDataset(prefix), TokenDataset(valid_prefix(prefix))
+    assert valid.prefix == tmp_path / "train-valid" and ds.vocab_size == valid.vocab_size == 1024
+    docs = builtin_documents()
+    held = [held_out(i, BUILTIN_VALID_FRACTION, BUILTIN_SPLIT_SEED) for i in range(len(docs))]
+    assert (ds.n_docs, valid.n_docs) == (len(docs) - sum(held), sum(held))
+    assert 0.02 < valid.n_tokens / (ds.n_tokens + valid.n_tokens) < 0.1  # a few percent
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.get_vocab_size() == 1024
+    out = [d for d, h in zip(docs, held, strict=True) if h]
+    assert valid.tokens.tolist() == expected_tokens(tokenizer, out)
+    stamps = [DatasetPaths.of(p).meta.stat().st_mtime_ns for p in (prefix, valid.prefix)]
 
     assert ensure_builtin_dataset(tmp_path, vocab_size=1024) == prefix
-    assert DatasetPaths.of(prefix).meta.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [DatasetPaths.of(p).meta.stat().st_mtime_ns for p in (prefix, valid.prefix)] == stamps
 
     ensure_builtin_dataset(tmp_path, vocab_size=600)
-    assert TokenDataset(prefix).vocab_size == 600
+    assert TokenDataset(prefix).vocab_size == TokenDataset(valid.prefix).vocab_size == 600
     assert load_tokenizer(tmp_path).get_vocab_size() == 600
     assert leftover_temp_files(tmp_path) == []
+
+
+def test_a_builtin_dataset_built_before_the_split_is_rebuilt_with_it(tmp_path: Path) -> None:
+    prefix = ensure_builtin_dataset(tmp_path, vocab_size=512)
+    DatasetPaths.of(valid_prefix(prefix)).meta.unlink()  # as an older opt left it
+    meta = json.loads(DatasetPaths.of(prefix).meta.read_text())
+    del meta["split"]
+    DatasetPaths.of(prefix).meta.write_text(json.dumps(meta))
+    ensure_builtin_dataset(tmp_path, vocab_size=512)
+    assert TokenDataset(valid_prefix(prefix)).n_docs > 0
+    assert TokenDataset(prefix).meta["split"]["valid_fraction"] == BUILTIN_VALID_FRACTION
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -448,6 +580,15 @@ def test_cli_train_tokenizer_then_prepare(tmp_path: Path, capsys: pytest.Capture
     ds = TokenDataset(tmp_path / "ds")
     assert f"{ds.n_tokens:,} tokens in {ds.n_docs:,} documents" in summary
     assert ds.meta["source"] == {"inputs": ["builtin:pydoc"], "tokenizer": str(tmp_path)}
+    assert "held out" not in summary and "split" not in ds.meta
+
+    assert run_data_cli(*argv, "--no-progress", "--valid-fraction", "0.1", "--split-seed", "2") == 0
+    summary = capsys.readouterr().out
+    ds, valid = TokenDataset(tmp_path / "ds"), TokenDataset(tmp_path / "ds-valid")
+    assert ds.n_docs + valid.n_docs == len(builtin_documents())
+    assert f"held out {valid.n_tokens:,} tokens in {valid.n_docs:,} documents" in summary
+    assert str(DatasetPaths.of(tmp_path / "ds-valid").meta) in summary
+    assert ds.meta["split"]["seed"] == 2 and valid.meta["source"] == ds.meta["source"]
 
 
 def test_cli_errors_write_nothing(tmp_path: Path, tokenizer: Tokenizer) -> None:
@@ -465,6 +606,9 @@ def test_cli_errors_write_nothing(tmp_path: Path, tokenizer: Tokenizer) -> None:
     with pytest.raises(OptError, match="--workers must be at least 1, not 0"):
         run_data_cli("prepare", bad, "--tokenizer", tmp_path, "--out", tmp_path / "ds",
                      "--workers", "0")  # fmt: skip
+    with pytest.raises(OptError, match=r"--valid-fraction must be in \[0, 1\), not 1.5"):
+        run_data_cli("prepare", bad, "--tokenizer", tmp_path, "--out", tmp_path / "ds",
+                     "--valid-fraction", "1.5")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "tokenizer.json"]
 
 

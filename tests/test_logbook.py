@@ -36,6 +36,7 @@ from opt.run.logbook.events import (
     RunStart,
     RunStop,
     StopForHuman,
+    ValidLoss,
 )
 from opt.run.logbook.redact import REDACTED
 from opt.run.logbook.report import render_html, run_dir_of
@@ -356,6 +357,42 @@ def test_the_renderers_read_the_typed_events():
     assert json.loads(page[page.index("<h2>Events") :].split("<pre>")[1].split("</pre>")[0]
                       .replace("&quot;", '"')) == [to_json(e) for e in events]  # fmt: skip
     # The chart and its marks are tested in test_logbook_report.py.
+
+
+def test_the_validation_loss_around_an_intervention_is_written_read_and_rendered(tmp_path):
+    """Optional fields: the last validation before, and one right after a rollback or an
+    operator's change; events without them (every older line) render as before."""
+    before, after = ValidLoss(step=30, loss=4.56789), ValidLoss(step=25, loss=4.5)
+    events = [
+        _rollback(31, 25, checkpoint="ck/step_00000025", valid_before=before, valid_after=after),
+        Intervention(step=30, detector="loss_spike", action="skip", before=BEFORE, after=BEFORE,
+                     valid_before=ValidLoss(step=25, loss=float("nan"))),
+        ManualIntervention(step=40, before=BEFORE, after=LOWER, valid_before=before,
+                           valid_after=ValidLoss(step=40, loss=4.4)),
+        StopForHuman(step=50, detector="nonfinite", action="stop", before=LOWER, reason="gone",
+                     valid_before=before),
+    ]  # fmt: skip
+    book = Logbook(tmp_path, "r")
+    for event in events:
+        book.append(event)
+    read = read_events(book.events_path)
+    assert read[0].valid_before == before and read[0].valid_after == after
+    assert math.isnan(read[1].valid_before.loss) and read[1].valid_after is None
+    assert [e.valid_before for e in read[2:]] == [before, before]
+    assert describe(read[0]) == (
+        "**rollback+lower_lr_clip** after loss_spike rolled back to ck/step_00000025 "
+        "lr_scale 1 → 0.9; grad_clip 1 → 0.6 validation loss 4.5679 (step 30) → 4.5000 (step 25)"
+    )
+    assert describe(read[1]).endswith("after loss_spike validation loss nan (step 25)")
+    assert describe(read[2]).endswith("validation loss 4.5679 (step 30) → 4.4000 (step 40)")
+    assert describe(read[3]) == (
+        "**stopped for a human**: gone; last validation loss 4.5679 (step 30)"
+    )
+    assert "4.5679 (step 30) → 4.5000 (step 25)" in (tmp_path / "r" / "LOGBOOK.md").read_text()
+    plain = _rollback(31, 25, checkpoint="ck/step_00000025")
+    assert "validation" not in describe(plain)
+    with pytest.raises(ValidationError):
+        ValidLoss(step=3, loss=1.0, ppl=2.7)  # a misspelled or unknown field is refused
 
 
 def _rollback(step: int, to: int, **fields) -> Intervention:

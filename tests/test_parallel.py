@@ -1,5 +1,7 @@
 """Every parallel layout trains like one process: the same per-step losses and the same
-gradients after step 1, on real gloo process groups started by torchrun."""
+gradients after step 1, on real gloo process groups started by torchrun; and it validates
+like one process: the same held-out loss before and after training, with an evaluation in
+between that the training steps after it do not notice."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ LAYOUTS = {
         },
     ),
     "dp2-fsdp": (2, {"parallel.dp_shard": 2}),
+    "dp2-fsdp-full-logits": (2, {"parallel.dp_shard": 2, "train.loss_chunk": 0}),
     "tp2xpp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
     "dp2xtp2": (4, {"parallel.dp_shard": 2, "parallel.tp": 2}),
     "hsdp2x2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2}),
@@ -67,7 +70,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory, pydoc_dataset):
-    """The single-process reference: config file, losses, and gradients after step 1."""
+    """The single-process reference: config file, losses, gradients after step 1, and the
+    held-out loss before step 1 and after the last step."""
     from opt.config import load_config
 
     root = tmp_path_factory.mktemp("exact")
@@ -83,16 +87,19 @@ def exact_run(tmp_path_factory, pydoc_dataset):
     config_file = root / "exact.toml"
     config_file.write_text(to_toml(cfg))
     trainer = Trainer(cfg)
+    assert trainer.fused_loss  # the layouts without it are held to it too
+    valid = [trainer.validate().loss]
     losses = [trainer.train_step().loss]
     grads = full_gradients(trainer)
     losses += [trainer.train_step().loss for _ in range(STEPS - 1)]
-    return config_file, losses, grads
+    valid.append(trainer.validate().loss)
+    return config_file, losses, grads, valid
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_layout_matches_one_process(layout, exact_run, tmp_path):
-    config_file, expected_losses, expected_grads = exact_run
+    config_file, expected_losses, expected_grads, expected_valid = exact_run
     nproc, overrides = LAYOUTS[layout]
     override_args = [item for k, v in overrides.items() for item in (f"--{k}", toml_value(v))]
     result = torchrun(
@@ -108,6 +115,9 @@ def test_layout_matches_one_process(layout, exact_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads((tmp_path / "losses.json").read_text())
     torch.testing.assert_close(losses, expected_losses, rtol=0, atol=1e-5)
+    valid = json.loads((tmp_path / "valid.json").read_text())
+    torch.testing.assert_close([valid[0], valid[2]], expected_valid, rtol=0, atol=1e-5)
+    assert valid[2] < valid[0]  # it learns
     grads = {}
     for rank in range(nproc):
         grads.update(torch.load(tmp_path / f"grads_rank{rank}.pt"))
@@ -122,7 +132,7 @@ def test_dropout_masks_under_tensor_parallel(sequence_parallel, exact_run, tmp_p
     """Replicated regions draw the same masks on every TP rank (else the replicated
     LayerNorms would drift apart); with sequence parallelism each rank's sequence shard
     draws its own."""
-    config_file, _, _ = exact_run
+    config_file, *_ = exact_run
     result = torchrun(
         2,
         str(REPO / "tests" / "parallel_worker.py"),

@@ -5,7 +5,9 @@ the resumed run's losses equal an uninterrupted run's bit for bit (``==``).
 Every run here has dropout on (so the RNG streams must come back), measures its matmul peak
 at start (what the demo does; it once drew from the training RNG after a resume), saves
 asynchronously every 3 steps, and logs every step's values at full precision to
-``runs/<run>/metrics.jsonl``, which is what is compared.
+``runs/<run>/metrics.jsonl``, which is what is compared. The held-out loss, evaluated at
+every save and at every start, is compared too: a step evaluated before a stop and again
+after the resume from it gives the same bits, and the same as the run that never stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, metrics_losses
+from helpers import REPO, metrics_losses, metrics_valid_losses
 
 from opt.config import to_toml
 
@@ -33,8 +35,8 @@ LAYOUTS = {
 
 
 def all_lines(run_dir: Path) -> list[tuple[int, float]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [((r := json.loads(line))["step"], r["loss"]) for line in lines]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
 
 
 class Runs:
@@ -71,6 +73,14 @@ class Runs:
         return self.tmp / "runs" / name
 
 
+def assert_same_validation(run_dir: Path, expected: dict[int, float]) -> None:
+    seen: dict[int, float] = {}
+    for step, loss in metrics_valid_losses(run_dir):
+        assert seen.setdefault(step, loss) == loss, step  # before a stop and after the resume
+        assert expected.get(step, loss) == loss, step
+    assert seen.keys() >= {0, STEPS}
+
+
 def _resumed_from(result: subprocess.CompletedProcess) -> str:
     line = next(ln for ln in result.stdout.splitlines() if "resumed from" in ln)
     return line.split("resumed from ")[1].split()[0]
@@ -84,6 +94,8 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = metrics_losses(runs.run_dir("straight"))
     assert sorted(expected) == list(range(1, STEPS + 1))
+    expected_valid = dict(metrics_valid_losses(runs.run_dir("straight")))
+    assert sorted(expected_valid) == [0, 3, 6, 9, 10]  # the start, every save, the end
 
     # A clean stop at step 5, then `opt train` again with the full length.
     assert runs.run("clean", 5).returncode == 0
@@ -91,6 +103,8 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _resumed_from(resumed).endswith("step_00000005")
     assert metrics_losses(runs.run_dir("clean")) == expected
+    assert_same_validation(runs.run_dir("clean"), expected_valid)
+    assert 5 in dict(metrics_valid_losses(runs.run_dir("clean")))
 
     # kill -9 in the middle of the step-6 save: its shards are written, its manifest is not.
     killed = runs.run("mid-save", STEPS, fault="0:save@6:die")
@@ -102,6 +116,7 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _resumed_from(resumed).endswith("step_00000003")  # the half-written one unused
     assert metrics_losses(runs.run_dir("mid-save")) == expected
+    assert_same_validation(runs.run_dir("mid-save"), expected_valid)
     # The steps the killed run trained before it died were the same ones, too.
     assert all(expected[step] == loss for step, loss in all_lines(runs.run_dir("mid-save")))
 
@@ -113,3 +128,4 @@ def test_a_stopped_or_killed_run_resumes_bitwise_in_a_new_process(tiny_config, t
     resumed = runs.run("mid-run", STEPS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics_losses(runs.run_dir("mid-run")) == expected
+    assert_same_validation(runs.run_dir("mid-run"), expected_valid)

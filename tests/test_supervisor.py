@@ -19,6 +19,7 @@ from helpers import REPO, run_cli
 from opt.config import to_toml
 from opt.run.logbook import Logbook, read_events
 from opt.run.logbook.chart import history
+from opt.run.logbook.describe import describe
 from opt.run.logbook.events import Note
 from opt.run.logbook.redact import redact
 from opt.run.logbook.series import read_series
@@ -77,6 +78,12 @@ def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_pat
     for key in ("time", "step", "tokens", "detector", "numbers", "checkpoint", "before", "after"):
         assert key in rollback.model_fields_set, key  # written in the line, not a default
     assert rollback.numbers["loss"] > rollback.numbers["loss_median"] + 1
+    # The held-out loss around them (evaluated at every save): the last one before each,
+    # and right after the rollback that of the step-25 weights again, to the bit.
+    assert (skip.valid_before.step, skip.valid_after) == (25, None)
+    assert rollback.valid_before.step == 30
+    assert rollback.valid_after == skip.valid_before
+    assert "validation loss" in describe(rollback)
     (outcome,) = [e for e in events if e.kind == "outcome"]
     assert outcome.recovered and outcome.intervention_step == 31
     assert outcome.recovered_at_step <= 31 + cfg.supervisor.recovery_steps
@@ -100,6 +107,7 @@ def test_persistent_divergence_escalates_then_stops_for_a_human(tiny_config, tmp
     events = read_events(cfg.logbook_dir / "events.jsonl")
     assert [e.action for e in interventions(events)] == list(cfg.supervisor.ladder[:-1])
     assert events[-2].kind == "stop_for_human" and events[-1].kind == "run_stop"
+    assert events[-2].valid_before is not None
     skipped = next(e for e in interventions(events) if e.skipped_data)
     assert skipped.skipped_steps == (26, 30)  # the window, from the rollback target on
     # Left resumable: the healthy checkpoint is still there and complete.
@@ -207,6 +215,8 @@ def test_kill_switch_and_manual_intervention(tiny_config, tmp_path):
     manual = next(e for e in events if e.kind == "manual_intervention")
     assert manual.reason == "drill" and manual.skipped_steps == (8, 9)
     assert manual.after.lr_scale == 0.5
+    # Evaluated when the resumed run started (step 6), and again once the request applied.
+    assert (manual.valid_before.step, manual.valid_after.step) == (6, 7)
     per_step = trainer.loader.samples_per_step(trainer.grad_accum)
     assert manual.skipped_data == (7 * per_step, 9 * per_step)
     assert [e.kind for e in events][-3:] == ["manual_intervention", "intervention", "run_stop"]
@@ -305,6 +315,7 @@ def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_co
     assert killed.returncode == -signal.SIGKILL
     events = read_events(cfg.logbook_dir / "events.jsonl")
     assert events[-1].kind == "intervention" and events[-1].rolled_back_to_step == 25
+    assert events[-1].valid_after.step == 25  # evaluated before the line was written
     from opt.checkpoint import list_checkpoints
 
     # The untrusted step-30 checkpoint is gone from view; the target is complete.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from helpers import metrics_valid_losses
 
 from opt.checkpoint import list_checkpoints
 from opt.config import load_config
@@ -157,9 +160,12 @@ def test_the_logbook_series_holds_every_logged_step_and_a_resume_appends(tiny_co
     assert [(p.loss, p.lr, p.loss_scale) for p in points] == [
         (r.loss, r.lr, r.loss_scale) for r in logged
     ]  # exact: the values the trainer logged
-    assert {(p.lr_scale, p.grad_clip, p.val_loss) for p in points} == {
-        (1.0, cfg.optim.grad_clip, None)
-    }
+    assert {(p.lr_scale, p.grad_clip) for p in points} == {(1.0, cfg.optim.grad_clip)}
+    # Validation runs at every start and save (here every logged step): each point carries
+    # the held-out loss that metrics.jsonl recorded for its step, by the run that trained it.
+    validated = metrics_valid_losses(cfg.run_dir)
+    assert [step for step, _ in validated] == [0, 2, 4, 2, 4, 6]  # each run evaluates at its start
+    assert [p.val_loss for p in points] == [loss for _, loss in validated[1:3] + validated[4:]]
     # The logbook also carries the resolved config, as the run directory has it.
     assert (cfg.logbook_dir / "config.toml").read_text() == (
         cfg.run_dir / "config.toml"
@@ -175,3 +181,141 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tiny_config):
 def test_batch_that_does_not_divide_is_refused(tiny_config):
     with pytest.raises(OptError, match="not a multiple"):
         Trainer(tiny_config(train__batch_tokens=300))
+
+
+# ----- validation ----------------------------------------------------------------------------
+def _held_out_losses(trainer: Trainer) -> tuple[float, int]:
+    """The held-out loss computed here, apart from the trainer's evaluator: every token of
+    the first ``n_batches`` global batches, summed in float64, by the plain model."""
+    batches = trainer.evaluator.batches
+    rows = [batches.dataset.sample(i, batches.seq_len) for i in range(batches.n_batches * 8)]
+    tokens = torch.from_numpy(np.stack(rows))
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():  # without targets, the chunked head returns the logits too
+        logits = model(tokens[:, :-1])
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="sum"
+    )
+    model.train()
+    return float(losses) / tokens[:, 1:].numel(), tokens[:, 1:].numel()
+
+
+@pytest.mark.parametrize("loss_chunk", [4096, 0], ids=["fused-loss", "full-logits"])
+def test_validation_loss_is_the_mean_over_every_held_out_token(tiny_config, loss_chunk):
+    trainer = Trainer(tiny_config(train__loss_chunk=loss_chunk, validation__tokens=768))
+    assert trainer.fused_loss is (loss_chunk > 0)
+    batches = trainer.evaluator.batches
+    assert (batches.n_batches, batches.tokens) == (3, 768)  # 768 tokens: 3 batches of 256
+    for _ in range(3):
+        trainer.train_step()
+    evaluation = trainer.validate()
+    expected, tokens = _held_out_losses(trainer)
+    assert (evaluation.step, evaluation.tokens) == (3, tokens)
+    assert evaluation.loss == pytest.approx(expected, rel=1e-6)
+    assert evaluation.ppl == pytest.approx(math.exp(expected), rel=1e-5)
+    assert trainer.validate().loss == evaluation.loss  # the same sequences every time
+
+
+def test_validation_changes_nothing_of_training(tiny_config):
+    """Evaluating every step (dropout on: the RNG streams would show a draw) leaves the
+    losses, the weights, the data position and the RNG as a run that never evaluates."""
+    common = dict(model__dropout=0.3, train__max_steps=6, checkpoint__every=3)
+    # Built and run one after the other: building seeds the process's RNG.
+    every = Trainer(tiny_config(validation__every=1, run__name="every", **common))
+    every_losses = [r.loss for r in every.fit()]
+    every_rng = torch.get_rng_state()
+    never = Trainer(tiny_config(validation__enabled=False, run__name="never", **common))
+    assert never.evaluator is None
+    assert every_losses == [r.loss for r in never.fit()]
+    assert torch.equal(every_rng, torch.get_rng_state())
+    assert every.evaluator.last.step == 6
+    ours, theirs = _params(every), _params(never)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert every.loader.state_dict() == never.loader.state_dict()
+    assert all(part.training for part in every.model_parts)
+
+
+def test_validation_goes_to_the_console_metrics_tensorboard_and_status(tiny_config, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(metrics__tensorboard=True, train__max_steps=5, checkpoint__every=3,
+                      validation__every=2)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert f"validation: 1,024 tokens (4 batch(es)) of {cfg.data.path}-valid every 2 steps" in out
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [row for row in rows if "val_loss" in row]
+    # At the start, every 2 steps, at the step-3 save and at the last step (saved too).
+    assert [row["step"] for row in valid] == [0, 2, 3, 4, 5]
+    for row in valid:
+        assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]))
+        assert row["val_tokens"] == 1024 and "loss" not in row
+        line = f"step {row['step']:>7d} | val_loss {row['val_loss']:.4f} | "
+        assert line in out
+    assert valid[-1]["val_loss"] < valid[0]["val_loss"]  # it learns
+    events = EventAccumulator(str(cfg.run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("valid/loss")] == [
+        (row["step"], pytest.approx(row["val_loss"])) for row in valid
+    ]
+    assert [e.step for e in events.Scalars("valid/ppl")] == [0, 2, 3, 4, 5]
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert (status["valid_step"], status["valid_loss"]) == (5, valid[-1]["val_loss"])
+    from opt.launch.status import format_status, run_status_report
+
+    shown = format_status(run_status_report(cfg.run.name, cfg.run.dir))
+    assert f"validation: loss {valid[-1]['val_loss']:.4f} (perplexity " in shown
+    assert shown.split("validation: ")[1].splitlines()[0].endswith("at step 5")
+
+
+def test_without_a_held_out_set_there_is_no_validation(tiny_config, tmp_path, pydoc_dataset):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copy(f"{pydoc_dataset}{suffix}", bare / f"train{suffix}")
+    shutil.copy(pydoc_dataset.parent / "tokenizer.json", bare)
+    trainer = Trainer(tiny_config(data__path=str(bare / "train")))
+    assert trainer.evaluator is None and trainer.validate() is None
+    assert trainer.validation_plan.startswith("validation: off: no held-out set at")
+    with pytest.raises(OptError, match="dataset not found"):  # named, it must be there
+        Trainer(tiny_config(data__path=str(bare / "train"), validation__path=str(bare / "v")))
+    # Named explicitly, another set serves: here the training set itself.
+    named = Trainer(tiny_config(validation__path=str(pydoc_dataset)))
+    assert named.evaluator.batches.dataset.prefix == pydoc_dataset
+
+
+def test_a_held_out_set_that_does_not_belong_is_refused(tiny_config, tmp_path, pydoc_dataset):
+    import shutil
+
+    from opt.data.prepare import prepare_dataset
+    from opt.data.tokenizer import load_tokenizer, train_tokenizer
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copy(f"{pydoc_dataset}{suffix}", other / f"train{suffix}")
+    docs = ["some text that was never in the corpus " * 40] * 20
+    # A held-out set split from another version of the training set.
+    prepare_dataset(docs, load_tokenizer(pydoc_dataset.parent), other / "x", show_progress=False,
+                    valid_fraction=0.5)  # fmt: skip
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.move(other / f"x-valid{suffix}", other / f"train-valid{suffix}")
+    with pytest.raises(OptError, match="split from another version of"):
+        Trainer(tiny_config(data__path=str(other / "train")))
+    # One tokenized with another vocabulary.
+    prepare_dataset(docs, train_tokenizer(docs, 300), other / "y", show_progress=False)
+    with pytest.raises(OptError, match="tokenized with another vocabulary"):
+        Trainer(tiny_config(validation__path=str(other / "y")))
+    # Named, a held-out set too small for one global batch is refused; derived, it is unused.
+    big_batch = {"train__batch_tokens": 256 * 64, "train__micro_batch_size": 64}
+    with pytest.raises(OptError, match="less than one global batch"):
+        Trainer(tiny_config(validation__path=str(other / "x"), **big_batch))
+    prepare_dataset(docs[:4], load_tokenizer(pydoc_dataset.parent), other / "z",
+                    show_progress=False, valid_fraction=0.3)  # fmt: skip
+    trainer = Trainer(tiny_config(data__path=str(other / "z"), **big_batch))
+    assert trainer.evaluator is None
+    assert "holds less than one global batch (16,384 tokens)" in trainer.validation_plan

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from opt.data.corpus import iter_documents, resolve_inputs, total_bytes
-from opt.data.dataset import DatasetPaths
+from opt.data.dataset import DatasetPaths, valid_prefix
 from opt.data.prepare import prepare_dataset, save_tokenizer
 from opt.data.tokenizer import load_tokenizer, train_tokenizer
 from opt.errors import OptError
@@ -42,7 +42,9 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
         description=(
             "Tokenize documents, appending the end-of-document token to each, into a "
             "memory-mapped dataset: PREFIX.bin (tokens), PREFIX.idx (document offsets) and "
-            "PREFIX.json (metadata, written last). Files are replaced atomically."
+            "PREFIX.json (metadata, written last). With --valid-fraction, whole documents are "
+            "held out into a second dataset, PREFIX-valid.bin/.idx/.json, which the training "
+            "set does not contain; the trainer validates on it. Files are replaced atomically."
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
@@ -67,6 +69,22 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
         help="tokenizing processes for the word cache (default: every usable core, or 1 for "
         f"inputs under {_PARALLEL_MIN_BYTES >> 20} MB, where starting them costs more)",
     )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out about this fraction of the documents (whole documents, chosen by a "
+        "seeded hash of their number: the same split every run) into PREFIX-valid; "
+        "default 0: no held-out set (and an old PREFIX-valid is removed)",
+    )
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the held-out choice (default: 0)",
+    )
     p.set_defaults(func=_prepare)
 
 
@@ -89,6 +107,8 @@ def _add_train_tokenizer(commands: argparse._SubParsersAction) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise OptError(f"--workers must be at least 1, not {args.workers}")
+    if not 0 <= args.valid_fraction < 1:
+        raise OptError(f"--valid-fraction must be in [0, 1), not {args.valid_fraction}")
     sources = resolve_inputs(args.inputs)
     tokenizer = load_tokenizer(args.tokenizer)
     size = total_bytes(sources)
@@ -103,12 +123,20 @@ def _prepare(args: argparse.Namespace) -> int:
         source={"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)},
         word_cache=not args.no_word_cache,
         workers=workers,
+        valid_fraction=args.valid_fraction,
+        split_seed=args.split_seed,
     )
     paths = DatasetPaths.of(args.out)
     print(
         f"prepared {meta['n_tokens']:,} tokens in {meta['n_docs']:,} documents: "
         f"{paths.bin}, {paths.idx}, {paths.meta}"
     )
+    if "split" in meta:
+        split, held = meta["split"], DatasetPaths.of(valid_prefix(args.out))
+        print(
+            f"held out {split['valid_tokens']:,} tokens in {split['valid_docs']:,} documents: "
+            f"{held.bin}, {held.idx}, {held.meta}"
+        )
     return 0
 
 

@@ -7,6 +7,10 @@ On disk a dataset is three files sharing a prefix (written by :mod:`opt.data.pre
 - ``<prefix>.idx``: ``.npy`` int64 array of document start offsets, ``n_docs + 1`` long;
 - ``<prefix>.json``: metadata, written last, so its presence marks a complete dataset.
 
+A held-out split of it (whole documents the training set does not hold) is a dataset of its
+own beside it, ``<prefix>-valid`` (:func:`valid_prefix`); both record the split in their
+metadata under ``"split"``.
+
 Samples are non-overlapping windows over the token stream, as in OPT/Megatron: sample ``i``
 is the ``seq_len + 1`` tokens starting at ``i * seq_len``, so that inputs are ``[:-1]`` and
 targets ``[1:]`` and windows may span document boundaries (EOS separates them).
@@ -40,6 +44,15 @@ class DatasetPaths:
     @classmethod
     def of(cls, prefix: str | Path) -> DatasetPaths:
         return cls(Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{prefix}.json"))
+
+
+VALID_SUFFIX = "-valid"
+
+
+def valid_prefix(prefix: str | Path) -> Path:
+    """The held-out set of the dataset ``prefix``: ``<prefix>-valid``, what
+    ``opt data prepare --valid-fraction`` writes beside the training set."""
+    return Path(f"{prefix}{VALID_SUFFIX}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -24,6 +24,7 @@ from opt.run.logbook.describe import describe
 from opt.run.logbook.events import AllocationStart, JobSubmitted
 from opt.run.logbook.summary import INTERVENTIONS, by_cause_text
 from opt.run.status import read_status
+from opt.train.evaluate import perplexity
 
 
 def _run_dir(run: str, runs_dir: str) -> Path:
@@ -121,6 +122,12 @@ def format_status(report: dict) -> str:
             f"{training.get('max_steps')} ({training.get('tokens', 0):,} tokens), updated "
             f"{_age(training.get('updated'))}"
         )
+        if training.get("valid_loss") is not None:
+            loss = training["valid_loss"]
+            lines.append(
+                f"validation: loss {loss:.4f} (perplexity {perplexity(loss):.2f}) at step "
+                f"{training.get('valid_step')}"
+            )
     else:
         lines.append("training: not started yet")
     ckpt = report["checkpoint"]

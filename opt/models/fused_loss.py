@@ -91,9 +91,25 @@ def chunked_cross_entropy(
     weight (V, D), targets (B, T) -> a scalar, as ``F.cross_entropy`` of the full logits."""
     dtype = _autocast_dtype(hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
+        if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers
+            return _chunked_loss(hidden.flatten(0, 1), weight, targets.flatten(), chunk, dtype,
+                                 bf16_via_fp32)  # fmt: skip
         return _ChunkedLinearCrossEntropy.apply(
             hidden.flatten(0, 1), weight, targets.flatten(), chunk, dtype, bf16_via_fp32
         )
+
+
+def _chunked_loss(hidden, weight, targets, chunk: int, dtype: torch.dtype, via_fp32: bool):
+    """The forward of ``_ChunkedLinearCrossEntropy`` without its gradients: the same
+    logits and the same sums, chunk by chunk."""
+    n = hidden.shape[0]
+    w = weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk):
+        logits = gemm(hidden[start : start + chunk].to(dtype), w.t(), via_fp32).float()  # (c, V)
+        t = targets[start : start + chunk]
+        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+    return total / n
 
 
 class ChunkedLossHead(LMHead):

@@ -43,6 +43,7 @@ class RunRecorder:
         self.logbook = Logbook(cfg.logbook.dir, cfg.run.name) if self.lead else None
         self.series = Series(cfg.logbook.dir, cfg.run.name) if self.lead else None
         self.energy = EnergyMeter(device, world_size, cfg.logbook.pue, cfg.logbook.carbon_intensity)
+        self.last_validation: tuple[int, float] | None = None  # (step, held-out loss)
 
     def log(self, event: Event) -> None:
         if self.logbook is not None:
@@ -129,10 +130,18 @@ class RunRecorder:
         self.log(RunStop(step=step, tokens=tokens, reason=f"error: {error}", **self.energy.usage()))
         self.status(status.FAILED, step, tokens, max_steps, error=error)
 
+    def validated(self, step: int, loss: float) -> None:
+        """The newest validation loss: status.json carries it from its next write on."""
+        self.last_validation = (step, loss)
+
     def status(self, state: str, step: int, tokens: int, max_steps: int, **fields) -> None:
-        """Rewrite status.json (every step, while running)."""
+        """Rewrite status.json (every step, while running), with the last validation loss
+        and its step once there is one."""
         if not self.lead:
             return
+        if self.last_validation is not None:
+            fields = {"valid_step": self.last_validation[0],
+                      "valid_loss": self.last_validation[1], **fields}  # fmt: skip
         newest = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
         status.write_status(
             self.run_dir,

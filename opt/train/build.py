@@ -1,5 +1,6 @@
 """The trainer's pieces, each built by one small function from the job: the device and the
-process groups, the data loader, the parallel model, and the pipeline schedule."""
+process groups, the data loader, the held-out batches, the parallel model, and the pipeline
+schedule."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from opt import dist
 from opt.config import JobConfig, to_toml
+from opt.data.dataset import valid_prefix
 from opt.data.prefetch import PrefetchingLoader
 from opt.errors import OptError
 from opt.host_memory import retain_freed_memory
@@ -22,7 +24,8 @@ from opt.parallel.parallelize import (
     tied_embedding_group,
 )
 from opt.parallel.pipeline import build_schedule
-from opt.train.data_setup import build_loader, resolve_tokenizer_file
+from opt.train.data_setup import build_loader, held_out_dataset, resolve_tokenizer_file
+from opt.train.evaluate import HeldOutBatches
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,37 @@ def build_data(job: Job, where: Placement) -> tuple[PrefetchingLoader, Path]:
         pin = cfg.data.pin_memory and where.device.type == "cuda"
         loader = PrefetchingLoader(loader, pin_memory=pin)
     return loader, prefix
+
+
+def build_validation(
+    job: Job, where: Placement, train_prefix: Path
+) -> tuple[HeldOutBatches | None, str]:
+    """This rank's share of the held-out batches one evaluation reads, or None without
+    validation; and the line that says which (the first line of a run)."""
+    cfg, valid = job.cfg, job.cfg.validation
+    if not valid.enabled:
+        return None, "validation: off (validation.enabled = false)"
+    dataset = held_out_dataset(cfg, train_prefix)
+    if dataset is None:
+        return None, (
+            f"validation: off: no held-out set at {valid_prefix(train_prefix)} "
+            "(`opt data prepare --valid-fraction F` makes one; or set validation.path)"
+        )
+    seq_len, batch_tokens = cfg.data.seq_len, cfg.train.batch_tokens
+    if valid.path is None and HeldOutBatches.available(dataset, seq_len, batch_tokens) == 0:
+        return None, (
+            f"validation: off: the held-out set {dataset.prefix} holds less than one global "
+            f"batch ({batch_tokens:,} tokens); hold out more, or set validation.path"
+        )
+    batches = HeldOutBatches.of(
+        dataset, seq_len=seq_len, batch_tokens=batch_tokens, tokens=valid.tokens,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum=job.grad_accum,
+        dp_rank=where.dp_rank, dp_size=job.dims.dp,
+    )  # fmt: skip
+    return batches, (
+        f"validation: {batches.tokens:,} tokens ({batches.n_batches} batch(es)) of "
+        f"{dataset.prefix} every {valid.every} steps and at every checkpoint save"
+    )
 
 
 def build_model(job: Job, where: Placement, bf16_via_fp32: bool) -> ParallelModel:

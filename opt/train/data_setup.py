@@ -1,11 +1,12 @@
-"""Connect a run's config to its token files, tokenizer and resumable batch loader."""
+"""Connect a run's config to its token files, tokenizer, resumable batch loader and
+held-out set."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from opt.config import JobConfig
-from opt.data.dataset import TokenDataset
+from opt.data.dataset import DatasetPaths, TokenDataset, valid_prefix
 from opt.data.prepare import ensure_builtin_dataset
 from opt.data.sampler import BatchLoader, SampleStream
 from opt.errors import OptError
@@ -49,6 +50,33 @@ def build_loader(
         dp_size=dp_size,
     )
     return loader, prefix
+
+
+def held_out_dataset(cfg: JobConfig, train_prefix: Path) -> TokenDataset | None:
+    """The held-out set validation reads (``validation.path``, or ``<data.path>-valid``
+    where it exists), or None: validation off, or no held-out set to derive. It must be
+    tokenized like the training set; a derived one must be the split of this very set."""
+    if not cfg.validation.enabled:
+        return None
+    derived = cfg.validation.path is None
+    prefix = valid_prefix(train_prefix) if derived else Path(cfg.validation.path)
+    if derived and not DatasetPaths.of(prefix).meta.is_file():
+        return None
+    held_out, train = TokenDataset(prefix), TokenDataset(train_prefix)
+    if (held_out.vocab_size, held_out.eos_id) != (train.vocab_size, train.eos_id):
+        raise OptError(
+            f"held-out set {prefix} was tokenized with another vocabulary than {train_prefix} "
+            f"({held_out.vocab_size} tokens, EOS {held_out.eos_id}, against "
+            f"{train.vocab_size}, EOS {train.eos_id})"
+        )
+    split = held_out.meta.get("split")
+    if derived and isinstance(split, dict) and split.get("train_sha256") != train.meta["sha256"]:
+        raise OptError(
+            f"held-out set {prefix} was split from another version of {train_prefix}: it may "
+            "hold documents the training set holds; prepare the two again with "
+            "`opt data prepare --valid-fraction`, or set validation.enabled = false"
+        )
+    return held_out
 
 
 def resolve_tokenizer_file(cfg: JobConfig, prefix: Path) -> Path | None:

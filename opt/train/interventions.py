@@ -9,6 +9,11 @@ every rank from the newest healthy checkpoint, while the supervisor's own state 
 lowered factors carry over (the schedule is scaled, not reset). It is logged before it is
 carried out: a job killed half-way resumes from the same checkpoint and ``reconcile``
 finishes it from the logbook.
+
+With a held-out set, every event carries the last validation loss before the intervention
+and, for a rollback or an operator's change, one evaluated right after it: the rolled-back
+weights are loaded (in memory only) before the untrusted checkpoints are hidden and the
+event is written, so a job killed anywhere in between resumes exactly as before.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from opt.run.logbook.events import (
     ManualIntervention,
     Outcome,
     StopForHuman,
+    ValidLoss,
 )
 from opt.run.recorder import RunRecorder
 from opt.run.recovery import pending_rollback
@@ -38,6 +44,7 @@ from opt.run.status import FINISHED, STOPPED_FOR_HUMAN, Stop
 from opt.supervisor.detectors import Anomaly
 from opt.supervisor.rollback import Factors, plan_rollback, protected_step, step_samples
 from opt.supervisor.supervisor import KILL_SWITCH_REASON, Decision, Supervisor
+from opt.train.evaluate import Evaluation, Evaluator
 
 
 class Interventions:
@@ -53,6 +60,7 @@ class Interventions:
         *,
         grad_accum: int,
         batch_tokens: int,
+        evaluator: Evaluator | None = None,
     ):
         self.supervisor = supervisor
         self.cfg: SupervisorConfig = supervisor.cfg
@@ -64,6 +72,7 @@ class Interventions:
         self.control = control
         self.grad_accum = grad_accum
         self.batch_tokens = batch_tokens
+        self.evaluator = evaluator  # None: no held-out set, no validation in the events
 
     def hyperparameters(self) -> Hyperparameters:
         group = self.optimizers[0].param_groups[0]
@@ -96,6 +105,7 @@ class Interventions:
             "before": self.hyperparameters(),
             "detail": _detail(anomaly),
             "drill": drill,
+            "valid_before": self._last_validation(),
         }
         if "stop" in decision.moves:
             return self._stop(decision.reason, event)
@@ -120,15 +130,22 @@ class Interventions:
             self.cfg, moves, step, int(saved["progress"]["step"]), int(saved["data"]["pos"]),
             self.factors, self.batch_tokens, self.loader.samples_per_step(self.grad_accum),
         )  # fmt: skip
-        # Saved while the divergence was brewing: never resumed from again.
-        hidden = self.checkpoints.hide_newer_than(target)
         after = self.hyperparameters().model_copy(
             update={"lr_scale": plan.lr_scale, "grad_clip": plan.grad_clip}
         )
+        skips = self.loader.stream.state_dict()["skips"]
+        # The supervisor remembers the incident across the rollback; the rest goes back.
+        # Loaded before anything is hidden or logged: until then a job killed here resumes
+        # as if no decision had been taken (nothing on disk has changed).
+        self.checkpoints.load(target, keep={"supervisor"})
+        valid_after = self._validate(plan.target_step)  # of the weights rolled back to
+        # Saved while the divergence was brewing: never resumed from again.
+        hidden = self.checkpoints.hide_newer_than(target)
         self.recorder.log(
             Intervention(
                 **event,
                 after=after,
+                valid_after=valid_after,
                 checkpoint=str(target),
                 rolled_back_to_step=plan.target_step,
                 tokens_lost=plan.tokens_lost,
@@ -138,9 +155,6 @@ class Interventions:
             )
         )
         maybe_inject_fault(dist.rank_and_world()[0], "rollback")
-        skips = self.loader.stream.state_dict()["skips"]
-        # The supervisor remembers the incident across the rollback; the rest goes back.
-        self.checkpoints.load(target, keep={"supervisor"})
         self.factors.lr_scale, self.factors.grad_clip = plan.lr_scale, plan.grad_clip
         for start, end in [*skips, *([plan.skipped_data] if plan.skipped_data else [])]:
             self.loader.stream.skip(start, end)  # skips decided after the target still hold
@@ -174,7 +188,8 @@ class Interventions:
         """An `opt intervene` request: rank 0 reads it, every rank applies the same values."""
         request = dist.broadcast_object(self.control.take_intervention())
         event = {"step": step, "tokens": tokens, "reason": request.get("reason", ""),
-                 "before": self.hyperparameters()}  # fmt: skip
+                 "before": self.hyperparameters(),
+                 "valid_before": self._last_validation()}  # fmt: skip
         if "error" in request:
             detail = f"unreadable request: {request['error']}"
             self.recorder.log(ManualIntervention(**event, detail=detail))
@@ -193,6 +208,7 @@ class Interventions:
                 self.loader.stream.skip(start, end)
                 event["skipped_data"] = (start, end)
                 event["skipped_steps"] = (first, last)
+        event["valid_after"] = self._validate(step)
         self.recorder.log(ManualIntervention(**event, after=self.hyperparameters()))
 
     # ----- after a crash -------------------------------------------------------------------
@@ -219,6 +235,24 @@ class Interventions:
             after=self.hyperparameters(),
             skipped_data=found.skipped_data,
         )
+
+    # ----- validation ----------------------------------------------------------------------
+    def _last_validation(self) -> ValidLoss | None:
+        last = self.evaluator.last if self.evaluator is not None else None
+        return _valid_loss(last)
+
+    def _validate(self, step: int) -> ValidLoss | None:
+        """An evaluation of the weights as they are now, those of ``step`` (collective);
+        None without a held-out set."""
+        if self.evaluator is None:
+            return None
+        return _valid_loss(self.evaluator.evaluate(step))
+
+
+def _valid_loss(evaluation: Evaluation | None) -> ValidLoss | None:
+    if evaluation is None:
+        return None
+    return ValidLoss(step=evaluation.step, loss=evaluation.loss)
 
 
 def _detail(anomaly: Anomaly | None) -> str:

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` (in the run directory) holds one JSON object per logged step with every
 value at full precision (JSON floats round-trip exactly): the record to compare runs by,
 or to plot without TensorBoard. A resumed run appends to it, so a step trained twice (after
-a crash) appears twice; the later line is the one the run kept.
+a crash) appears twice; the later line is the one the run kept. Each validation is a line
+of its own, ``{"step", "val_loss", "val_ppl", "val_tokens", "val_seconds"}`` (no ``loss``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+from opt.train.evaluate import Evaluation
 
 
 class MetricsLogger:
@@ -63,6 +66,26 @@ class MetricsLogger:
             self.writer.flush()
         self._reset()
         return values
+
+    def log_validation(self, evaluation: Evaluation) -> None:
+        """One evaluation to the console, metrics.jsonl and TensorBoard (valid/loss,
+        valid/ppl). Its time is not training time: it is taken out of the throughput clock."""
+        self.mark += evaluation.seconds
+        step, loss, ppl = evaluation.step, evaluation.loss, evaluation.ppl
+        print(
+            f"step {step:>7d} | val_loss {loss:.4f} | val_ppl {ppl:.2f} | "
+            f"{evaluation.tokens:,} tokens in {evaluation.seconds:.2f} s",
+            flush=True,
+        )
+        if self.jsonl is not None:
+            record = {"step": step, "val_loss": loss, "val_ppl": ppl,
+                      "val_tokens": evaluation.tokens, "val_seconds": evaluation.seconds}  # fmt: skip
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("valid/loss", loss, step)
+            self.writer.add_scalar("valid/ppl", ppl, step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -43,6 +43,7 @@ from opt.supervisor.rollback import Factors
 from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
 from opt.train.agreement import Shares, agree
+from opt.train.evaluate import Evaluation, Evaluator, MicroBatches
 from opt.train.interventions import Interventions
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
@@ -90,6 +91,7 @@ class Trainer:
         self.where = where = build.place(job)
         self.device, self.rank = where.device, where.rank
         self.loader, dataset_prefix = build.build_data(job, where)
+        held_out, self.validation_plan = build.build_validation(job, where, dataset_prefix)
         # bf16 matmuls on a CPU without bf16 instructions run as exact fp32 ones (kernels.py).
         self.bf16_via_fp32 = kernels.cpu_bf16_via_fp32(
             self.device, cfg.train.precision, cfg.train.cpu_bf16_compute
@@ -117,6 +119,13 @@ class Trainer:
         self.stop: Stop | None = None  # why the run ended early, once it has
         self.reconciled = None  # a rollback finished from the logbook at resume
         self.shares = Shares.of(where, self.dims, self.parallel.has_last_stage)
+        self.metrics: MetricsLogger | None = None  # rank 0, while fit runs
+        self.evaluator = None
+        if held_out is not None:
+            self.evaluator = Evaluator(
+                held_out, self.forward_losses, self.model_parts,
+                holds_loss=self.shares.holds_loss, device=self.device, report=self._validated,
+            )  # fmt: skip
         self.checkpoints = CheckpointManager(
             cfg.checkpoint,
             cfg.checkpoint_dir,
@@ -135,7 +144,7 @@ class Trainer:
             self.interventions = Interventions(
                 self.supervisor, self.checkpoints, self.loader, self.optimizers, self.factors,
                 self.recorder, self.control, grad_accum=self.grad_accum,
-                batch_tokens=cfg.train.batch_tokens,
+                batch_tokens=cfg.train.batch_tokens, evaluator=self.evaluator,
             )  # fmt: skip
 
     # ----- state -----------------------------------------------------------------------------
@@ -211,6 +220,49 @@ class Trainer:
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([_full(x).detach().float() for x in losses]).mean() / self.scaler.scale
+
+    def forward_losses(self, microbatches: MicroBatches) -> torch.Tensor:
+        """Forward only (evaluation, under no_grad): each micro-batch's mean loss, (n,) on
+        the ranks that compute the loss (empty on a pipeline's other stages)."""
+        if self.pp_schedule is not None:
+            inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
+            targets = torch.cat([t for _, t in microbatches]).to(self.device)
+            args = (inputs,) if self.parallel.has_first_stage else ()
+            losses: list[torch.Tensor] = []
+            kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
+            with self._compute_context(), self._loss_context():
+                self.pp_schedule.eval(*args, **kwargs)
+            if not losses:
+                return torch.zeros(0, device=self.device)
+            return torch.stack([_full(x).float() for x in losses]) / self.scaler.scale
+        losses = []
+        for inputs, targets in microbatches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            if self.fused_loss:
+                with self._compute_context():
+                    loss = self.model(inputs, targets)
+            else:
+                with self._compute_context():
+                    logits = self.model(inputs)  # (B, T, V), vocab-sharded under TP
+                with self._loss_context():
+                    loss = cross_entropy(logits, targets)
+            losses.append(_full(loss).float())
+        return torch.stack(losses)
+
+    def validate(self) -> Evaluation | None:
+        """Evaluate the held-out loss now (collective), or None without a held-out set."""
+        return self.evaluator.evaluate(self.step) if self.evaluator is not None else None
+
+    def _validated(self, evaluation: Evaluation) -> None:
+        """Every evaluation, the ones after an intervention included, goes to the console,
+        TensorBoard and metrics.jsonl (rank 0) and into status.json."""
+        if self.metrics is not None:
+            self.metrics.log_validation(evaluation)
+        self.recorder.validated(evaluation.step, evaluation.loss)
+
+    def _validation_due(self, last: bool) -> bool:
+        every = self.step % self.cfg.validation.every == 0
+        return self.evaluator is not None and (every or self.checkpoints.due(self.step, last))
 
     def train_step(self) -> StepResult:
         for part in self.model_parts:
@@ -310,11 +362,15 @@ class Trainer:
             step=self.step, tokens=self.tokens_seen, source=source, layout=self.job.layout,
             reconciled=self.reconciled, max_steps=self.max_steps,
         )  # fmt: skip
-        metrics = self._metrics_logger() if lead else None
+        metrics = self.metrics = self._metrics_logger() if lead else None
+        if lead:
+            print(self.validation_plan, flush=True)
         if self.step == 0 and self.supervisor is not None and cfg.checkpoint.initial:
             self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
         results, tokens_since_log = [], 0
         try:
+            # The curve's first point; after a resume, the last evaluation before the stop.
+            self.validate()
             while self.should_continue_training():
                 maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
@@ -325,14 +381,10 @@ class Trainer:
                     continue  # stopped, or rolled back: nothing of this step to log or save
                 tokens_since_log += cfg.train.batch_tokens
                 last = self.step == self.max_steps
-                if self.step % cfg.metrics.log_every == 0 or last:
+                logged = self.step % cfg.metrics.log_every == 0 or last
+                if logged:
                     if metrics is not None:
                         metrics.log(self.step, tokens_since_log, _log_values(result))
-                    self.recorder.logged(
-                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
-                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
-                        loss_scale=result.loss_scale, val_loss=None,
-                    )  # fmt: skip
                     tokens_since_log = 0
                 if self.checkpoints.due(self.step, last):
                     if metrics is not None:
@@ -340,6 +392,17 @@ class Trainer:
                     self.checkpoints.save(self.step)
                     if metrics is not None:
                         metrics.resume()
+                evaluation = None
+                if self._validation_due(last):
+                    # After the save: it overlaps an async save's writes.
+                    evaluation = self.validate()
+                if logged or evaluation is not None:  # the logbook's series: the curve it draws
+                    self.recorder.logged(
+                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
+                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
+                        loss_scale=result.loss_scale,
+                        val_loss=evaluation.loss if evaluation is not None else None,
+                    )  # fmt: skip
                 self.recorder.status(RUNNING, self.step, self.tokens_seen, self.max_steps,
                                      loss=result.loss)  # fmt: skip
                 if result.stop_signal and self.should_continue_training():
@@ -351,6 +414,7 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
+                self.metrics = None
             if isinstance(self.loader, PrefetchingLoader):
                 self.loader.close()
             if self.stop_signal is not None:

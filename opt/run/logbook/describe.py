@@ -26,6 +26,7 @@ from opt.run.logbook.events import (
     RunStart,
     RunStop,
     StopForHuman,
+    ValidLoss,
 )
 
 FAILURE_CAUSES = ("process_failure", "node_failure")
@@ -77,7 +78,21 @@ def _(e: Intervention | ManualIntervention) -> str:
         parts.append(changes)
     if e.skipped_data:
         parts.append(f"skipped data {list(e.skipped_data)}")
+    if validation := _validation(e.valid_before, e.valid_after):
+        parts.append(validation)
     return " ".join(parts)
+
+
+def _validation(before: ValidLoss | None, after: ValidLoss | None) -> str:
+    """ "validation loss 4.1234 (step 100) → 4.0567 (step 95)"; empty without either."""
+    if before is None and after is None:
+        return ""
+    text = "validation loss " + (_valid(before) if before is not None else "not yet evaluated")
+    return text + (f" → {_valid(after)}" if after is not None else "")
+
+
+def _valid(v: ValidLoss) -> str:
+    return f"{v.loss:.4f} (step {v.step})"
 
 
 def _changes(before: Hyperparameters, after: Hyperparameters) -> str:
@@ -109,7 +124,10 @@ def _(e: Note) -> str:
 
 @describe.register
 def _(e: StopForHuman) -> str:
-    return f"**stopped for a human**: {e.reason}"
+    text = f"**stopped for a human**: {e.reason}"
+    if e.valid_before is not None:
+        text += f"; last {_validation(e.valid_before, None)}"
+    return text
 
 
 # ----- the launcher and the checkpoints: what happened to the job, and where ----------------

@@ -37,6 +37,13 @@ class Hyperparameters(Record):
     adam_beta2: float
 
 
+class ValidLoss(Record):
+    """An evaluation of the held-out loss: the mean over the tokens it read, at ``step``."""
+
+    step: int
+    loss: float
+
+
 class Event(Record):
     v: int = SCHEMA_VERSION
     time: str = Field(default_factory=utc_now)
@@ -107,6 +114,10 @@ class Intervention(Event):
     """Stream positions [start, end) never read again."""
     skipped_steps: tuple[int, int] | None = None
     """The steps (first, last) whose data that was."""
+    valid_before: ValidLoss | None = None
+    """The last validation before the intervention (none without a held-out set)."""
+    valid_after: ValidLoss | None = None
+    """A validation right after a rollback was carried out (of the weights rolled back to)."""
 
 
 class ManualIntervention(Event):
@@ -118,6 +129,10 @@ class ManualIntervention(Event):
     detail: str = ""
     skipped_data: tuple[int, int] | None = None
     skipped_steps: tuple[int, int] | None = None
+    valid_before: ValidLoss | None = None
+    """The last validation before the request was applied."""
+    valid_after: ValidLoss | None = None
+    """A validation right after it was applied."""
 
 
 class StopForHuman(Event):
@@ -129,6 +144,8 @@ class StopForHuman(Event):
     detail: str = ""
     drill: bool = False
     reason: str
+    valid_before: ValidLoss | None = None
+    """The last validation before the stop."""
 
 
 class Outcome(Event):
