@@ -54,32 +54,46 @@ class Scenario:
 
 SCENARIOS = {
     "lr_too_high": Scenario(
-        "peak LR 0.5 (250x the demo's 2e-3), the same warmup and decay",
-        {"optim.lr": 0.5},
+        "peak LR 3.0 (1500x the demo's 2e-3), the demo's warmup and decay",
+        {"optim.lr": 3.0},
     ),
     "fp16_scale_collapse": Scenario(
-        "fp16 with dynamic loss scaling and peak LR 0.2: activations overflow fp16, steps "
-        "overflow again and again, and the loss scale falls to its floor",
-        {"train.precision": "fp16", "optim.lr": 0.2},
-        steps=80,
+        "fp16 with dynamic loss scaling and a constant LR of 1.0 after the demo's warmup: the "
+        "activations overflow fp16, step after step overflows, and the loss scale falls to "
+        "its floor",
+        {"train.precision": "fp16", "optim.lr": 1.0, "schedule.min_lr_ratio": 1.0},
+        steps=60,
         reference={"train.precision": "fp16"},
     ),
     "poisoned_data": Scenario(
-        "the corpus read in order, with a block of documents of random tokens (about 12 steps "
-        "of data) at step 150, as a bad crawl shard would put there",
+        "the training documents read in order (4 passes), with a block of 12 documents of "
+        "random tokens (about 12 steps of data) at step 150, as a bad crawl shard would put "
+        "there",
         {},
-        reference={"data.shuffle": False},
         poisoned=True,
     ),
     "slow_divergence": Scenario(
-        "the LR warms up over the whole run to 0.2 and never decays: the loss falls, then "
-        "creeps up over a hundred steps",
+        "the LR warms up over 200 steps to 0.5 and never decays: the loss falls, then creeps "
+        "up for the rest of the run",
         {
-            "optim.lr": 0.2,
+            "optim.lr": 0.5,
             "schedule.warmup_tokens": 200 * TOKENS_PER_STEP,
             "schedule.min_lr_ratio": 1.0,
         },
+        steps=300,
     ),
+}
+
+
+# Healthy runs the defaults were not tuned on: other seeds (initialisation, data order,
+# dropout) and other shapes of the same corpus.
+HELD_OUT = {
+    "seed 1": {"run.seed": 1},
+    "seed 2": {"run.seed": 2},
+    "seed 3": {"run.seed": 3},
+    "2 layers, d_model 256": {"model.n_layers": 2, "model.d_model": 256},
+    "8 layers, d_model 64": {"model.n_layers": 8, "model.d_model": 64, "model.n_heads": 2},
+    "LR 6e-3, 3x the demo's": {"optim.lr": 6e-3},
 }
 
 
@@ -102,12 +116,23 @@ def poisoned_corpus(root: Path) -> Path:
     import random
 
     from opt.data.corpus import builtin_documents
-    from opt.data.prepare import ensure_builtin_dataset, prepare_dataset
+    from opt.data.prepare import (
+        BUILTIN_SPLIT_SEED,
+        BUILTIN_VALID_FRACTION,
+        ensure_builtin_dataset,
+        held_out,
+        prepare_dataset,
+    )
     from opt.data.tokenizer import load_tokenizer
 
     clean = ensure_builtin_dataset(root / "pydoc", 8192)
     tokenizer = load_tokenizer(clean.parent / "tokenizer.json")
-    documents = builtin_documents("pydoc") * 4
+    # The training documents only: the held-out ones stay held out (validation reads the
+    # clean corpus's held-out split).
+    documents = [
+        d for i, d in enumerate(builtin_documents("pydoc"))
+        if not held_out(i, BUILTIN_VALID_FRACTION, BUILTIN_SPLIT_SEED)
+    ] * 4  # fmt: skip
     # About 150 steps' worth of text precedes the block (the corpus tokenizes to ~1.3 tokens
     # per 4 characters; measured, not assumed: the tokens are counted below).
     rng = random.Random(0)
@@ -125,8 +150,12 @@ def poisoned_corpus(root: Path) -> Path:
     return prefix
 
 
-def run(tmp: Path, name: str, scenario: Scenario, supervised: bool | None, data: Path) -> Run:
-    """One `opt train` of the demo config: the reference (supervised None), or the fault."""
+def run(
+    tmp: Path, name: str, scenario: Scenario, supervised: bool | None, data: Path,
+    extra: dict | None = None,
+) -> Run:  # fmt: skip
+    """One `opt train` of the demo config: the reference (supervised None), or the fault;
+    ``extra``: further overrides (a held-out seed or shape)."""
     work = tmp / name
     work.mkdir(parents=True)
     overrides = {
@@ -144,11 +173,14 @@ def run(tmp: Path, name: str, scenario: Scenario, supervised: bool | None, data:
         "supervisor.enabled": supervised is not False,
         **scenario.reference,
         **({} if supervised is None else scenario.fault),
+        **(extra or {}),
     }
     if scenario.poisoned:
+        clean = data.parent.parent / "pydoc" / "train"
         overrides["data.shuffle"] = False
+        overrides["validation.path"] = f"{clean}-valid"
         if supervised is None:  # the reference trains on the clean corpus, in order
-            overrides["data.path"] = str(data.parent.parent / "pydoc" / "train")
+            overrides["data.path"] = str(clean)
     command = [sys.executable, "-m", "opt", "train", str(REPO / "configs" / "demo.toml"),
                "--supervisor.drill", '""',
                *[f"--{k}={json.dumps(v)}" for k, v in overrides.items()]]  # fmt: skip
@@ -190,9 +222,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--write", type=Path)
+    parser.add_argument(
+        "--false-alarms", action="store_true",
+        help="also train healthy runs of held-out seeds and shapes with the supervisor on, "
+        "and count its interventions (none is the target)",
+    )  # fmt: skip
     args = parser.parse_args()
     names = args.only or list(SCENARIOS)
-    rows = []
+    rows, alarms = [], []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         from opt.data.prepare import ensure_builtin_dataset
@@ -216,13 +253,20 @@ def main() -> None:
                   f"{'target met' if met else 'target NOT met'}); interventions: "
                   f"{'; '.join(sup.interventions) or 'none'}; false alarms in the reference: "
                   f"{'; '.join(ref.interventions) or 'none'}", flush=True)  # fmt: skip
-    body = report(rows, args)
+        if args.false_alarms:
+            healthy = Scenario("healthy", {})
+            for label, extra in HELD_OUT.items():
+                ref = run(tmp, f"healthy-{label}", healthy, None, clean, extra)
+                alarms.append((label, ref))
+                print(f"[held out: {label}] final loss {ref.final_loss:.4f}; interventions: "
+                      f"{'; '.join(ref.interventions) or 'none'}", flush=True)  # fmt: skip
+    body = report(rows, args, alarms)
     print(body)
     if args.write:
         write_section(args.write, TITLE, body)
 
 
-def report(rows, args) -> str:
+def report(rows, args, alarms) -> str:
     lines = [
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {machine_info(2)['cpu']}",
@@ -251,6 +295,18 @@ def report(rows, args) -> str:
     lines += ["", "Scenarios:"]
     for key, scenario, ref, *_ in rows:
         lines.append(f"- `{key}`: {scenario.what}. Loss compared: {ref.loss_kind}.")
+    if alarms:
+        lines += [
+            "",
+            "False alarms on held-out healthy runs (seeds and shapes the defaults were not tuned "
+            "on; the demo's settings, the supervisor on, 200 steps):",
+            "",
+            "| run | final validation loss | supervisor's interventions | wall time |",
+            "|---|---|---|---|",
+        ]
+        for label, ref in alarms:
+            acts = "; ".join(ref.interventions) or "none"
+            lines.append(f"| {label} | {ref.final_loss:.4f} | {acts} | {ref.wall_s:.0f} s |")
     return "\n".join(lines)
 
 

@@ -241,6 +241,10 @@ class SupervisorConfig(Section):
     """A grad norm above this multiple of its running median is an explosion; 0 disables."""
     norm_min_steps: int = Field(5, ge=1)
     """Healthy steps seen before the grad-norm detector arms (a blow-up in warmup is common)."""
+    activation_factor: float = Field(4.0, ge=0)
+    """An early warning: the root mean square of the last block's output above this multiple
+    of its median over the last `window` healthy steps, armed after `min_steps` of them and
+    measured afresh after a rollback (0: off)."""
     blowup_factor: float = Field(1.2, ge=0)
     """From the first step: a loss above this multiple of ln(vocab) (the loss of predicting
     uniformly, where training starts) is a blow-up; 0 disables."""
@@ -258,13 +262,16 @@ class SupervisorConfig(Section):
         "skip",
         "rollback+lower_lr_clip",
         "rollback+lower_lr_clip+skip_data",
-        "rollback+reset_optimizer",
-        "stop",
+        "rollback+lower_lr_clip+reset_optimizer",
+        "rollback+lower_lr_clip",
     ]
-    """Escalation, one rung per anomaly of an incident; moves joined by '+': skip, rollback,
-    lower_lr_clip, skip_data, reset_optimizer, stop."""
-    lr_factor: float = Field(0.9, gt=0, le=1)
-    """lower_lr_clip multiplies the LR scale by this (OPT: -10%, later to 2/3)."""
+    """Escalation, one rung per anomaly of an incident, the last repeating until
+    `max_interventions` stops the run; moves joined by '+': skip, rollback, lower_lr_clip,
+    skip_data, reset_optimizer, stop."""
+    lr_factor: float = Field(0.5, gt=0, le=1)
+    """lower_lr_clip multiplies the LR scale by this. OPT's team lowered it by 10%, then to
+    2/3, by hand; on the divergence suite (BENCHMARKS.md) 0.9 could not stop a blow-up within
+    the ladder, halving could."""
     clip_factor: float = Field(0.6, gt=0, le=1)
     """lower_lr_clip multiplies the clip threshold by this (OPT: 2.5 -> 1.5 -> 1.0)."""
     healthy_margin: int = 5

@@ -50,6 +50,7 @@ class Step(NamedTuple):
     fires: str = ""
     overflow: bool = False
     at_floor: bool = False
+    activation_rms: float = math.nan
 
 
 def flat(n: int, loss: float = 5.0, grad_norm: float = 1.0) -> list[tuple[float, float]]:
@@ -126,16 +127,31 @@ DETECTOR_CASES = {
     "the loss-scale floor fires without an overflow": (
         OVERFLOWS, [], [Step(1, 5.0, 1.0, "loss_scale_collapse", at_floor=True)],
     ),
+    # (loss, grad norm, the last block's activation RMS): growing slowly from 1.0 to 1.24.
+    "the activations above activation_factor x their median, armed after min_steps": (
+        CFG, [(5.0, 1.0, 1.0 + 0.01 * i) for i in range(25)],  # median 1.12
+        [Step(26, 5.0, 1.0, activation_rms=4.47), Step(27, 5.0, 1.0, "", activation_rms=NAN),
+         Step(28, 5.0, 1.0, "activation_growth", activation_rms=4.49)],
+    ),
+    "the activation detector waits for min_steps measured steps": (
+        CFG, [(5.0, 1.0, 1.0)] * 19 + [(5.0, 1.0, NAN)] * 10,
+        [Step(30, 5.0, 1.0, activation_rms=100.0)],
+    ),
+    "activation_factor 0 turns the activation detector off": (
+        SupervisorConfig(activation_factor=0), [(5.0, 1.0, 1.0)] * 25,
+        [Step(26, 5.0, 1.0, activation_rms=1e6)],
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize(("cfg", "history", "steps"), DETECTOR_CASES.values(), ids=DETECTOR_CASES)
 def test_detectors(cfg, history, steps):
     detectors = Detectors(cfg, reference_loss=LN_V)
-    for step, (loss, grad_norm) in enumerate(history, 1):
-        detectors.observe(step, loss, grad_norm)
+    for step, (loss, grad_norm, *activation_rms) in enumerate(history, 1):
+        detectors.observe(step, loss, grad_norm, *activation_rms)
     for s in steps:
-        flags = detectors.flags(s.step, s.loss, s.grad_norm, s.overflow, s.at_floor)
+        flags = detectors.flags(s.step, s.loss, s.grad_norm, s.overflow, s.at_floor,
+                                s.activation_rms)  # fmt: skip
         assert [NAMES[i] for i, f in enumerate(flags) if f] == s.fires.split(), s
 
 
@@ -172,10 +188,16 @@ LADDER_CASES = {
          *[At(step, 5.5, "") for step in range(34, 39)],
          At(39, SPIKE, DEFAULT_LADDER[0])],
     ),
-    "the default ladder runs out into stop, which repeats": (
+    "the default ladder's last rung repeats until too many interventions stop the run": (
         SupervisorConfig(),
         [*[At(31 + i, SPIKE, rung) for i, rung in enumerate(DEFAULT_LADDER)],
-         At(36, SPIKE, "stop", "the escalation ladder is exhausted")],
+         *[At(step, SPIKE, DEFAULT_LADDER[-1]) for step in range(31 + len(DEFAULT_LADDER), 41)],
+         At(41, SPIKE, "stop", "more than 10 interventions within 1000 steps")],
+    ),
+    "a ladder that ends in stop stops there, and stop repeats": (
+        SupervisorConfig(ladder=["skip", "stop"]),
+        [At(31, SPIKE, "skip"), At(32, SPIKE, "stop", "the escalation ladder is exhausted"),
+         At(33, SPIKE, "stop", "the escalation ladder is exhausted")],
     ),
     "the last rung repeats, then too many interventions stop the run": (
         SupervisorConfig(ladder=["skip"], max_interventions=2, intervention_window=100),

@@ -6,8 +6,9 @@ Three kinds, because divergence comes in three shapes:
   far below it, and one that blew up in warmup is far above it; no history is needed;
 - **against a short history**: a loss spike (robust z-score over the last ``window`` healthy
   steps), a gradient-norm explosion (a multiple of its running median, armed after a few
-  steps), an fp16 loss-scale collapse (the floor, or ``scale_collapses`` overflows within the
-  window);
+  steps), the early warning of the last block's activation norm growing (a multiple of its
+  running median: the OPT-175B team saw it grow before divergences), an fp16
+  loss-scale collapse (the floor, or ``scale_collapses`` overflows within the window);
 - **slowly**: the median of the last ``trend_window`` healthy losses creeping above the best
   such median seen, by ``trend_rise`` (each step looks healthy; the curve does not).
 
@@ -24,13 +25,17 @@ from dataclasses import dataclass, field
 from opt.config import SupervisorConfig
 
 # Index of each detector in the flag list ``flags`` returns.
-NONFINITE, LOSS_SPIKE, GRAD_EXPLOSION, SCALE_COLLAPSE, LOSS_BLOWUP, SLOW_DIVERGENCE = range(6)
+(NONFINITE, LOSS_SPIKE, GRAD_EXPLOSION, SCALE_COLLAPSE, LOSS_BLOWUP, SLOW_DIVERGENCE,
+ ACTIVATION_GROWTH) = range(7)  # fmt: skip
 NAMES = (
     "nonfinite", "loss_spike", "grad_norm_explosion", "loss_scale_collapse", "loss_blowup",
-    "slow_divergence",
+    "slow_divergence", "activation_growth",
 )  # fmt: skip
 # When several fire, the anomaly is named after the first of these: the likeliest cause.
-PRIORITY = (NONFINITE, SCALE_COLLAPSE, LOSS_BLOWUP, LOSS_SPIKE, GRAD_EXPLOSION, SLOW_DIVERGENCE)
+PRIORITY = (
+    NONFINITE, SCALE_COLLAPSE, LOSS_BLOWUP, LOSS_SPIKE, GRAD_EXPLOSION, ACTIVATION_GROWTH,
+    SLOW_DIVERGENCE,
+)  # fmt: skip
 # Divergences that skipping one step cannot help: their incidents start at a rollback rung.
 GRADUAL = ("slow_divergence", "validation_regression")
 
@@ -62,6 +67,11 @@ class Anomaly:
             return (
                 f"loss {n['loss']:.4f} above {n['blowup_level']:.4f} (uniform prediction x factor)"
             )
+        if self.detector == "activation_growth":
+            return (
+                f"last block's activation RMS {n['activation_rms']:.3g} vs median "
+                f"{n['activation_rms_median']:.3g}"
+            )
         if self.detector == "slow_divergence":
             return (
                 f"median loss {n['trend_median']:.4f} over the last {n['trend_window']} steps, "
@@ -83,6 +93,7 @@ class Detectors:
         self.reference_loss = reference_loss  # ln V: the loss of predicting uniformly
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.norms: deque[float] = deque(maxlen=cfg.window)
+        self.activations: deque[float] = deque(maxlen=cfg.window)
         self.overflow_steps: deque[int] = deque()
         self.trend: deque[float] = deque(maxlen=cfg.trend_window)
         self.trend_best = math.inf
@@ -99,9 +110,11 @@ class Detectors:
         return self.cfg.blowup_factor * self.reference_loss
 
     def flags(
-        self, step: int, loss: float, grad_norm: float, overflow: bool, at_floor: bool
-    ) -> list[float]:
-        """1.0 for each detector that fires on this step."""
+        self, step: int, loss: float, grad_norm: float, overflow: bool, at_floor: bool,
+        activation_rms: float = math.nan,
+    ) -> list[float]:  # fmt: skip
+        """1.0 for each detector that fires on this step (``activation_rms``: of the last
+        block's output; NaN where the trainer measured none)."""
         cfg = self.cfg
         flags = [0.0] * len(NAMES)
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not overflow):
@@ -124,9 +137,21 @@ class Detectors:
         explosive = armed and math.isfinite(grad_norm)  # a non-finite one is `nonfinite`
         if explosive and grad_norm > cfg.grad_norm_factor * statistics.median(self.norms):
             flags[GRAD_EXPLOSION] = 1.0
+        if self._grown(activation_rms):
+            flags[ACTIVATION_GROWTH] = 1.0
         if self._trend_rising():
             flags[SLOW_DIVERGENCE] = 1.0
         return flags
+
+    def _grown(self, activation_rms: float) -> bool:
+        factor = self.cfg.activation_factor
+        # Armed after min_steps: the activations grow fast from their initialisation in
+        # the first steps of healthy runs too (a blow-up there is the loss detectors' case).
+        armed = factor > 0 and len(self.activations) >= self.cfg.min_steps
+        return (
+            armed and math.isfinite(activation_rms)
+            and activation_rms > factor * statistics.median(self.activations)
+        )  # fmt: skip
 
     def _trend_rising(self) -> bool:
         cfg = self.cfg
@@ -134,10 +159,17 @@ class Detectors:
             return False
         return statistics.median(self.trend) > self.trend_best * (1 + cfg.trend_rise)
 
-    def describe(self, flags: list[float], loss: float, grad_norm: float, scale: float) -> Anomaly:
+    def describe(
+        self, flags: list[float], loss: float, grad_norm: float, scale: float,
+        activation_rms: float = math.nan,
+    ) -> Anomaly:  # fmt: skip
         """The likeliest cause among the detectors that fired, with the numbers behind it."""
         name = NAMES[next(i for i in PRIORITY if flags[i] > 0)]
         numbers = {"loss": loss, "grad_norm": grad_norm, "loss_scale": scale}
+        if math.isfinite(activation_rms):
+            numbers["activation_rms"] = activation_rms
+        if self.activations:
+            numbers["activation_rms_median"] = statistics.median(self.activations)
         if self.losses:
             numbers["loss_median"] = statistics.median(self.losses)
             numbers["loss_robust_std"] = self._robust_std(self.losses)
@@ -156,21 +188,27 @@ class Detectors:
         numbers["fired"] = [NAMES[i] for i, f in enumerate(flags) if f > 0]
         return Anomaly(name, numbers, since)
 
-    def observe(self, step: int, loss: float, grad_norm: float) -> None:
+    def observe(
+        self, step: int, loss: float, grad_norm: float, activation_rms: float = math.nan
+    ) -> None:
         """Add a healthy step to the history (anomalous steps never enter it)."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return
         self.losses.append(loss)
         self.norms.append(grad_norm)
+        if math.isfinite(activation_rms):
+            self.activations.append(activation_rms)
         self.trend.append(loss)
         if len(self.trend) == self.trend.maxlen:
             median = statistics.median(self.trend)
             if median < self.trend_best:
                 self.trend_best, self.trend_best_step = median, step
 
-    def restart_trend(self) -> None:
-        """After a rollback: the trend is judged afresh (its best is kept)."""
+    def restart(self) -> None:
+        """After a rollback: the trend is judged afresh (its best is kept), and the
+        activations' history, of steps now undone, is measured again."""
         self.trend.clear()
+        self.activations.clear()
 
     def pre_incident_level(self) -> float:
         return statistics.median(self.losses) if self.losses else math.inf
@@ -184,6 +222,7 @@ class Detectors:
         return {
             "losses": list(self.losses),
             "norms": list(self.norms),
+            "activations": list(self.activations),
             "overflows": list(self.overflow_steps),
             "trend": list(self.trend),
             "trend_best": self.trend_best,
@@ -194,7 +233,8 @@ class Detectors:
         self.losses = deque(state["losses"], maxlen=self.cfg.window)
         self.norms = deque(state["norms"], maxlen=self.cfg.window)
         self.overflow_steps = deque(state["overflows"])
-        # Checkpoints written before the trend detector existed have none of it.
+        # Checkpoints written before a detector existed have none of its history.
+        self.activations = deque(state.get("activations", []), maxlen=self.cfg.window)
         self.trend = deque(state.get("trend", []), maxlen=self.cfg.trend_window)
         self.trend_best = float(state.get("trend_best", math.inf))
         self.trend_best_step = int(state.get("trend_best_step", 0))

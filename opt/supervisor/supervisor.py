@@ -99,19 +99,20 @@ class Supervisor:
     def inspect(
         self, step: int, loss: float, grad_norm: float, overflow: bool, scale: float,
         at_floor: bool, stop_file: bool = False, manual_file: bool = False,
+        activation_rms: float = math.nan,
     ) -> Decision:  # fmt: skip
         """The decision for ``step``: its agreed loss and gradient norm, whether its fp16
-        gradients overflowed, the loss scale, and whether the operator's STOP file or an
-        `opt intervene` request was there."""
-        flags = self.detectors.flags(step, loss, grad_norm, overflow, at_floor)
+        gradients overflowed, the loss scale, whether the operator's STOP file or an
+        `opt intervene` request was there, and the last block's activation RMS."""
+        flags = self.detectors.flags(step, loss, grad_norm, overflow, at_floor, activation_rms)
         if stop_file:
             return Decision(("stop",), reason=KILL_SWITCH_REASON, manual=manual_file)
         if not any(flags):
             if not overflow:
-                self.detectors.observe(step, loss, grad_norm)
+                self.detectors.observe(step, loss, grad_norm, activation_rms)
             self._track_recovery(step, loss)
             return Decision(manual=manual_file)
-        anomaly = self.detectors.describe(flags, loss, grad_norm, scale)
+        anomaly = self.detectors.describe(flags, loss, grad_norm, scale, activation_rms)
         return self._escalate(step, anomaly)
 
     def _escalate(self, step: int, anomaly: Anomaly) -> Decision:
@@ -136,7 +137,7 @@ class Supervisor:
         rung = self.cfg.ladder[min(self.rung, len(self.cfg.ladder) - 1)]
         self.rung += 1
         if "rollback" in rung:
-            self.detectors.restart_trend()
+            self.detectors.restart()
         self.incident.last_intervention = step
         self.incident.healthy_steps = 0
         self.incident.recovered_at = None

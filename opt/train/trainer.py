@@ -42,6 +42,7 @@ from opt.run.status import FINISHED, RUNNING, STOPPED_ON_SIGNAL, Stop
 from opt.supervisor.rollback import Factors
 from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
+from opt.train.activation_watch import LastLayerWatch
 from opt.train.agreement import Shares, agree
 from opt.train.evaluate import Evaluation, Evaluator, MicroBatches
 from opt.train.interventions import Interventions
@@ -61,6 +62,7 @@ class StepResult:
     decision: Decision = field(default_factory=Decision)
     stop_signal: bool = False  # some rank received the scheduler's warning signal
     drill: str | None = None  # the fault drill injected into this step, if any
+    activation_rms: float = math.nan  # root mean square of the last block's output
 
 
 @dataclass
@@ -119,6 +121,10 @@ class Trainer:
         self.stop: Stop | None = None  # why the run ended early, once it has
         self.reconciled = None  # a rollback finished from the logbook at resume
         self.shares = Shares.of(where, self.dims, self.parallel.has_last_stage)
+        # The last block's activation norm: logged, and the supervisor's early warning.
+        self.activations = LastLayerWatch(
+            self.model_parts, self.model_args.n_layers, self.grad_accum
+        )
         self.metrics: MetricsLogger | None = None  # rank 0, while fit runs
         self.evaluator = None
         if held_out is not None:
@@ -295,6 +301,7 @@ class Trainer:
             stop_signal=self.stop_signal is not None and self.stop_signal.received is not None,
             stop_file=watching and self.control.stop_requested(),
             intervention_waiting=watching and self.control.intervention_waiting(),
+            activations=self.activations.take(),
         )  # fmt: skip
         # A non-finite norm is an fp16 overflow (or a diverged step): the update is dropped.
         # The norm and loss are agreed, so every rank decides the same.
@@ -304,7 +311,7 @@ class Trainer:
             decision = self.supervisor.inspect(
                 step, agreed.loss, agreed.grad_norm, overflow and self.scaler.enabled,
                 self.scaler.scale, self.scaler.at_floor, agreed.stop_file,
-                agreed.intervention_waiting,
+                agreed.intervention_waiting, agreed.activation_rms,
             )  # fmt: skip
         skipped = overflow or decision.drops_update
         lr = self.schedule(self.step) * self.factors.lr_scale
@@ -322,7 +329,7 @@ class Trainer:
         self.progress.tokens_seen += self.cfg.train.batch_tokens
         return StepResult(
             self.step, agreed.loss, agreed.grad_norm, lr, self.scaler.scale, skipped, decision,
-            agreed.stop_signal, drill,
+            agreed.stop_signal, drill, agreed.activation_rms,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -369,8 +376,11 @@ class Trainer:
             self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
         results, tokens_since_log = [], 0
         try:
-            # The curve's first point; after a resume, the last evaluation before the stop.
-            self.validate()
+            # The curve's first point; after a resume, the last evaluation before the stop
+            # (which the supervisor has seen: its state came back with the checkpoint).
+            first = self.validate()
+            if first is not None and self.supervisor is not None and self.step == 0:
+                self.supervisor.validated(0, first.loss)  # the baseline: nothing to regress from
             while self.should_continue_training():
                 maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
@@ -403,6 +413,10 @@ class Trainer:
                         loss_scale=result.loss_scale,
                         val_loss=evaluation.loss if evaluation is not None else None,
                     )  # fmt: skip
+                if evaluation is not None:
+                    self._judge(evaluation)
+                    if self.stop is not None or self.step < result.step:
+                        continue  # the held-out loss regressed: stopped or rolled back
                 self.recorder.status(RUNNING, self.step, self.tokens_seen, self.max_steps,
                                      loss=result.loss)  # fmt: skip
                 if result.stop_signal and self.should_continue_training():
@@ -442,6 +456,20 @@ class Trainer:
                 f"supervisor: step {result.step}: {decision.rung or 'stop'} ({cause})", flush=True
             )
 
+    def _judge(self, evaluation: Evaluation) -> None:
+        """The supervisor's decision on an evaluation of the training loop (every rank holds
+        the same reduced loss, so every rank decides alike): it judges an incident's
+        recovery and watches for a regression of the held-out loss."""
+        if self.supervisor is None:
+            return
+        decision = self.supervisor.validated(evaluation.step, evaluation.loss)
+        if decision.healthy:
+            return
+        self.stop = self.interventions.carry_out(decision, evaluation.step, self.tokens_seen)
+        if self.rank == 0:
+            print(f"supervisor: step {evaluation.step}: {decision.rung or 'stop'} "
+                  f"({decision.anomaly.detector})", flush=True)  # fmt: skip
+
     def _stop_on_signal(self) -> Stop:
         """The scheduler's warning: a synchronous checkpoint of this step (unless one was
         just saved), then a clean exit that the launcher requeues."""
@@ -474,4 +502,5 @@ def _log_values(result: StepResult) -> dict[str, float]:
         "grad_norm": result.grad_norm,
         "lr": result.lr,
         "loss_scale": result.loss_scale,
+        "activation_rms": result.activation_rms,
     }
