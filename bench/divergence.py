@@ -66,10 +66,12 @@ SCENARIOS = {
         reference={"train.precision": "fp16"},
     ),
     "poisoned_data": Scenario(
-        "the training documents read in order (4 passes), with a block of 12 documents of "
-        "random tokens (about 12 steps of data) at step 150, as a bad crawl shard would put "
-        "there",
+        "the training documents read in order (4 passes) at peak LR 2e-2 (10x the demo's, "
+        "which trains well on clean data), with a block of 12 documents (about 12 steps of "
+        "data: one token repeated, or random tokens, as bad crawl shards hold) at step 150; "
+        "the reference reads the clean documents in order at the same LR",
         {},
+        reference={"optim.lr": 2e-2},
         poisoned=True,
     ),
     "slow_divergence": Scenario(
@@ -137,7 +139,11 @@ def poisoned_corpus(root: Path) -> Path:
     # per 4 characters; measured, not assumed: the tokens are counted below).
     rng = random.Random(0)
     vocab = [tokenizer.id_to_token(i) for i in range(200, 8000)]
-    garbage = [" ".join(rng.choice(vocab) for _ in range(2000)) for _ in range(12)]
+    # Random tokens, and one token repeated: both are found in real crawls.
+    garbage = [
+        " ".join([vocab[7]] * 2000 if i % 2 == 0 else (rng.choice(vocab) for _ in range(2000)))
+        for i in range(12)
+    ]
     counted, at = 0, 0
     while counted < 150 * TOKENS_PER_STEP and at < len(documents):
         counted += len(tokenizer.encode(documents[at]).ids) + 1
@@ -164,6 +170,7 @@ def run(
         "checkpoint.dir": str(work / "checkpoints"),
         "logbook.dir": str(work / "logbook"),
         "data.path": str(data),
+        "data.builtin": "",  # built above; a builtin corpus would be rebuilt over data.path
         "train.max_steps": scenario.steps,
         "checkpoint.every": 10,
         "checkpoint.keep_last": 0,

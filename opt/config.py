@@ -263,7 +263,7 @@ class SupervisorConfig(Section):
         "rollback+lower_lr_clip",
         "rollback+lower_lr_clip+skip_data",
         "rollback+lower_lr_clip+reset_optimizer",
-        "rollback+lower_lr_clip",
+        "rollback+lower_lr_clip+skip_data",
     ]
     """Escalation, one rung per anomaly of an incident, the last repeating until
     `max_interventions` stops the run; moves joined by '+': skip, rollback, lower_lr_clip,
@@ -277,7 +277,9 @@ class SupervisorConfig(Section):
     healthy_margin: int = 5
     """A rollback target must be saved at least this many steps before the incident began."""
     skip_data_steps: int = 10
-    """skip_data drops this many steps' worth of samples before the anomaly."""
+    """skip_data drops the samples of this many steps up to the anomaly (it included)."""
+    skip_data_ahead: int = Field(20, ge=0)
+    """... and of this many steps after it: bad documents come in blocks (a crawl shard)."""
     rewarmup_steps: int = 20
     """reset_optimizer zeroes Adam's moments and re-warms the LR from 0 over this many steps."""
     recovery_steps: int = Field(20, ge=1)

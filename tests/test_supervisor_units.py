@@ -352,12 +352,21 @@ def test_rollback_targets_are_before_the_incident_with_a_margin():
 
 
 @pytest.mark.parametrize(
-    ("first", "last", "samples"),
-    [(11, 11, (80, 88)), (13, 15, (96, 120))],
+    ("first", "last", "skips", "samples"),
+    [
+        (11, 11, [], (80, 88)),
+        (13, 15, [], (96, 120)),
+        # Ranges skipped already are passed over: behind the stream, they change nothing;
+        # ahead of it, steps read past them; one the result would start in is passed too.
+        (11, 11, [(0, 40)], (80, 88)),
+        (12, 13, [(84, 90)], (94, 110)),
+        (11, 12, [(80, 82), (90, 91)], (82, 99)),
+        (12, 12, [(88, 96)], (96, 104)),
+    ],
 )
-def test_step_samples_are_the_stream_positions_a_step_range_reads(first, last, samples):
+def test_step_samples_are_the_stream_positions_a_step_range_reads(first, last, skips, samples):
     # The stream stands at 80 after 10 steps of 8 samples each.
-    assert step_samples(80, 10, first, last, 8) == samples
+    assert step_samples(80, 10, first, last, 8, skips) == samples
 
 
 class Planned(NamedTuple):
@@ -368,17 +377,17 @@ class Planned(NamedTuple):
     reset_optimizer: bool
 
 
-# lr_factor 0.5, clip_factor 0.6 and skip_data_steps 3, from factors (0.8, 1.0), to the
-# checkpoint of step 25, where the stream stands at 200 (8 samples a step).
+# lr_factor 0.5, clip_factor 0.6, skip_data_steps 3 and skip_data_ahead 2, from factors
+# (0.8, 1.0), to the checkpoint of step 25, where the stream stands at 200 (8 samples a step).
 PLAN_CASES = {
-    "lower and skip the window before the anomaly": (
-        "rollback+lower_lr_clip+skip_data", 31, Planned(0.4, 0.6, (29, 31), (224, 248), False),
+    "lower and skip the window around the anomaly": (
+        "rollback+lower_lr_clip+skip_data", 31, Planned(0.4, 0.6, (29, 33), (224, 264), False),
     ),
     "reset keeps the factors": (
         "rollback+reset_optimizer", 31, Planned(0.8, 1.0, None, None, True),
     ),
     "the skipped window never reaches before the target": (
-        "rollback+skip_data", 27, Planned(0.8, 1.0, (26, 27), (200, 216), False),
+        "rollback+skip_data", 27, Planned(0.8, 1.0, (26, 29), (200, 232), False),
     ),
     "a plain rollback changes nothing": ("rollback", 31, Planned(0.8, 1.0, None, None, False)),
 }  # fmt: skip
@@ -386,7 +395,7 @@ PLAN_CASES = {
 
 @pytest.mark.parametrize(("rung", "anomaly_step", "planned"), PLAN_CASES.values(), ids=PLAN_CASES)
 def test_rollback_plans(rung, anomaly_step, planned):
-    cfg = SupervisorConfig(lr_factor=0.5, clip_factor=0.6, skip_data_steps=3)
+    cfg = SupervisorConfig(lr_factor=0.5, clip_factor=0.6, skip_data_steps=3, skip_data_ahead=2)
     plan = plan_rollback(cfg, tuple(rung.split("+")), anomaly_step, target_step=25,
                          target_pos=200, factors=Factors(lr_scale=0.8, grad_clip=1.0),
                          batch_tokens=256, samples_per_step=8)  # fmt: skip

@@ -118,11 +118,15 @@ class Supervisor:
     def _escalate(self, step: int, anomaly: Anomaly) -> Decision:
         """The next rung of the incident ``anomaly`` starts or continues."""
         if self.incident is None:
-            # A gradual divergence began where the curve was last at its best.
-            before = anomaly.since if anomaly.since is not None else rollback_limit(step, self.cfg)
-            self.incident = Incident(
-                step, self.detectors.pre_incident_level(), before, pre_valid=self.last_valid
-            )
+            level, valid = self.detectors.pre_incident_level(), self.last_valid
+            before = rollback_limit(step, self.cfg)
+            if anomaly.gradual:
+                # A gradual divergence began where the curve was last at its best, and the
+                # level to come back under is that best, not the already-risen latest value.
+                before = anomaly.since
+                level = min(level, self.detectors.trend_best)
+                valid = self.valid_best if math.isfinite(self.valid_best) else valid
+            self.incident = Incident(step, level, before, pre_valid=valid)
         while self.interventions and self.interventions[0] <= step - self.cfg.intervention_window:
             self.interventions.popleft()
         self.interventions.append(step)
@@ -220,6 +224,14 @@ class Supervisor:
         if val_loss < self.valid_best:
             self.valid_best, self.valid_best_step = val_loss, step
         return Decision()
+
+    def best_steps(self) -> set[int]:
+        """Where the training curve's trend and the validation loss were last at their best:
+        a gradual divergence rolls back to these, so retention keeps a checkpoint for each."""
+        steps = {self.valid_best_step} if math.isfinite(self.valid_best) else set()
+        if math.isfinite(self.detectors.trend_best):
+            steps.add(self.detectors.trend_best_step)
+        return steps
 
     def pop_outcome(self) -> IncidentOutcome | None:
         outcome, self.last_outcome = self.last_outcome, None

@@ -85,9 +85,13 @@ class Interventions:
 
     def protected(self, checkpoints: list[Path], step: int) -> set[Path]:
         """For retention at ``step``: the newest checkpoint old enough to be a rollback
-        target stays until a newer one is."""
-        keep = protected_step([step_of(p) for p in checkpoints], step, self.cfg)
-        return {p for p in checkpoints if step_of(p) == keep}
+        target stays until a newer one is; so do those a gradual divergence would roll back
+        to, the newest at or before each step where the curve was at its best."""
+        steps = [step_of(p) for p in checkpoints]
+        keep = {protected_step(steps, step, self.cfg)}
+        for best in self.supervisor.best_steps():
+            keep.add(max((s for s in steps if s <= best), default=None))
+        return {p for p in checkpoints if step_of(p) in keep}
 
     # ----- automatic decisions ---------------------------------------------------------------
     def carry_out(
@@ -129,11 +133,11 @@ class Interventions:
         plan = plan_rollback(
             self.cfg, moves, step, int(saved["progress"]["step"]), int(saved["data"]["pos"]),
             self.factors, self.batch_tokens, self.loader.samples_per_step(self.grad_accum),
+            skips := self.loader.stream.state_dict()["skips"],
         )  # fmt: skip
         after = self.hyperparameters().model_copy(
             update={"lr_scale": plan.lr_scale, "grad_clip": plan.grad_clip}
         )
-        skips = self.loader.stream.state_dict()["skips"]
         # The supervisor remembers the incident across the rollback; the rest goes back.
         # Loaded before anything is hidden or logged: until then a job killed here resumes
         # as if no decision had been taken (nothing on disk has changed).
@@ -204,7 +208,8 @@ class Interventions:
             if first <= last:
                 pos = self.loader.state_dict()["pos"]
                 per_step = self.loader.samples_per_step(self.grad_accum)
-                start, end = step_samples(pos, step, first, last, per_step)
+                skips = self.loader.stream.state_dict()["skips"]
+                start, end = step_samples(pos, step, first, last, per_step, skips)
                 self.loader.stream.skip(start, end)
                 event["skipped_data"] = (start, end)
                 event["skipped_steps"] = (first, last)
