@@ -402,3 +402,41 @@ def test_rollback_plans(rung, anomaly_step, planned):
     assert (plan.target_step, plan.tokens_lost) == (25, (anomaly_step - 25) * 256)
     assert Planned(plan.lr_scale, plan.grad_clip, plan.skipped_steps, plan.skipped_data,
                    plan.reset_optimizer) == planned  # fmt: skip
+
+
+def test_a_rollback_measures_the_activations_afresh_and_keeps_the_trend_best():
+    sup = Supervisor(SupervisorConfig(trend_window=10))
+    for step in range(1, 31):
+        assert sup.inspect(
+            step, 6.0 - 0.01 * step, 1.0, False, 1.0, False, activation_rms=1.0
+        ).healthy
+    best = sup.detectors.trend_best
+    assert len(sup.detectors.activations) == 30
+    assert sup.inspect(31, NAN, 1.0, False, 1.0, False).rung == "skip"
+    assert sup.inspect(32, NAN, 1.0, False, 1.0, False).rung == "rollback+lower_lr_clip"
+    # The activations of the undone steps are gone; the trend's best is kept.
+    assert not sup.detectors.activations and not sup.detectors.trend
+    assert sup.detectors.trend_best == best
+
+
+def test_the_best_steps_are_where_validation_and_the_trend_were_best():
+    """Retention keeps a checkpoint at or before each: a gradual divergence rolls back there."""
+    sup = Supervisor(SupervisorConfig(trend_window=5))
+    assert sup.best_steps() == set()
+    for step, val in ((10, 5.0), (20, 4.5), (30, 4.7)):
+        sup.validated(step, val)
+    assert sup.best_steps() == {20}
+    for step in range(1, 13):
+        sup.inspect(step, 6.0 - 0.1 * min(step, 8), 1.0, False, 1.0, False)
+    assert sup.best_steps() == {20, sup.detectors.trend_best_step}
+    assert sup.detectors.trend_best_step == 10  # the first window whose median is lowest
+
+
+def test_a_validation_regression_rolls_back_to_the_best_and_is_judged_against_it():
+    sup = Supervisor(SupervisorConfig(valid_rise=0.05))
+    for step, val in ((10, 5.0), (20, 4.5), (30, 4.6)):
+        assert sup.validated(step, val).healthy
+    decision = sup.validated(40, 4.8)  # 6.7% above the best
+    assert decision.rung == "rollback+lower_lr_clip"  # gradual: no skip
+    assert decision.anomaly.detector == "validation_regression"
+    assert sup.rollback_limit() == 20 and sup.incident.pre_valid == 4.5
