@@ -32,8 +32,10 @@ NAMES = (
     "slow_divergence", "activation_growth",
 )  # fmt: skip
 # When several fire, the anomaly is named after the first of these: the likeliest cause.
+# A spike against an armed history says more than a loss above ln V, which names the
+# blow-ups no history can see yet.
 PRIORITY = (
-    NONFINITE, SCALE_COLLAPSE, LOSS_BLOWUP, LOSS_SPIKE, GRAD_EXPLOSION, ACTIVATION_GROWTH,
+    NONFINITE, SCALE_COLLAPSE, LOSS_SPIKE, LOSS_BLOWUP, GRAD_EXPLOSION, ACTIVATION_GROWTH,
     SLOW_DIVERGENCE,
 )  # fmt: skip
 # Divergences that skipping one step cannot help: their incidents start at a rollback rung.
