@@ -213,16 +213,22 @@ class Trainer:
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale_loss(cross_entropy(logits, targets))
 
-    def pipeline_forward_backward(self, microbatches: list) -> torch.Tensor:
-        """One schedule run over all microbatches of the step; returns the mean loss on the
-        last stage (zero elsewhere)."""
+    def _run_pipeline(self, microbatches: list, run) -> list[torch.Tensor]:
+        """One run of the schedule (``step`` or ``eval``) over the micro-batches: each one's
+        loss on the last stage, none elsewhere."""
         inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
         targets = torch.cat([t for _, t in microbatches]).to(self.device)
         args = (inputs,) if self.parallel.has_first_stage else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
         with self._compute_context(), self._loss_context():
-            self.pp_schedule.step(*args, **kwargs)
+            run(*args, **kwargs)
+        return losses
+
+    def pipeline_forward_backward(self, microbatches: list) -> torch.Tensor:
+        """One schedule run over all microbatches of the step; returns the mean loss on the
+        last stage (zero elsewhere)."""
+        losses = self._run_pipeline(microbatches, self.pp_schedule.step)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([_full(x).detach().float() for x in losses]).mean() / self.scaler.scale
@@ -231,13 +237,7 @@ class Trainer:
         """Forward only (evaluation, under no_grad): each micro-batch's mean loss, (n,) on
         the ranks that compute the loss (empty on a pipeline's other stages)."""
         if self.pp_schedule is not None:
-            inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
-            targets = torch.cat([t for _, t in microbatches]).to(self.device)
-            args = (inputs,) if self.parallel.has_first_stage else ()
-            losses: list[torch.Tensor] = []
-            kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
-            with self._compute_context(), self._loss_context():
-                self.pp_schedule.eval(*args, **kwargs)
+            losses = self._run_pipeline(microbatches, self.pp_schedule.eval)
             if not losses:
                 return torch.zeros(0, device=self.device)
             return torch.stack([_full(x).float() for x in losses]) / self.scaler.scale
