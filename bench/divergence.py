@@ -6,7 +6,9 @@ gradients, only settings and data that go wrong as they do in practice.
 
 Each scenario trains the demo shape (opt-tiny, seq 128, 2048 tokens a step, the shipped
 pydoc corpus) three times on the same number of steps:
-- **reference**: sane settings (the demo's LR 2e-3 with its warmup and decay, clean data);
+- **reference**: sane settings (the demo's LR 2e-3 with its warmup and decay, clean data),
+  with the supervisor on to count its false alarms; where it intervened, the reference's
+  loss is that of a fourth run, the same without the supervisor;
 - **no supervisor**: the scenario's fault, `supervisor.enabled = false`;
 - **supervised**: the same fault, the supervisor on with its default detectors and ladder.
 A scenario counts only if the unsupervised run ends at least 20% above the reference's
@@ -20,6 +22,7 @@ each run's `metrics.jsonl` and public logbook.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,10 +78,11 @@ SCENARIOS = {
         poisoned=True,
     ),
     "slow_divergence": Scenario(
-        "the LR warms up over 200 steps to 0.5 and never decays: the loss falls, then creeps "
-        "up for the rest of the run",
+        "the LR warms up over 200 steps to 0.7 and never decays: the validation loss falls "
+        "to its best around step 60, then climbs over the next 200 steps (7.3 to 17 in a "
+        "trial run, through 8.5 at step 120)",
         {
-            "optim.lr": 0.5,
+            "optim.lr": 0.7,
             "schedule.warmup_tokens": 200 * TOKENS_PER_STEP,
             "schedule.min_lr_ratio": 1.0,
         },
@@ -250,6 +254,12 @@ def main() -> None:
                 poisoned = poisoned or poisoned_corpus(tmp / "data")
                 data = poisoned
             ref = run(tmp, f"{key}-reference", scenario, None, data)
+            if ref.interventions:
+                # The supervisor acted on the healthy run (a false alarm, reported): its
+                # loss is no longer the reference's. Train the reference without it too.
+                plain = run(tmp, f"{key}-reference-plain", scenario, None, data,
+                            {"supervisor.enabled": False})  # fmt: skip
+                ref = dataclasses.replace(ref, final_loss=plain.final_loss, wall_s=plain.wall_s)
             nosup = run(tmp, f"{key}-nosup", scenario, False, data)
             sup = run(tmp, f"{key}-supervised", scenario, True, data)
             diverged, met = verdict(ref, nosup, sup)
@@ -279,8 +289,11 @@ def report(rows, args, alarms) -> str:
         f"- Machine: {machine_info(2)['cpu']}",
         f"- Command: `{command_line(args)}`",
         "- Each scenario: three `opt train configs/demo.toml` runs of the same number of steps "
-        "(reference with sane settings, the fault without the supervisor, the fault with the "
-        "supervisor's defaults); checkpoints every 10 steps; the drill off",
+        "(reference with sane settings and the supervisor on, counting its false alarms; the "
+        "fault without the supervisor; the fault with the supervisor's defaults), and where "
+        "the supervisor intervened in the reference, a fourth: the reference without it, "
+        "whose loss the table shows; checkpoints and validation every 10 steps; the drill off; "
+        "fp32 unless the scenario says fp16; one process each, one at a time",
         "",
         "| scenario | steps | final loss: reference | no supervisor | supervised | diverged "
         "(≥ 1.2× ref) | target (≤ 1.05× ref) | supervisor's interventions | tokens lost to "
