@@ -277,6 +277,23 @@ def main() -> None:
                 alarms.append((label, ref))
                 print(f"[held out: {label}] final loss {ref.final_loss:.4f}; interventions: "
                       f"{'; '.join(ref.interventions) or 'none'}", flush=True)  # fmt: skip
+    (Path.cwd() / "divergence-results.json").write_text(
+        json.dumps(
+            [
+                {
+                    "scenario": key,
+                    "reference": dataclasses.asdict(ref),
+                    "nosup": dataclasses.asdict(n),
+                    "supervised": dataclasses.asdict(s),
+                    "diverged": d,
+                    "met": m,
+                }
+                for key, _, ref, n, s, d, m in rows
+            ]
+            + [{"held_out": label, "run": dataclasses.asdict(r)} for label, r in alarms],
+            indent=1,
+        )
+    )
     body = report(rows, args, alarms)
     print(body)
     if args.write:
@@ -287,7 +304,7 @@ def report(rows, args, alarms) -> str:
     lines = [
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {machine_info(2)['cpu']}",
-        f"- Command: `{command_line(args)}`",
+        f"- Command: `{command_line(sys.argv[1:])}`",
         "- Each scenario: three `opt train configs/demo.toml` runs of the same number of steps "
         "(reference with sane settings and the supervisor on, counting its false alarms; the "
         "fault without the supervisor; the fault with the supervisor's defaults), and where "

@@ -243,8 +243,11 @@ class SupervisorConfig(Section):
     """Healthy steps seen before the grad-norm detector arms (a blow-up in warmup is common)."""
     activation_factor: float = Field(4.0, ge=0)
     """An early warning: the root mean square of the last block's output above this multiple
-    of its median over the last `window` healthy steps, armed after `min_steps` of them and
-    measured afresh after a rollback (0: off)."""
+    of its median over the last `activation_window` healthy steps, armed after `min_steps`
+    of them and measured afresh after a rollback (0: off)."""
+    activation_window: int = Field(10, ge=1)
+    """Steps in that median: a few, because healthy runs grow their activations for
+    thousands of steps (several times over within a few dozen early on)."""
     blowup_factor: float = Field(1.2, ge=0)
     """From the first step: a loss above this multiple of ln(vocab) (the loss of predicting
     uniformly, where training starts) is a blow-up; 0 disables."""

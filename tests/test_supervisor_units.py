@@ -127,11 +127,16 @@ DETECTOR_CASES = {
     "the loss-scale floor fires without an overflow": (
         OVERFLOWS, [], [Step(1, 5.0, 1.0, "loss_scale_collapse", at_floor=True)],
     ),
-    # (loss, grad norm, the last block's activation RMS): growing slowly from 1.0 to 1.24.
-    "the activations above activation_factor x their median, armed after min_steps": (
-        CFG, [(5.0, 1.0, 1.0 + 0.01 * i) for i in range(25)],  # median 1.12
-        [Step(26, 5.0, 1.0, activation_rms=4.47), Step(27, 5.0, 1.0, "", activation_rms=NAN),
-         Step(28, 5.0, 1.0, "activation_growth", activation_rms=4.49)],
+    # (loss, grad norm, the last block's activation RMS): growing from 1.0 to 1.24; the
+    # median of the last activation_window (10): 1.195.
+    "the activations above activation_factor x their recent median, armed after min_steps": (
+        CFG, [(5.0, 1.0, 1.0 + 0.01 * i) for i in range(25)],
+        [Step(26, 5.0, 1.0, activation_rms=4.77), Step(27, 5.0, 1.0, "", activation_rms=NAN),
+         Step(28, 5.0, 1.0, "activation_growth", activation_rms=4.79)],
+    ),
+    "healthy growth, 1.6x every 10 steps (ten-fold in 50), is no warning": (
+        CFG, [(5.0, 1.0, 1.6 ** (i / 10)) for i in range(60)],
+        [Step(61, 5.0, 1.0, activation_rms=1.6 ** 6.1)],
     ),
     "the activation detector waits for min_steps measured steps": (
         CFG, [(5.0, 1.0, 1.0)] * 19 + [(5.0, 1.0, NAN)] * 10,
@@ -411,11 +416,12 @@ def test_a_rollback_measures_the_activations_afresh_and_keeps_the_trend_best():
             step, 6.0 - 0.01 * step, 1.0, False, 1.0, False, activation_rms=1.0
         ).healthy
     best = sup.detectors.trend_best
-    assert len(sup.detectors.activations) == 30
+    assert (len(sup.detectors.activations), sup.detectors.activation_steps) == (10, 30)
     assert sup.inspect(31, NAN, 1.0, False, 1.0, False).rung == "skip"
     assert sup.inspect(32, NAN, 1.0, False, 1.0, False).rung == "rollback+lower_lr_clip"
     # The activations of the undone steps are gone; the trend's best is kept.
     assert not sup.detectors.activations and not sup.detectors.trend
+    assert sup.detectors.activation_steps == 0  # disarmed until min_steps more
     assert sup.detectors.trend_best == best
 
 

@@ -95,7 +95,8 @@ class Detectors:
         self.reference_loss = reference_loss  # ln V: the loss of predicting uniformly
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.norms: deque[float] = deque(maxlen=cfg.window)
-        self.activations: deque[float] = deque(maxlen=cfg.window)
+        self.activations: deque[float] = deque(maxlen=cfg.activation_window)
+        self.activation_steps = 0  # measured healthy steps since the start or a rollback
         self.overflow_steps: deque[int] = deque()
         self.trend: deque[float] = deque(maxlen=cfg.trend_window)
         self.trend_best = math.inf
@@ -149,7 +150,9 @@ class Detectors:
         factor = self.cfg.activation_factor
         # Armed after min_steps: the activations grow fast from their initialisation in
         # the first steps of healthy runs too (a blow-up there is the loss detectors' case).
-        armed = factor > 0 and len(self.activations) >= self.cfg.min_steps
+        # Against the last few steps only: healthy runs grow them for thousands of steps,
+        # several times over in a few dozen early on (BENCHMARKS.md, divergence suite).
+        armed = factor > 0 and self.activation_steps >= self.cfg.min_steps
         return (
             armed and math.isfinite(activation_rms)
             and activation_rms > factor * statistics.median(self.activations)
@@ -200,6 +203,7 @@ class Detectors:
         self.norms.append(grad_norm)
         if math.isfinite(activation_rms):
             self.activations.append(activation_rms)
+            self.activation_steps += 1
         self.trend.append(loss)
         if len(self.trend) == self.trend.maxlen:
             median = statistics.median(self.trend)
@@ -211,6 +215,7 @@ class Detectors:
         activations' history, of steps now undone, is measured again."""
         self.trend.clear()
         self.activations.clear()
+        self.activation_steps = 0
 
     def pre_incident_level(self) -> float:
         return statistics.median(self.losses) if self.losses else math.inf
@@ -225,6 +230,7 @@ class Detectors:
             "losses": list(self.losses),
             "norms": list(self.norms),
             "activations": list(self.activations),
+            "activation_steps": self.activation_steps,
             "overflows": list(self.overflow_steps),
             "trend": list(self.trend),
             "trend_best": self.trend_best,
@@ -236,7 +242,8 @@ class Detectors:
         self.norms = deque(state["norms"], maxlen=self.cfg.window)
         self.overflow_steps = deque(state["overflows"])
         # Checkpoints written before a detector existed have none of its history.
-        self.activations = deque(state.get("activations", []), maxlen=self.cfg.window)
+        self.activations = deque(state.get("activations", []), maxlen=self.cfg.activation_window)
+        self.activation_steps = int(state.get("activation_steps", len(self.activations)))
         self.trend = deque(state.get("trend", []), maxlen=self.cfg.trend_window)
         self.trend_best = float(state.get("trend_best", math.inf))
         self.trend_best_step = int(state.get("trend_best_step", 0))
