@@ -446,3 +446,29 @@ def test_a_validation_regression_rolls_back_to_the_best_and_is_judged_against_it
     assert decision.rung == "rollback+lower_lr_clip"  # gradual: no skip
     assert decision.anomaly.detector == "validation_regression"
     assert sup.rollback_limit() == 20 and sup.incident.pre_valid == 4.5
+
+
+def test_a_verdict_by_validation_waits_for_the_first_evaluation_after_the_incident():
+    """recovery_steps healthy steps end the incident (the ladder starts afresh), but the
+    repair is judged on the next evaluation, not on what was known before it."""
+    sup = warmed(SupervisorConfig(recovery_steps=4))
+    assert sup.validated(30, 5.5).healthy
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)  # rollback
+    for step in range(33, 37):
+        assert sup.inspect(step, 5.0, 1.0, False, 1.0, False).healthy
+    assert sup.incident is None and sup.pending is not None and sup.pop_outcome() is None
+    assert sup.inspect(37, 50.0, 1.0, False, 1.0, False).rung == "skip"  # a new incident...
+    outcome = sup.pop_outcome()  # ... and the old one's verdict, with what was known
+    assert outcome.verdict == "not_recovered" and outcome.judged_at_step == 37
+
+    sup = warmed(SupervisorConfig(recovery_steps=4))
+    assert sup.validated(30, 5.5).healthy
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)
+    for step in range(33, 37):
+        sup.inspect(step, 5.0, 1.0, False, 1.0, False)
+    assert sup.validated(36, 5.45).healthy  # the evaluation of the step that ended it
+    outcome = sup.pop_outcome()
+    assert outcome.verdict == "recovered" and outcome.recovered_at_step == 36
+    assert sup.pending is None

@@ -85,6 +85,9 @@ class Supervisor:
         self.last_valid: float | None = None  # the newest held-out loss, once there is one
         self.valid_best, self.valid_best_step = math.inf, 0
         self.last_outcome: IncidentOutcome | None = None  # just judged, for the logbook
+        # An incident over (recovery_steps healthy steps) whose verdict waits for the next
+        # evaluation: judged on the validation loss, it needs one after the repair.
+        self.pending: Incident | None = None
 
     # ----- drills --------------------------------------------------------------------------
     def drill_at(self, step: int) -> str | None:
@@ -117,6 +120,9 @@ class Supervisor:
 
     def _escalate(self, step: int, anomaly: Anomaly) -> Decision:
         """The next rung of the incident ``anomaly`` starts or continues."""
+        if self.incident is None and self.pending is not None:
+            # A new incident before the last one's evaluation: the verdict is what is known.
+            self.last_outcome, self.pending = self.outcome(step, self.pending), None
         if self.incident is None:
             level, valid = self.detectors.pre_incident_level(), self.last_valid
             before = rollback_limit(step, self.cfg)
@@ -161,13 +167,18 @@ class Supervisor:
             incident.recovered_at = step
         self.last_outcome = None
         if incident.healthy_steps >= self.cfg.recovery_steps:
-            self.last_outcome = self.outcome(step)
+            # The ladder starts again at its first rung for the next incident; the verdict
+            # is given now, or at the next evaluation where validation judges and the
+            # repair has not yet been seen to work.
             self.incident, self.rung = None, 0
+            if by_training or incident.recovered_at is not None or not incident.touched:
+                self.last_outcome = self.outcome(step, incident)
+            else:
+                self.pending = incident
 
-    def outcome(self, step: int) -> IncidentOutcome:
+    def outcome(self, step: int, incident: Incident) -> IncidentOutcome:
         """The incident's verdict. Only an intervention that changed the weights can have
         repaired anything: skipped updates that never touched them are "no harm done"."""
-        incident = self.incident
         by_valid = incident.pre_valid is not None
         level = incident.pre_valid if by_valid else incident.pre_level
         judged_by = "validation loss" if by_valid else "training loss (no held-out set)"
@@ -207,10 +218,12 @@ class Supervisor:
     def validated(self, step: int, val_loss: float) -> Decision:
         """The held-out loss of an evaluation after ``step``: judges an incident's recovery,
         and is itself a detector (a regression from its best by ``valid_rise``)."""
-        incident = self.incident
-        judging = incident is not None and incident.touched and incident.recovered_at is None
-        if judging and incident.pre_valid is not None and val_loss <= incident.pre_valid:
-            incident.recovered_at = step
+        for incident in (self.incident, self.pending):
+            judging = incident is not None and incident.touched and incident.recovered_at is None
+            if judging and incident.pre_valid is not None and val_loss <= incident.pre_valid:
+                incident.recovered_at = step
+        if self.pending is not None:  # its verdict, on the first evaluation after it ended
+            self.last_outcome, self.pending = self.outcome(step, self.pending), None
         rise = self.cfg.valid_rise
         regressed = rise > 0 and math.isfinite(self.valid_best) and (
             not math.isfinite(val_loss) or val_loss > self.valid_best * (1 + rise)
@@ -269,6 +282,7 @@ class Supervisor:
             "last_valid": self.last_valid,
             "valid_best": self.valid_best,
             "valid_best_step": self.valid_best_step,
+            "pending": dataclasses.asdict(self.pending) if self.pending else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,3 +301,5 @@ class Supervisor:
         self.last_valid = state.get("last_valid")
         self.valid_best = float(state.get("valid_best", math.inf))
         self.valid_best_step = int(state.get("valid_best_step", 0))
+        pending = state.get("pending")
+        self.pending = Incident(**pending) if pending else None

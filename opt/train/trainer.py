@@ -444,8 +444,8 @@ class Trainer:
             return
         if decision.manual:  # first, so that a stop's checkpoint includes it
             self.interventions.apply_manual(self.step, self.tokens_seen)
+        self.interventions.judged(self.step, self.tokens_seen)  # an incident's verdict, if due
         if decision.healthy:
-            self.interventions.judged(self.step, self.tokens_seen)
             return
         self.stop = self.interventions.carry_out(
             decision, result.step, self.tokens_seen, drill=result.drill is not None
@@ -463,6 +463,7 @@ class Trainer:
         if self.supervisor is None:
             return
         decision = self.supervisor.validated(evaluation.step, evaluation.loss)
+        self.interventions.judged(evaluation.step, self.tokens_seen)
         if decision.healthy:
             return
         self.stop = self.interventions.carry_out(decision, evaluation.step, self.tokens_seen)
