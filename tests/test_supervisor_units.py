@@ -472,3 +472,17 @@ def test_a_verdict_by_validation_waits_for_the_first_evaluation_after_the_incide
     outcome = sup.pop_outcome()
     assert outcome.verdict == "recovered" and outcome.recovered_at_step == 36
     assert sup.pending is None
+
+
+def test_an_incident_a_drill_started_says_so_in_its_verdict():
+    sup = Supervisor(SupervisorConfig(drill="spike@31", recovery_steps=2))
+    for step in range(1, 31):
+        sup.drill_at(step)
+        sup.inspect(step, 6.0 - 0.01 * step + 0.02 * (-1) ** step, 1.0, False, 1.0, False)
+    assert sup.drill_at(31) == "spike"
+    assert sup.inspect(31, 50.0, 1.0, False, 1.0, False).rung == "skip"
+    for step in (32, 33):
+        sup.drill_at(step)
+        sup.inspect(step, 5.7, 1.0, False, 1.0, False)
+    outcome = sup.pop_outcome()
+    assert outcome.drill and outcome.verdict == "no_harm_done"

@@ -56,6 +56,7 @@ class IncidentOutcome:
     judged_at_step: int
     verdict: str  # recovered, not_recovered, or no_harm_done (only skipped updates)
     judged_by: str  # validation loss, or training loss where the run has no held-out set
+    drill: bool  # the incident was started by a fault drill
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Incident:
     healthy_steps: int = 0
     recovered_at: int | None = None
     rungs: list[str] = field(default_factory=list)
+    drill: bool = False  # started by a fault drill the run injected into itself
 
 
 class Supervisor:
@@ -88,6 +90,7 @@ class Supervisor:
         # An incident over (recovery_steps healthy steps) whose verdict waits for the next
         # evaluation: judged on the validation loss, it needs one after the repair.
         self.pending: Incident | None = None
+        self.drilled_step: int | None = None  # the last step a drill was injected into
 
     # ----- drills --------------------------------------------------------------------------
     def drill_at(self, step: int) -> str | None:
@@ -96,7 +99,10 @@ class Supervisor:
         self.furthest_step = max(self.furthest_step, step)
         if self.drill is None or not self.drill.covers(step):
             return None
-        return self.drill.kind if first_time or self.drill.repeat else None
+        kind = self.drill.kind if first_time or self.drill.repeat else None
+        if kind is not None:
+            self.drilled_step = step  # an incident that starts here is a drill's
+        return kind
 
     # ----- the per-step decision -----------------------------------------------------------
     def inspect(
@@ -132,7 +138,8 @@ class Supervisor:
                 before = anomaly.since
                 level = min(level, self.detectors.trend_best)
                 valid = self.valid_best if math.isfinite(self.valid_best) else valid
-            self.incident = Incident(step, level, before, pre_valid=valid)
+            self.incident = Incident(step, level, before, pre_valid=valid,
+                                     drill=step == self.drilled_step)  # fmt: skip
         while self.interventions and self.interventions[0] <= step - self.cfg.intervention_window:
             self.interventions.popleft()
         self.interventions.append(step)
@@ -212,6 +219,7 @@ class Supervisor:
             judged_at_step=step,
             verdict=verdict,
             judged_by=judged_by,
+            drill=incident.drill,
         )
 
     # ----- validation ----------------------------------------------------------------------

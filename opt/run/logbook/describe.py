@@ -105,7 +105,8 @@ def _changes(before: Hyperparameters, after: Hyperparameters) -> str:
 
 @describe.register
 def _(e: Outcome) -> str:
-    return f"outcome of intervention at step {e.intervention_step}: {e.result}"
+    drill = "drill: " if e.drill else ""
+    return f"{drill}outcome of intervention at step {e.intervention_step}: {e.result}"
 
 
 @describe.register

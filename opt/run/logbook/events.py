@@ -163,6 +163,8 @@ class Outcome(Event):
     verdict: Literal["recovered", "not_recovered", "no_harm_done"] | None = None
     """None in logbooks written before skipped-only incidents were told apart."""
     judged_by: str | None = None
+    drill: bool = False
+    """The incident was started by a fault drill the run injected into itself."""
 
 
 class InterventionCompletedAfterRestart(Event):
