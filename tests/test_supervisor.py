@@ -243,15 +243,17 @@ def test_logbook_commands_note_show_summary_render(tiny_config, tmp_path):
     assert data["by_action"] == {"skip": 1, "rollback+lower_lr_clip": 1}
     assert data["tokens_lost_to_rollbacks"] == 6 * cfg.train.batch_tokens
     assert data["current"] == {"lr_scale": 0.5, "grad_clip": pytest.approx(0.6)}
-    # The series holds what the run did: steps 26-30 twice, the first time abandoned by the
-    # rollback at 31 to step 25, with the factors lowered from then on.
+    # The series holds what the run did: steps 26-31 twice, the first time abandoned by the
+    # rollback at 31 to step 25 (step 31 itself, the anomaly that caused it, with the
+    # factors it ran with), with the factors lowered from then on.
     points = read_series(cfg.logbook_dir / "series.jsonl")
-    assert [p.step for p in points] == [*range(1, 31), *range(26, 61)]
+    assert [p.step for p in points] == [*range(1, 32), *range(26, 61)]
     h = history(points)
     assert [p.step for p in h.kept] == list(range(1, 61))
-    assert [[p.step for p in branch] for branch in h.abandoned] == [[25, 26, 27, 28, 29, 30]]
+    assert [[p.step for p in branch] for branch in h.abandoned] == [list(range(25, 32))]
     assert points[29].loss > 3 * points[28].loss  # the spike, logged before the rollback
-    assert all(p.lr_scale == 0.5 and p.grad_clip == pytest.approx(0.6) for p in points[30:])
+    assert points[30].loss > 3 * points[28].loss and points[30].lr_scale == 1.0
+    assert all(p.lr_scale == 0.5 and p.grad_clip == pytest.approx(0.6) for p in points[31:])
     # The report is drawn from the logbook alone: the private run directory is gone.
     shutil.rmtree(cfg.run_dir)
     render = run_cli("logbook", "render", run, "--dir", root)

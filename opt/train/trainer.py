@@ -386,12 +386,16 @@ class Trainer:
                 result = self.train_step()
                 results.append(result)
                 self.checkpoints.poll()
+                before = (self.tokens_seen, self.factors.lr_scale, self.factors.grad_clip)
                 self._act_on(result)
+                anomalous = not result.decision.healthy  # logged: the report shows it
                 if self.stop is not None or self.step < result.step:
+                    if anomalous:  # the step the run abandons, onto the report's curve
+                        self._log_point(result, *before)
                     continue  # stopped, or rolled back: nothing of this step to log or save
                 tokens_since_log += cfg.train.batch_tokens
                 last = self.step == self.max_steps
-                logged = self.step % cfg.metrics.log_every == 0 or last
+                logged = self.step % cfg.metrics.log_every == 0 or last or anomalous
                 if logged:
                     if metrics is not None:
                         metrics.log(self.step, tokens_since_log, _log_values(result))
@@ -407,12 +411,7 @@ class Trainer:
                     # After the save: it overlaps an async save's writes.
                     evaluation = self.validate()
                 if logged or evaluation is not None:  # the logbook's series: the curve it draws
-                    self.recorder.logged(
-                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
-                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
-                        loss_scale=result.loss_scale,
-                        val_loss=evaluation.loss if evaluation is not None else None,
-                    )  # fmt: skip
+                    self._log_point(result, self.tokens_seen, *self._factors(), evaluation)
                 if evaluation is not None:
                     self._judge(evaluation)
                     if self.stop is not None or self.step < result.step:
@@ -455,6 +454,20 @@ class Trainer:
             print(
                 f"supervisor: step {result.step}: {decision.rung or 'stop'} ({cause})", flush=True
             )
+
+    def _factors(self) -> tuple[float, float]:
+        return self.factors.lr_scale, self.factors.grad_clip
+
+    def _log_point(
+        self, result: StepResult, tokens: int, lr_scale: float, grad_clip: float,
+        evaluation: Evaluation | None = None,
+    ) -> None:  # fmt: skip
+        """A point of the logbook's series: a logged, validated or anomalous step."""
+        self.recorder.logged(
+            step=result.step, tokens=tokens, loss=result.loss, lr=result.lr,
+            lr_scale=lr_scale, grad_clip=grad_clip, loss_scale=result.loss_scale,
+            val_loss=evaluation.loss if evaluation is not None else None,
+        )  # fmt: skip
 
     def _judge(self, evaluation: Evaluation) -> None:
         """The supervisor's decision on an evaluation of the training loop (every rank holds
