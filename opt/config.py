@@ -273,8 +273,8 @@ class SupervisorConfig(Section):
     skip_data, reset_optimizer, stop."""
     lr_factor: float = Field(0.5, gt=0, le=1)
     """lower_lr_clip multiplies the LR scale by this. OPT's team lowered it by 10%, then to
-    2/3, by hand; on the divergence suite (BENCHMARKS.md) 0.9 could not stop a blow-up within
-    the ladder, halving could."""
+    2/3, by hand; on the divergence suite (BENCHMARKS.md) 0.9 used the interventions up
+    before the LR-too-high run trained, halving repaired it."""
     clip_factor: float = Field(0.6, gt=0, le=1)
     """lower_lr_clip multiplies the clip threshold by this (OPT: 2.5 -> 1.5 -> 1.0)."""
     healthy_margin: int = 5
