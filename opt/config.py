@@ -122,6 +122,9 @@ class DataConfig(Section):
     """Tokenizer file or directory; not set means tokenizer.json beside the token files."""
     seq_len: int = Field(2048, gt=0)
     """Tokens per training sequence."""
+    shuffle: bool = True
+    """A fresh seeded permutation of the samples every epoch; off reads them in file order
+    (a dataset shuffled offline, or a curriculum)."""
     prefetch: bool = True
     """Build the next step's batches in a background thread while this step computes."""
     pin_memory: bool = True
@@ -236,25 +239,50 @@ class SupervisorConfig(Section):
     """...and at least this much above the median (absolute), so flat curves cannot trip it."""
     grad_norm_factor: float = 10.0
     """A grad norm above this multiple of its running median is an explosion; 0 disables."""
+    norm_min_steps: int = Field(5, ge=1)
+    """Healthy steps seen before the grad-norm detector arms (a blow-up in warmup is common)."""
+    activation_factor: float = Field(4.0, ge=0)
+    """An early warning: the root mean square of the last block's output above this multiple
+    of its median over the last `activation_window` healthy steps, armed after `min_steps`
+    of them and measured afresh after a rollback (0: off)."""
+    activation_window: int = Field(10, ge=1)
+    """Steps in that median: a few, because healthy runs grow their activations for
+    thousands of steps (several times over within a few dozen early on)."""
+    blowup_factor: float = Field(1.2, ge=0)
+    """From the first step: a loss above this multiple of ln(vocab) (the loss of predicting
+    uniformly, where training starts) is a blow-up; 0 disables."""
+    trend_window: int = Field(50, ge=2)
+    """Healthy steps whose median loss the slow-divergence detector follows."""
+    valid_rise: float = Field(0.05, ge=0)
+    """A validation loss this fraction above the best one so far is a regression (it rolls
+    back to a checkpoint from before the best evaluation); 0 disables."""
+    trend_rise: float = Field(0.03, ge=0)
+    """The median of the last `trend_window` losses this fraction above the best such median
+    is a slow divergence (each step looks healthy, the curve does not); 0 disables."""
     scale_collapses: int = 5
     """fp16 overflows within `window` steps that count as a loss-scale collapse (floor counts always)."""
     ladder: list[str] = [
         "skip",
         "rollback+lower_lr_clip",
         "rollback+lower_lr_clip+skip_data",
-        "rollback+reset_optimizer",
-        "stop",
+        "rollback+lower_lr_clip+reset_optimizer",
+        "rollback+lower_lr_clip+skip_data",
     ]
-    """Escalation, one rung per anomaly of an incident; moves joined by '+': skip, rollback,
-    lower_lr_clip, skip_data, reset_optimizer, stop."""
-    lr_factor: float = Field(0.9, gt=0, le=1)
-    """lower_lr_clip multiplies the LR scale by this (OPT: -10%, later to 2/3)."""
+    """Escalation, one rung per anomaly of an incident, the last repeating until
+    `max_interventions` stops the run; moves joined by '+': skip, rollback, lower_lr_clip,
+    skip_data, reset_optimizer, stop."""
+    lr_factor: float = Field(0.5, gt=0, le=1)
+    """lower_lr_clip multiplies the LR scale by this. OPT's team lowered it by 10%, then to
+    2/3, by hand; on the divergence suite (BENCHMARKS.md) 0.9 used the interventions up
+    before the LR-too-high run trained, halving repaired it."""
     clip_factor: float = Field(0.6, gt=0, le=1)
     """lower_lr_clip multiplies the clip threshold by this (OPT: 2.5 -> 1.5 -> 1.0)."""
     healthy_margin: int = 5
     """A rollback target must be saved at least this many steps before the incident began."""
     skip_data_steps: int = 10
-    """skip_data drops this many steps' worth of samples before the anomaly."""
+    """skip_data drops the samples of this many steps up to the anomaly (it included)."""
+    skip_data_ahead: int = Field(20, ge=0)
+    """... and of this many steps after it: bad documents come in blocks (a crawl shard)."""
     rewarmup_steps: int = 20
     """reset_optimizer zeroes Adam's moments and re-warms the LR from 0 over this many steps."""
     recovery_steps: int = Field(20, ge=1)
@@ -320,6 +348,9 @@ class CheckpointConfig(Section):
     """Save every this many steps (and at the end of training)."""
     keep_last: int = Field(3, ge=0)
     """Keep this many newest checkpoints; 0 keeps all."""
+    initial: bool = True
+    """With the supervisor on, save step 0 of a fresh run: a blow-up in the first steps (in
+    warmup, the common case) then has a healthy checkpoint to roll back to."""
     resume: str = "auto"
     """auto (newest complete checkpoint, if any), none, or a checkpoint directory."""
     init_from: str | None = None

@@ -4,6 +4,7 @@ Trains ``steps`` steps of a tiny model and writes, to OUT_DIR:
 - ``grads_rank{r}.pt``: the full (unsharded) gradient of every parameter this rank's
   pipeline stage(s) hold, after step 1 (clipping is off, so these are the raw gradients);
 - ``losses.json`` (rank 0): the loss of every step, as agreed across ranks;
+- ``activations.json`` (rank 0): every step's agreed RMS of the last block's output;
 - ``valid.json`` (rank 0): the held-out loss before step 1 and after the last step (and
   one after step 1 that the single process does not take: the steps after it must not
   notice it);
@@ -59,13 +60,14 @@ def main() -> None:
         distributed.destroy()
         return
     valid = [trainer.validate().loss]
-    losses = [trainer.train_step().loss]
+    results = [trainer.train_step()]
     torch.save(full_gradients(trainer), out / f"grads_rank{trainer.rank}.pt")
     valid.append(trainer.validate().loss)
-    losses += [trainer.train_step().loss for _ in range(int(steps) - 1)]
+    results += [trainer.train_step() for _ in range(int(steps) - 1)]
     valid.append(trainer.validate().loss)
     if trainer.rank == 0:
-        (out / "losses.json").write_text(json.dumps(losses))
+        (out / "losses.json").write_text(json.dumps([r.loss for r in results]))
+        (out / "activations.json").write_text(json.dumps([r.activation_rms for r in results]))
         (out / "valid.json").write_text(json.dumps(valid))
     norms = {
         canonical_name(name): (p.to_local() if isinstance(p, DTensor) else p).detach().clone()

@@ -636,3 +636,15 @@ def test_cli_subprocess(tmp_path: Path, tokenizer: Tokenizer) -> None:
     done = opt("prepare", tmp_path / "nope.txt", "--tokenizer", tmp_path, "--out", tmp_path / "x")
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: input not found: {tmp_path / 'nope.txt'}"
+
+
+def test_an_unshuffled_stream_reads_the_samples_in_file_order_every_epoch():
+    stream = SampleStream(5, seed=3, shuffle=False)
+    assert stream.next_indices(12) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    stream.skip(13, 15)
+    assert stream.next_indices(4) == [2, 0, 1, 2]  # positions 12, 15, 16, 17
+    resumed = SampleStream(5, seed=3, shuffle=False)
+    resumed.load_state_dict(stream.state_dict())
+    assert resumed.next_indices(3) == stream.next_indices(3)
+    with pytest.raises(OptError, match="shuffle"):
+        SampleStream(5, seed=3).load_state_dict(stream.state_dict())

@@ -140,6 +140,11 @@ def test_the_public_config_is_the_resolved_one_unless_a_secret_is_in_it(monkeypa
     public = public_config(secret)
     assert "q" * 30 not in public and "k3y-v4lue" not in public
     assert public.count("[redacted]") == 2 and 'name = "r"' in public
+    # A sentinel the run resolved is shown resolved.
+    layout = "[parallel]\ndp_shard = -1\ntp = 2\n"
+    assert (
+        public_config(layout, {"parallel": {"dp_shard": 4}}) == "[parallel]\ndp_shard = 4\ntp = 2\n"
+    )
 
 
 # ----- labels and marks ------------------------------------------------------------------

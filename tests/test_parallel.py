@@ -89,17 +89,18 @@ def exact_run(tmp_path_factory, pydoc_dataset):
     trainer = Trainer(cfg)
     assert trainer.fused_loss  # the layouts without it are held to it too
     valid = [trainer.validate().loss]
-    losses = [trainer.train_step().loss]
+    results = [trainer.train_step()]
     grads = full_gradients(trainer)
-    losses += [trainer.train_step().loss for _ in range(STEPS - 1)]
+    results += [trainer.train_step() for _ in range(STEPS - 1)]
     valid.append(trainer.validate().loss)
-    return config_file, losses, grads, valid
+    losses, activations = [r.loss for r in results], [r.activation_rms for r in results]
+    return config_file, losses, grads, valid, activations
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_layout_matches_one_process(layout, exact_run, tmp_path):
-    config_file, expected_losses, expected_grads, expected_valid = exact_run
+    config_file, expected_losses, expected_grads, expected_valid, expected_acts = exact_run
     nproc, overrides = LAYOUTS[layout]
     override_args = [item for k, v in overrides.items() for item in (f"--{k}", toml_value(v))]
     result = torchrun(
@@ -115,6 +116,10 @@ def test_layout_matches_one_process(layout, exact_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads((tmp_path / "losses.json").read_text())
     torch.testing.assert_close(losses, expected_losses, rtol=0, atol=1e-5)
+    # The supervisor's early warning sees the whole batch's last-block activations, once
+    # per training forward (never the evaluations, nor activation checkpointing's reruns).
+    activations = json.loads((tmp_path / "activations.json").read_text())
+    torch.testing.assert_close(activations, expected_acts, rtol=1e-5, atol=0)
     valid = json.loads((tmp_path / "valid.json").read_text())
     torch.testing.assert_close([valid[0], valid[2]], expected_valid, rtol=0, atol=1e-5)
     assert valid[2] < valid[0]  # it learns

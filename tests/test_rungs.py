@@ -35,11 +35,12 @@ RUN = {
     "metrics__log_every": 100,
 }
 # What the rung tests look at: a clip the gradients exceed before and after it is lowered,
-# three steps of data to skip, four steps of re-warmup.
+# three steps of data to skip up to the anomaly and one after it, four steps of re-warmup.
 RUNGS = {
     **RUN,
     "optim__grad_clip": 0.5,
     "supervisor__skip_data_steps": 3,
+    "supervisor__skip_data_ahead": 1,
     "supervisor__rewarmup_steps": 4,
 }
 ROLLBACK_RUNGS = (
@@ -299,13 +300,15 @@ def test_skip_data_removes_exactly_the_logged_samples_from_the_stream(runs):
         assert read[s - 1] == [tokens(i) for i in at[(s - 1) * per_step : s * per_step]], s
     event = rollback_event(cfg)
     first_skipped = ANOMALY - cfg.supervisor.skip_data_steps + 1
-    assert event.skipped_steps == (first_skipped, ANOMALY)
+    last_skipped = ANOMALY + cfg.supervisor.skip_data_ahead  # a step not yet taken
+    assert event.skipped_steps == (first_skipped, last_skipped)
     start, end = event.skipped_data
-    assert (start, end) == ((first_skipped - 1) * per_step, ANOMALY * per_step)
+    assert (start, end) == ((first_skipped - 1) * per_step, last_skipped * per_step)
     after = [row for step in read[ANOMALY:] for row in step]
     assert len(read) - ANOMALY == MAX_STEPS - TARGET
     # After the rollback: every position from the target's on, in order, except the named
-    # ones; none repeated, none lost.
+    # ones (those the skipped steps read, and those the step after the anomaly would have
+    # read); none repeated, none lost.
     kept = [p for p in range(TARGET * per_step, len(at)) if not start <= p < end]
     assert after == [tokens(at[p]) for p in kept[: len(after)]]
     assert len(after) == (MAX_STEPS - TARGET) * per_step

@@ -73,7 +73,7 @@ def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_pat
     # Rolled back to a checkpoint from before the spike, with the margin (30 - 5).
     assert rollback.rolled_back_to_step == 25 and rollback.checkpoint.endswith("step_00000025")
     assert rollback.tokens_lost == 6 * cfg.train.batch_tokens
-    assert rollback.before.lr_scale == 1.0 and rollback.after.lr_scale == 0.9
+    assert rollback.before.lr_scale == 1.0 and rollback.after.lr_scale == 0.5
     assert rollback.after.grad_clip == pytest.approx(0.6)
     for key in ("time", "step", "tokens", "detector", "numbers", "checkpoint", "before", "after"):
         assert key in rollback.model_fields_set, key  # written in the line, not a default
@@ -88,10 +88,10 @@ def test_a_spike_rolls_back_lowers_lr_and_clip_and_recovers(tiny_config, tmp_pat
     assert outcome.recovered and outcome.intervention_step == 31
     assert outcome.recovered_at_step <= 31 + cfg.supervisor.recovery_steps
     # The factors persist: the final state and the checkpoint hold them.
-    assert (trainer.factors.lr_scale, trainer.factors.grad_clip) == (0.9, pytest.approx(0.6))
+    assert (trainer.factors.lr_scale, trainer.factors.grad_clip) == (0.5, pytest.approx(0.6))
     assert trainer.step == 60 and results[-1].loss < outcome.pre_incident_loss
     state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
-    assert state["factors"]["lr_scale"] == 0.9
+    assert state["factors"]["lr_scale"] == 0.5
     assert "rollback+lower_lr_clip" in (cfg.logbook_dir / "LOGBOOK.md").read_text()
 
 
@@ -105,11 +105,16 @@ def test_persistent_divergence_escalates_then_stops_for_a_human(tiny_config, tmp
     assert result.stderr.startswith("error: supervisor stopped for a human after loss_spike")
     assert "resumable from" in result.stderr
     events = read_events(cfg.logbook_dir / "events.jsonl")
-    assert [e.action for e in interventions(events)] == list(cfg.supervisor.ladder[:-1])
+    # The ladder, its last rung repeated, until more than max_interventions stop the run.
+    ladder, limit = cfg.supervisor.ladder, cfg.supervisor.max_interventions
+    expected = [*ladder, *[ladder[-1]] * (limit - len(ladder))]
+    assert [e.action for e in interventions(events)] == expected
+    assert "more than 10 interventions" in events[-2].reason
     assert events[-2].kind == "stop_for_human" and events[-1].kind == "run_stop"
     assert events[-2].valid_before is not None
     skipped = next(e for e in interventions(events) if e.skipped_data)
-    assert skipped.skipped_steps == (26, 30)  # the window, from the rollback target on
+    # The window, from the rollback target on, to skip_data_ahead steps after the anomaly.
+    assert skipped.skipped_steps == (26, 30 + cfg.supervisor.skip_data_ahead)
     # Left resumable: the healthy checkpoint is still there and complete.
     from opt.checkpoint import latest_checkpoint, verify_checkpoint
 
@@ -146,7 +151,7 @@ def test_every_rank_takes_the_same_action(layout, tiny_config, tmp_path):
     acted = [(step, rung) for step, rung, _, _ in ranks[0] if rung]
     assert acted == [(30, "skip"), (31, "rollback+lower_lr_clip")]
     finals = [json.loads((tmp_path / f"final_rank{r}.json").read_text()) for r in (0, 1)]
-    assert finals[0] == finals[1] == [60, 0.9, pytest.approx(0.6), False]
+    assert finals[0] == finals[1] == [60, 0.5, pytest.approx(0.6), False]
 
 
 def test_the_logbook_survives_kill_9_mid_append(tmp_path):
@@ -237,16 +242,18 @@ def test_logbook_commands_note_show_summary_render(tiny_config, tmp_path):
     data = json.loads(summary.stdout)
     assert data["by_action"] == {"skip": 1, "rollback+lower_lr_clip": 1}
     assert data["tokens_lost_to_rollbacks"] == 6 * cfg.train.batch_tokens
-    assert data["current"] == {"lr_scale": 0.9, "grad_clip": pytest.approx(0.6)}
-    # The series holds what the run did: steps 26-30 twice, the first time abandoned by the
-    # rollback at 31 to step 25, with the factors lowered from then on.
+    assert data["current"] == {"lr_scale": 0.5, "grad_clip": pytest.approx(0.6)}
+    # The series holds what the run did: steps 26-31 twice, the first time abandoned by the
+    # rollback at 31 to step 25 (step 31 itself, the anomaly that caused it, with the
+    # factors it ran with), with the factors lowered from then on.
     points = read_series(cfg.logbook_dir / "series.jsonl")
-    assert [p.step for p in points] == [*range(1, 31), *range(26, 61)]
+    assert [p.step for p in points] == [*range(1, 32), *range(26, 61)]
     h = history(points)
     assert [p.step for p in h.kept] == list(range(1, 61))
-    assert [[p.step for p in branch] for branch in h.abandoned] == [[25, 26, 27, 28, 29, 30]]
+    assert [[p.step for p in branch] for branch in h.abandoned] == [list(range(25, 32))]
     assert points[29].loss > 3 * points[28].loss  # the spike, logged before the rollback
-    assert all(p.lr_scale == 0.9 and p.grad_clip == pytest.approx(0.6) for p in points[30:])
+    assert points[30].loss > 3 * points[28].loss and points[30].lr_scale == 1.0
+    assert all(p.lr_scale == 0.5 and p.grad_clip == pytest.approx(0.6) for p in points[31:])
     # The report is drawn from the logbook alone: the private run directory is gone.
     shutil.rmtree(cfg.run_dir)
     render = run_cli("logbook", "render", run, "--dir", root)
@@ -326,10 +333,10 @@ def test_a_job_killed_in_the_middle_of_a_rollback_finishes_it_on_restart(tiny_co
     kinds = [e.kind for e in events]
     assert kinds.count("intervention") == 2  # no second rollback after the restart
     finished = next(e for e in events if e.kind == "intervention_completed_after_restart")
-    assert finished.after.lr_scale == 0.9 and finished.step == 25
+    assert finished.after.lr_scale == 0.5 and finished.step == 25
     state = torch.load(cfg.checkpoint_dir / "step_00000060" / "trainer.pt", weights_only=True)
     assert (state["factors"]["lr_scale"], state["factors"]["grad_clip"]) == (
-        0.9,
+        0.5,
         pytest.approx(0.6),
     )
     assert not list(cfg.checkpoint_dir.glob(".*"))  # the hidden discarded one, cleaned up

@@ -28,6 +28,7 @@ from opt.supervisor.supervisor import KILL_SWITCH_REASON, Supervisor
 
 CFG = SupervisorConfig(window=50, min_steps=20, spike_z=6.0, spike_min_rise=0.05)
 INF, NAN = math.inf, math.nan
+LN_V = math.log(8192)  # the loss of predicting an 8192-token vocabulary uniformly
 
 
 def warmed(cfg: SupervisorConfig = CFG, steps: int = 30) -> Supervisor:
@@ -49,6 +50,7 @@ class Step(NamedTuple):
     fires: str = ""
     overflow: bool = False
     at_floor: bool = False
+    activation_rms: float = math.nan
 
 
 def flat(n: int, loss: float = 5.0, grad_norm: float = 1.0) -> list[tuple[float, float]]:
@@ -59,11 +61,31 @@ OVERFLOWS = SupervisorConfig(window=10, scale_collapses=3)
 
 # name: (config, healthy (loss, grad norm) history, the steps that follow, in order)
 DETECTOR_CASES = {
-    "spike and norm wait for min_steps healthy steps": (
-        CFG, flat(19), [Step(20, 50.0, 1e6)],
+    "the spike waits for min_steps healthy steps, the norm for norm_min_steps": (
+        CFG, flat(19), [Step(20, 9.5, 1.0), Step(21, 5.0, 1e6, "grad_norm_explosion")],
+    ),
+    "the norm detector waits for norm_min_steps healthy steps": (
+        CFG, flat(4), [Step(5, 5.0, 1e6)],
+    ),
+    "a blow-up above blowup_factor x ln(V) fires from the first step": (
+        CFG, [], [Step(1, 9.0, 1.0), Step(2, 1.2 * LN_V + 0.01, 1.0, "loss_blowup")],
+    ),
+    "blowup_factor 0 turns the blow-up detector off": (
+        SupervisorConfig(blowup_factor=0), [], [Step(1, 1e6, 1.0)],
+    ),
+    # Best median of 10: 4.855 (steps 11-20); then the last 10 climb to a median of 5.225.
+    "a slow rise of the median over trend_window above its best by trend_rise": (
+        SupervisorConfig(trend_window=10, trend_rise=0.05, spike_min_rise=10.0),
+        [(5.0 - 0.01 * i, 1.0) for i in range(20)] + [(5.0 + 0.05 * i, 1.0) for i in range(10)],
+        [Step(31, 5.0, 1.0, "slow_divergence")],
+    ),
+    "a rise under trend_rise, or a noisy flat curve, is no slow divergence": (
+        SupervisorConfig(trend_window=10, trend_rise=0.05, spike_min_rise=10.0),
+        [(5.0 - 0.01 * i, 1.0) for i in range(20)] + [(5.0 + 0.02 * (i % 3), 1.0) for i in range(30)],
+        [Step(51, 5.0, 1.0)],
     ),
     "spike and norm armed at min_steps": (
-        CFG, flat(20), [Step(21, 50.0, 1e6, "loss_spike grad_norm_explosion")],
+        CFG, flat(20), [Step(21, 9.5, 1e6, "loss_spike grad_norm_explosion")],
     ),
     "a rise of many robust stds but under spike_min_rise is no spike": (
         CFG, [(5.0 + 0.001 * (i % 3), 1.0) for i in range(30)],  # robust std ~0.0015
@@ -105,16 +127,36 @@ DETECTOR_CASES = {
     "the loss-scale floor fires without an overflow": (
         OVERFLOWS, [], [Step(1, 5.0, 1.0, "loss_scale_collapse", at_floor=True)],
     ),
+    # (loss, grad norm, the last block's activation RMS): growing from 1.0 to 1.24; the
+    # median of the last activation_window (10): 1.195.
+    "the activations above activation_factor x their recent median, armed after min_steps": (
+        CFG, [(5.0, 1.0, 1.0 + 0.01 * i) for i in range(25)],
+        [Step(26, 5.0, 1.0, activation_rms=4.77), Step(27, 5.0, 1.0, "", activation_rms=NAN),
+         Step(28, 5.0, 1.0, "activation_growth", activation_rms=4.79)],
+    ),
+    "healthy growth, 1.6x every 10 steps (ten-fold in 50), is no warning": (
+        CFG, [(5.0, 1.0, 1.6 ** (i / 10)) for i in range(60)],
+        [Step(61, 5.0, 1.0, activation_rms=1.6 ** 6.1)],
+    ),
+    "the activation detector waits for min_steps measured steps": (
+        CFG, [(5.0, 1.0, 1.0)] * 19 + [(5.0, 1.0, NAN)] * 10,
+        [Step(30, 5.0, 1.0, activation_rms=100.0)],
+    ),
+    "activation_factor 0 turns the activation detector off": (
+        SupervisorConfig(activation_factor=0), [(5.0, 1.0, 1.0)] * 25,
+        [Step(26, 5.0, 1.0, activation_rms=1e6)],
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize(("cfg", "history", "steps"), DETECTOR_CASES.values(), ids=DETECTOR_CASES)
 def test_detectors(cfg, history, steps):
-    detectors = Detectors(cfg)
-    for loss, grad_norm in history:
-        detectors.observe(loss, grad_norm)
+    detectors = Detectors(cfg, reference_loss=LN_V)
+    for step, (loss, grad_norm, *activation_rms) in enumerate(history, 1):
+        detectors.observe(step, loss, grad_norm, *activation_rms)
     for s in steps:
-        flags = detectors.flags(s.step, s.loss, s.grad_norm, s.overflow, s.at_floor)
+        flags = detectors.flags(s.step, s.loss, s.grad_norm, s.overflow, s.at_floor,
+                                s.activation_rms)  # fmt: skip
         assert [NAMES[i] for i, f in enumerate(flags) if f] == s.fires.split(), s
 
 
@@ -151,10 +193,16 @@ LADDER_CASES = {
          *[At(step, 5.5, "") for step in range(34, 39)],
          At(39, SPIKE, DEFAULT_LADDER[0])],
     ),
-    "the default ladder runs out into stop, which repeats": (
+    "the default ladder's last rung repeats until too many interventions stop the run": (
         SupervisorConfig(),
         [*[At(31 + i, SPIKE, rung) for i, rung in enumerate(DEFAULT_LADDER)],
-         At(36, SPIKE, "stop", "the escalation ladder is exhausted")],
+         *[At(step, SPIKE, DEFAULT_LADDER[-1]) for step in range(31 + len(DEFAULT_LADDER), 41)],
+         At(41, SPIKE, "stop", "more than 10 interventions within 1000 steps")],
+    ),
+    "a ladder that ends in stop stops there, and stop repeats": (
+        SupervisorConfig(ladder=["skip", "stop"]),
+        [At(31, SPIKE, "skip"), At(32, SPIKE, "stop", "the escalation ladder is exhausted"),
+         At(33, SPIKE, "stop", "the escalation ladder is exhausted")],
     ),
     "the last rung repeats, then too many interventions stop the run": (
         SupervisorConfig(ladder=["skip"], max_interventions=2, intervention_window=100),
@@ -206,12 +254,50 @@ def test_an_incident_is_judged_recovered_and_the_ladder_resets():
 def test_an_incident_whose_loss_stays_high_is_judged_not_recovered():
     sup = warmed(SupervisorConfig(recovery_steps=3))
     level = sup.detectors.pre_incident_level()
-    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
-    for step in (32, 33, 34):
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)  # skip
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)  # rollback: the weights change
+    for step in (33, 34, 35):
         sup.inspect(step, level + 0.04, 1.0, False, 1.0, False)  # high, but not a spike
     outcome = sup.pop_outcome()
     assert not outcome.recovered and outcome.recovered_at_step is None
-    assert outcome.result.startswith("not recovered")
+    assert outcome.verdict == "not_recovered" and outcome.result.startswith("not recovered")
+
+
+def test_skipped_updates_alone_are_no_harm_done_not_a_recovery():
+    """A skip never touched the weights: there was nothing to recover from."""
+    sup = warmed(SupervisorConfig(recovery_steps=3))
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    for step in (32, 33, 34):
+        sup.inspect(step, 5.0, 1.0, False, 1.0, False)
+    outcome = sup.pop_outcome()
+    assert outcome.verdict == "no_harm_done" and not outcome.recovered
+    assert outcome.result.startswith("no harm done")
+
+
+def test_recovery_is_judged_on_the_validation_loss_after_the_intervention():
+    sup = warmed(SupervisorConfig(recovery_steps=4))
+    assert sup.validated(30, 5.5).healthy  # the pre-incident held-out level
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)  # rollback
+    sup.inspect(33, 5.0, 1.0, False, 1.0, False)  # a low training loss is not enough
+    assert sup.validated(33, 5.6).healthy  # (under valid_rise: no regression either)
+    sup.inspect(34, 5.0, 1.0, False, 1.0, False)
+    assert sup.validated(34, 5.4).healthy
+    for step in (35, 36):
+        sup.inspect(step, 5.0, 1.0, False, 1.0, False)
+    outcome = sup.pop_outcome()
+    assert outcome.verdict == "recovered" and outcome.recovered_at_step == 34
+    assert outcome.judged_by == "validation loss" and outcome.pre_incident_loss == 5.5
+
+
+def test_a_validation_regression_rolls_back_to_before_the_best_evaluation():
+    sup = warmed(SupervisorConfig(valid_rise=0.05))
+    for step, val in ((10, 6.0), (20, 5.5), (30, 5.7)):  # best 5.5 at step 20
+        assert sup.validated(step, val).healthy
+    decision = sup.validated(40, 5.9)  # 7% above the best
+    assert decision.anomaly.detector == "validation_regression"
+    assert "rollback" in decision.moves  # skipping one step cannot help a gradual rise
+    assert sup.rollback_limit() == 20
 
 
 def test_the_kill_switch_keeps_the_update_every_other_intervention_drops_it():
@@ -271,12 +357,21 @@ def test_rollback_targets_are_before_the_incident_with_a_margin():
 
 
 @pytest.mark.parametrize(
-    ("first", "last", "samples"),
-    [(11, 11, (80, 88)), (13, 15, (96, 120))],
+    ("first", "last", "skips", "samples"),
+    [
+        (11, 11, [], (80, 88)),
+        (13, 15, [], (96, 120)),
+        # Ranges skipped already are passed over: behind the stream, they change nothing;
+        # ahead of it, steps read past them; one the result would start in is passed too.
+        (11, 11, [(0, 40)], (80, 88)),
+        (12, 13, [(84, 90)], (94, 110)),
+        (11, 12, [(80, 82), (90, 91)], (82, 99)),
+        (12, 12, [(88, 96)], (96, 104)),
+    ],
 )
-def test_step_samples_are_the_stream_positions_a_step_range_reads(first, last, samples):
+def test_step_samples_are_the_stream_positions_a_step_range_reads(first, last, skips, samples):
     # The stream stands at 80 after 10 steps of 8 samples each.
-    assert step_samples(80, 10, first, last, 8) == samples
+    assert step_samples(80, 10, first, last, 8, skips) == samples
 
 
 class Planned(NamedTuple):
@@ -287,17 +382,17 @@ class Planned(NamedTuple):
     reset_optimizer: bool
 
 
-# lr_factor 0.5, clip_factor 0.6 and skip_data_steps 3, from factors (0.8, 1.0), to the
-# checkpoint of step 25, where the stream stands at 200 (8 samples a step).
+# lr_factor 0.5, clip_factor 0.6, skip_data_steps 3 and skip_data_ahead 2, from factors
+# (0.8, 1.0), to the checkpoint of step 25, where the stream stands at 200 (8 samples a step).
 PLAN_CASES = {
-    "lower and skip the window before the anomaly": (
-        "rollback+lower_lr_clip+skip_data", 31, Planned(0.4, 0.6, (29, 31), (224, 248), False),
+    "lower and skip the window around the anomaly": (
+        "rollback+lower_lr_clip+skip_data", 31, Planned(0.4, 0.6, (29, 33), (224, 264), False),
     ),
     "reset keeps the factors": (
         "rollback+reset_optimizer", 31, Planned(0.8, 1.0, None, None, True),
     ),
     "the skipped window never reaches before the target": (
-        "rollback+skip_data", 27, Planned(0.8, 1.0, (26, 27), (200, 216), False),
+        "rollback+skip_data", 27, Planned(0.8, 1.0, (26, 29), (200, 232), False),
     ),
     "a plain rollback changes nothing": ("rollback", 31, Planned(0.8, 1.0, None, None, False)),
 }  # fmt: skip
@@ -305,10 +400,89 @@ PLAN_CASES = {
 
 @pytest.mark.parametrize(("rung", "anomaly_step", "planned"), PLAN_CASES.values(), ids=PLAN_CASES)
 def test_rollback_plans(rung, anomaly_step, planned):
-    cfg = SupervisorConfig(lr_factor=0.5, clip_factor=0.6, skip_data_steps=3)
+    cfg = SupervisorConfig(lr_factor=0.5, clip_factor=0.6, skip_data_steps=3, skip_data_ahead=2)
     plan = plan_rollback(cfg, tuple(rung.split("+")), anomaly_step, target_step=25,
                          target_pos=200, factors=Factors(lr_scale=0.8, grad_clip=1.0),
                          batch_tokens=256, samples_per_step=8)  # fmt: skip
     assert (plan.target_step, plan.tokens_lost) == (25, (anomaly_step - 25) * 256)
     assert Planned(plan.lr_scale, plan.grad_clip, plan.skipped_steps, plan.skipped_data,
                    plan.reset_optimizer) == planned  # fmt: skip
+
+
+def test_a_rollback_measures_the_activations_afresh_and_keeps_the_trend_best():
+    sup = Supervisor(SupervisorConfig(trend_window=10))
+    for step in range(1, 31):
+        assert sup.inspect(
+            step, 6.0 - 0.01 * step, 1.0, False, 1.0, False, activation_rms=1.0
+        ).healthy
+    best = sup.detectors.trend_best
+    assert (len(sup.detectors.activations), sup.detectors.activation_steps) == (10, 30)
+    assert sup.inspect(31, NAN, 1.0, False, 1.0, False).rung == "skip"
+    assert sup.inspect(32, NAN, 1.0, False, 1.0, False).rung == "rollback+lower_lr_clip"
+    # The activations of the undone steps are gone; the trend's best is kept.
+    assert not sup.detectors.activations and not sup.detectors.trend
+    assert sup.detectors.activation_steps == 0  # disarmed until min_steps more
+    assert sup.detectors.trend_best == best
+
+
+def test_the_best_steps_are_where_validation_and_the_trend_were_best():
+    """Retention keeps a checkpoint at or before each: a gradual divergence rolls back there."""
+    sup = Supervisor(SupervisorConfig(trend_window=5))
+    assert sup.best_steps() == set()
+    for step, val in ((10, 5.0), (20, 4.5), (30, 4.7)):
+        sup.validated(step, val)
+    assert sup.best_steps() == {20}
+    for step in range(1, 13):
+        sup.inspect(step, 6.0 - 0.1 * min(step, 8), 1.0, False, 1.0, False)
+    assert sup.best_steps() == {20, sup.detectors.trend_best_step}
+    assert sup.detectors.trend_best_step == 10  # the first window whose median is lowest
+
+
+def test_a_validation_regression_rolls_back_to_the_best_and_is_judged_against_it():
+    sup = Supervisor(SupervisorConfig(valid_rise=0.05))
+    for step, val in ((10, 5.0), (20, 4.5), (30, 4.6)):
+        assert sup.validated(step, val).healthy
+    decision = sup.validated(40, 4.8)  # 6.7% above the best
+    assert decision.rung == "rollback+lower_lr_clip"  # gradual: no skip
+    assert decision.anomaly.detector == "validation_regression"
+    assert sup.rollback_limit() == 20 and sup.incident.pre_valid == 4.5
+
+
+def test_a_verdict_by_validation_waits_for_the_first_evaluation_after_the_incident():
+    """recovery_steps healthy steps end the incident (the ladder starts afresh), but the
+    repair is judged on the next evaluation, not on what was known before it."""
+    sup = warmed(SupervisorConfig(recovery_steps=4))
+    assert sup.validated(30, 5.5).healthy
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)  # rollback
+    for step in range(33, 37):
+        assert sup.inspect(step, 5.0, 1.0, False, 1.0, False).healthy
+    assert sup.incident is None and sup.pending is not None and sup.pop_outcome() is None
+    assert sup.inspect(37, 50.0, 1.0, False, 1.0, False).rung == "skip"  # a new incident...
+    outcome = sup.pop_outcome()  # ... and the old one's verdict, with what was known
+    assert outcome.verdict == "not_recovered" and outcome.judged_at_step == 37
+
+    sup = warmed(SupervisorConfig(recovery_steps=4))
+    assert sup.validated(30, 5.5).healthy
+    sup.inspect(31, 50.0, 1.0, False, 1.0, False)
+    sup.inspect(32, 50.0, 1.0, False, 1.0, False)
+    for step in range(33, 37):
+        sup.inspect(step, 5.0, 1.0, False, 1.0, False)
+    assert sup.validated(36, 5.45).healthy  # the evaluation of the step that ended it
+    outcome = sup.pop_outcome()
+    assert outcome.verdict == "recovered" and outcome.recovered_at_step == 36
+    assert sup.pending is None
+
+
+def test_an_incident_a_drill_started_says_so_in_its_verdict():
+    sup = Supervisor(SupervisorConfig(drill="spike@31", recovery_steps=2))
+    for step in range(1, 31):
+        sup.drill_at(step)
+        sup.inspect(step, 6.0 - 0.01 * step + 0.02 * (-1) ** step, 1.0, False, 1.0, False)
+    assert sup.drill_at(31) == "spike"
+    assert sup.inspect(31, 50.0, 1.0, False, 1.0, False).rung == "skip"
+    for step in (32, 33):
+        sup.drill_at(step)
+        sup.inspect(step, 5.7, 1.0, False, 1.0, False)
+    outcome = sup.pop_outcome()
+    assert outcome.drill and outcome.verdict == "no_harm_done"

@@ -31,11 +31,12 @@ from opt.errors import OptError
 class SampleStream:
     """An endless, seeded sequence of sample indices with a position and skip ranges."""
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
         if num_samples < 1:
             raise OptError(f"cannot sample from {num_samples} samples")
         self.num_samples = num_samples
         self.seed = seed
+        self.shuffle = shuffle  # False: every epoch reads the samples in file order
         self.pos = 0
         self._skips: list[tuple[int, int]] = []  # sorted, disjoint, non-adjacent [start, end)
         self._cached: tuple[int, torch.Tensor] | None = None  # (epoch, permutation)
@@ -80,8 +81,12 @@ class SampleStream:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._cached = (epoch, torch.randperm(self.num_samples, generator=generator))
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.num_samples, generator=generator)
+            else:
+                order = torch.arange(self.num_samples)
+            self._cached = (epoch, order)
         return self._cached[1]
 
     def copy(self) -> SampleStream:
@@ -97,17 +102,19 @@ class SampleStream:
             "pos": self.pos,
             "seed": self.seed,
             "num_samples": self.num_samples,
+            "shuffle": self.shuffle,
             "skips": [[s, e] for s, e in self._skips],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state saved for another dataset or seed."""
-        saved = (state["num_samples"], state["seed"])
-        if saved != (self.num_samples, self.seed):
+        saved = (state["num_samples"], state["seed"], state.get("shuffle", True))
+        if saved != (self.num_samples, self.seed, self.shuffle):
             raise OptError(
-                f"data state was saved for {saved[0]} samples with seed {saved[1]}, but this run "
-                f"has {self.num_samples} with seed {self.seed}: the dataset, sequence length or "
-                "seed changed under a resume"
+                f"data state was saved for {saved[0]} samples with seed {saved[1]} "
+                f"(shuffle {saved[2]}), but this run has {self.num_samples} with seed "
+                f"{self.seed} (shuffle {self.shuffle}): the dataset, sequence length, seed or "
+                "order changed under a resume"
             )
         self.pos = int(state["pos"])
         self._skips = []

@@ -118,7 +118,11 @@ class RunRecorder:
             self.log(reconciled)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(previous, text)
-        atomic_write(self.logbook.dir / CONFIG_FILE, public_config(text))
+        # The public copy shows the layout the run had, not the "whatever is left" sentinel.
+        atomic_write(
+            self.logbook.dir / CONFIG_FILE,
+            public_config(text, {"parallel": {"dp_shard": layout["dp_shard"]}}),
+        )
         self.status(status.RUNNING, step, tokens, max_steps, source=str(source) if source else None)
 
     def stopped(self, outcome: status.Stop, step: int, tokens: int, max_steps: int) -> None:
@@ -174,12 +178,14 @@ class RunRecorder:
         }
 
 
-def public_config(toml_text: str) -> str:
-    """The resolved config for the public logbook: as written, unless a value in it is a
-    secret (by its key's name, an environment secret's value, or a credential's shape);
-    then the same tree with those values redacted."""
+def public_config(toml_text: str, resolved: dict | None = None) -> str:
+    """The resolved config for the public logbook: as written, with the ``resolved``
+    values ({section: {key: value}}, e.g. the data-parallel degree a -1 stood for) put in,
+    and any value that is a secret (by its key's name, an environment secret's value, or a
+    credential's shape) redacted."""
     tree = tomllib.loads(toml_text)
-    public = redact(tree)
+    filled = {s: {**t, **(resolved or {}).get(s, {})} for s, t in tree.items()}
+    public = redact(filled)
     return toml_text if public == tree else tomli_w.dumps(public)
 
 

@@ -8,6 +8,7 @@ dies half-way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opt.config import SupervisorConfig
@@ -44,8 +45,9 @@ class RollbackPlan:
 
 def rollback_limit(incident_start: int, cfg: SupervisorConfig) -> int:
     """The newest step a rollback target may have: before the incident, with a margin
-    (the divergence may have been brewing before it showed)."""
-    return incident_start - cfg.healthy_margin
+    (the divergence may have been brewing before it showed), and never before the start:
+    a fresh run's step-0 checkpoint is always healthy."""
+    return max(0, incident_start - cfg.healthy_margin)
 
 
 def protected_step(checkpoint_steps: list[int], step: int, cfg: SupervisorConfig) -> int | None:
@@ -56,11 +58,30 @@ def protected_step(checkpoint_steps: list[int], step: int, cfg: SupervisorConfig
 
 
 def step_samples(
-    pos: int, done_steps: int, first: int, last: int, per_step: int
-) -> tuple[int, int]:
+    pos: int, done_steps: int, first: int, last: int, per_step: int,
+    skips: Sequence[Sequence[int]] = (),
+) -> tuple[int, int]:  # fmt: skip
     """Stream positions [start, end) that steps ``first..last`` (1-based, inclusive) read,
-    given the stream stands at ``pos`` after ``done_steps`` steps (no skips in between)."""
-    return pos + (first - done_steps - 1) * per_step, pos + (last - done_steps) * per_step
+    given the stream stands at ``pos`` after ``done_steps`` steps and never yields the
+    positions in ``skips`` ([start, end) ranges; a range inside the result is moot)."""
+    ranges = sorted((int(s), int(e)) for s, e in skips)
+
+    def advance(p: int, n: int) -> int:
+        """The position after reading ``n`` positions from ``p``, past the skipped ones."""
+        for s, e in ranges:
+            if e <= p:
+                continue
+            if s <= p:  # inside a skipped range: reading resumes at its end
+                p = e
+                continue
+            if n <= s - p:
+                return p + n
+            n, p = n - (s - p), e
+        return p + n
+
+    before = advance(pos, (first - done_steps - 1) * per_step)
+    start = advance(before, 1) - 1  # the first position step ``first`` reads
+    return start, advance(before, (last - first + 1) * per_step)
 
 
 def plan_rollback(
@@ -72,15 +93,22 @@ def plan_rollback(
     factors: Factors,
     batch_tokens: int,
     samples_per_step: int,
+    skips: Sequence[Sequence[int]] = (),
 ) -> RollbackPlan:
     """What rolling back from ``anomaly_step`` to the checkpoint of ``target_step`` (whose
-    data stream stands at ``target_pos``) does, for a rung's ``moves``."""
+    data stream stands at ``target_pos``) does, for a rung's ``moves``; ``skips``: the
+    stream's skipped ranges so far.
+
+    skip_data drops the samples of the ``skip_data_steps`` steps up to the anomaly (the
+    steps that led to it, the anomalous one included: a bad batch spikes its own step) and
+    of the ``skip_data_ahead`` steps after it, which a block of bad documents fills too."""
     lower = "lower_lr_clip" in moves
     skipped_data = skipped_steps = None
     if "skip_data" in moves:
         first = max(anomaly_step - cfg.skip_data_steps, target_step) + 1
-        skipped_data = step_samples(target_pos, target_step, first, anomaly_step, samples_per_step)
-        skipped_steps = (first, anomaly_step)
+        last = anomaly_step + cfg.skip_data_ahead
+        skipped_data = step_samples(target_pos, target_step, first, last, samples_per_step, skips)
+        skipped_steps = (first, last)
     return RollbackPlan(
         target_step=target_step,
         tokens_lost=(anomaly_step - target_step) * batch_tokens,

@@ -38,7 +38,9 @@ def build_loader(
             f"dataset {prefix} was tokenized with a {dataset.vocab_size}-token vocabulary, "
             f"larger than {cfg.model.name}'s {model_args.vocab_size}"
         )
-    stream = SampleStream(dataset.num_samples(cfg.data.seq_len), seed=cfg.run.seed)
+    stream = SampleStream(
+        dataset.num_samples(cfg.data.seq_len), seed=cfg.run.seed, shuffle=cfg.data.shuffle
+    )
     loader = BatchLoader(
         dataset,
         stream,

@@ -85,13 +85,20 @@ class Interventions:
 
     def protected(self, checkpoints: list[Path], step: int) -> set[Path]:
         """For retention at ``step``: the newest checkpoint old enough to be a rollback
-        target stays until a newer one is."""
-        keep = protected_step([step_of(p) for p in checkpoints], step, self.cfg)
-        return {p for p in checkpoints if step_of(p) == keep}
+        target stays until a newer one is; so do those a gradual divergence would roll back
+        to, the newest at or before each step where the curve was at its best."""
+        steps = [step_of(p) for p in checkpoints]
+        keep = {protected_step(steps, step, self.cfg)}
+        for best in self.supervisor.best_steps():
+            keep.add(max((s for s in steps if s <= best), default=None))
+        return {p for p in checkpoints if step_of(p) in keep}
 
     # ----- automatic decisions ---------------------------------------------------------------
-    def carry_out(self, decision: Decision, step: int, tokens: int) -> Stop | None:
-        """Act on an unhealthy decision for ``step``; a Stop when the run must end."""
+    def carry_out(
+        self, decision: Decision, step: int, tokens: int, drill: bool = False
+    ) -> Stop | None:
+        """Act on an unhealthy decision for ``step`` (``drill``: its anomaly was a fault
+        drill); a Stop when the run must end."""
         anomaly = decision.anomaly
         event = {
             "step": step,
@@ -101,6 +108,7 @@ class Interventions:
             "action": decision.rung or "+".join(decision.moves),
             "before": self.hyperparameters(),
             "detail": _detail(anomaly),
+            "drill": drill,
             "valid_before": self._last_validation(),
         }
         if "stop" in decision.moves:
@@ -125,11 +133,11 @@ class Interventions:
         plan = plan_rollback(
             self.cfg, moves, step, int(saved["progress"]["step"]), int(saved["data"]["pos"]),
             self.factors, self.batch_tokens, self.loader.samples_per_step(self.grad_accum),
+            skips := self.loader.stream.state_dict()["skips"],
         )  # fmt: skip
         after = self.hyperparameters().model_copy(
             update={"lr_scale": plan.lr_scale, "grad_clip": plan.grad_clip}
         )
-        skips = self.loader.stream.state_dict()["skips"]
         # The supervisor remembers the incident across the rollback; the rest goes back.
         # Loaded before anything is hidden or logged: until then a job killed here resumes
         # as if no decision had been taken (nothing on disk has changed).
@@ -200,7 +208,8 @@ class Interventions:
             if first <= last:
                 pos = self.loader.state_dict()["pos"]
                 per_step = self.loader.samples_per_step(self.grad_accum)
-                start, end = step_samples(pos, step, first, last, per_step)
+                skips = self.loader.stream.state_dict()["skips"]
+                start, end = step_samples(pos, step, first, last, per_step, skips)
                 self.loader.stream.skip(start, end)
                 event["skipped_data"] = (start, end)
                 event["skipped_steps"] = (first, last)

@@ -42,6 +42,7 @@ from opt.run.status import FINISHED, RUNNING, STOPPED_ON_SIGNAL, Stop
 from opt.supervisor.rollback import Factors
 from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
+from opt.train.activation_watch import LastLayerWatch
 from opt.train.agreement import Shares, agree
 from opt.train.evaluate import Evaluation, Evaluator, MicroBatches
 from opt.train.interventions import Interventions
@@ -60,6 +61,8 @@ class StepResult:
     skipped: bool
     decision: Decision = field(default_factory=Decision)
     stop_signal: bool = False  # some rank received the scheduler's warning signal
+    drill: str | None = None  # the fault drill injected into this step, if any
+    activation_rms: float = math.nan  # root mean square of the last block's output
 
 
 @dataclass
@@ -108,7 +111,9 @@ class Trainer:
         self.max_steps = job.max_steps
         self.progress = Progress()
         self.factors = Factors(lr_scale=1.0, grad_clip=cfg.optim.grad_clip)
-        self.supervisor = Supervisor(cfg.supervisor) if cfg.supervisor.enabled else None
+        self.supervisor = None
+        if cfg.supervisor.enabled:  # its blow-up level: the loss of predicting uniformly
+            self.supervisor = Supervisor(cfg.supervisor, math.log(self.model_args.vocab_size))
         self.recorder = RunRecorder(cfg, self.rank, self.device, self.dims.world_size)
         self.control = ControlFiles(cfg.run_dir, lead=self.rank == 0)
         # The scheduler's warning signal (set by `opt launch slurm`): stop and save.
@@ -116,6 +121,10 @@ class Trainer:
         self.stop: Stop | None = None  # why the run ended early, once it has
         self.reconciled = None  # a rollback finished from the logbook at resume
         self.shares = Shares.of(where, self.dims, self.parallel.has_last_stage)
+        # The last block's activation norm: logged, and the supervisor's early warning.
+        self.activations = LastLayerWatch(
+            self.model_parts, self.model_args.n_layers, self.grad_accum
+        )
         self.metrics: MetricsLogger | None = None  # rank 0, while fit runs
         self.evaluator = None
         if held_out is not None:
@@ -204,16 +213,22 @@ class Trainer:
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale_loss(cross_entropy(logits, targets))
 
-    def pipeline_forward_backward(self, microbatches: list) -> torch.Tensor:
-        """One schedule run over all microbatches of the step; returns the mean loss on the
-        last stage (zero elsewhere)."""
+    def _run_pipeline(self, microbatches: list, run) -> list[torch.Tensor]:
+        """One run of the schedule (``step`` or ``eval``) over the micro-batches: each one's
+        loss on the last stage, none elsewhere."""
         inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
         targets = torch.cat([t for _, t in microbatches]).to(self.device)
         args = (inputs,) if self.parallel.has_first_stage else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
         with self._compute_context(), self._loss_context():
-            self.pp_schedule.step(*args, **kwargs)
+            run(*args, **kwargs)
+        return losses
+
+    def pipeline_forward_backward(self, microbatches: list) -> torch.Tensor:
+        """One schedule run over all microbatches of the step; returns the mean loss on the
+        last stage (zero elsewhere)."""
+        losses = self._run_pipeline(microbatches, self.pp_schedule.step)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([_full(x).detach().float() for x in losses]).mean() / self.scaler.scale
@@ -222,13 +237,7 @@ class Trainer:
         """Forward only (evaluation, under no_grad): each micro-batch's mean loss, (n,) on
         the ranks that compute the loss (empty on a pipeline's other stages)."""
         if self.pp_schedule is not None:
-            inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
-            targets = torch.cat([t for _, t in microbatches]).to(self.device)
-            args = (inputs,) if self.parallel.has_first_stage else ()
-            losses: list[torch.Tensor] = []
-            kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
-            with self._compute_context(), self._loss_context():
-                self.pp_schedule.eval(*args, **kwargs)
+            losses = self._run_pipeline(microbatches, self.pp_schedule.eval)
             if not losses:
                 return torch.zeros(0, device=self.device)
             return torch.stack([_full(x).float() for x in losses]) / self.scaler.scale
@@ -292,6 +301,7 @@ class Trainer:
             stop_signal=self.stop_signal is not None and self.stop_signal.received is not None,
             stop_file=watching and self.control.stop_requested(),
             intervention_waiting=watching and self.control.intervention_waiting(),
+            activations=self.activations.take(),
         )  # fmt: skip
         # A non-finite norm is an fp16 overflow (or a diverged step): the update is dropped.
         # The norm and loss are agreed, so every rank decides the same.
@@ -301,7 +311,7 @@ class Trainer:
             decision = self.supervisor.inspect(
                 step, agreed.loss, agreed.grad_norm, overflow and self.scaler.enabled,
                 self.scaler.scale, self.scaler.at_floor, agreed.stop_file,
-                agreed.intervention_waiting,
+                agreed.intervention_waiting, agreed.activation_rms,
             )  # fmt: skip
         skipped = overflow or decision.drops_update
         lr = self.schedule(self.step) * self.factors.lr_scale
@@ -319,7 +329,7 @@ class Trainer:
         self.progress.tokens_seen += self.cfg.train.batch_tokens
         return StepResult(
             self.step, agreed.loss, agreed.grad_norm, lr, self.scaler.scale, skipped, decision,
-            agreed.stop_signal,
+            agreed.stop_signal, drill, agreed.activation_rms,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -362,21 +372,30 @@ class Trainer:
         metrics = self.metrics = self._metrics_logger() if lead else None
         if lead:
             print(self.validation_plan, flush=True)
+        if self.step == 0 and self.supervisor is not None and cfg.checkpoint.initial:
+            self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
         results, tokens_since_log = [], 0
         try:
-            # The curve's first point; after a resume, the last evaluation before the stop.
-            self.validate()
+            # The curve's first point; after a resume, the last evaluation before the stop
+            # (which the supervisor has seen: its state came back with the checkpoint).
+            first = self.validate()
+            if first is not None and self.supervisor is not None and self.step == 0:
+                self.supervisor.validated(0, first.loss)  # the baseline: nothing to regress from
             while self.should_continue_training():
                 maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
                 results.append(result)
                 self.checkpoints.poll()
+                before = (self.tokens_seen, self.factors.lr_scale, self.factors.grad_clip)
                 self._act_on(result)
+                anomalous = not result.decision.healthy  # logged: the report shows it
                 if self.stop is not None or self.step < result.step:
+                    if anomalous:  # the step the run abandons, onto the report's curve
+                        self._log_point(result, *before)
                     continue  # stopped, or rolled back: nothing of this step to log or save
                 tokens_since_log += cfg.train.batch_tokens
                 last = self.step == self.max_steps
-                logged = self.step % cfg.metrics.log_every == 0 or last
+                logged = self.step % cfg.metrics.log_every == 0 or last or anomalous
                 if logged:
                     if metrics is not None:
                         metrics.log(self.step, tokens_since_log, _log_values(result))
@@ -392,12 +411,11 @@ class Trainer:
                     # After the save: it overlaps an async save's writes.
                     evaluation = self.validate()
                 if logged or evaluation is not None:  # the logbook's series: the curve it draws
-                    self.recorder.logged(
-                        step=self.step, tokens=self.tokens_seen, loss=result.loss, lr=result.lr,
-                        lr_scale=self.factors.lr_scale, grad_clip=self.factors.grad_clip,
-                        loss_scale=result.loss_scale,
-                        val_loss=evaluation.loss if evaluation is not None else None,
-                    )  # fmt: skip
+                    self._log_point(result, self.tokens_seen, *self._factors(), evaluation)
+                if evaluation is not None:
+                    self._judge(evaluation)
+                    if self.stop is not None or self.step < result.step:
+                        continue  # the held-out loss regressed: stopped or rolled back
                 self.recorder.status(RUNNING, self.step, self.tokens_seen, self.max_steps,
                                      loss=result.loss)  # fmt: skip
                 if result.stop_signal and self.should_continue_training():
@@ -425,15 +443,46 @@ class Trainer:
             return
         if decision.manual:  # first, so that a stop's checkpoint includes it
             self.interventions.apply_manual(self.step, self.tokens_seen)
+        self.interventions.judged(self.step, self.tokens_seen)  # an incident's verdict, if due
         if decision.healthy:
-            self.interventions.judged(self.step, self.tokens_seen)
             return
-        self.stop = self.interventions.carry_out(decision, result.step, self.tokens_seen)
+        self.stop = self.interventions.carry_out(
+            decision, result.step, self.tokens_seen, drill=result.drill is not None
+        )
         if self.rank == 0:
             cause = decision.anomaly.detector if decision.anomaly else decision.reason
             print(
                 f"supervisor: step {result.step}: {decision.rung or 'stop'} ({cause})", flush=True
             )
+
+    def _factors(self) -> tuple[float, float]:
+        return self.factors.lr_scale, self.factors.grad_clip
+
+    def _log_point(
+        self, result: StepResult, tokens: int, lr_scale: float, grad_clip: float,
+        evaluation: Evaluation | None = None,
+    ) -> None:  # fmt: skip
+        """A point of the logbook's series: a logged, validated or anomalous step."""
+        self.recorder.logged(
+            step=result.step, tokens=tokens, loss=result.loss, lr=result.lr,
+            lr_scale=lr_scale, grad_clip=grad_clip, loss_scale=result.loss_scale,
+            val_loss=evaluation.loss if evaluation is not None else None,
+        )  # fmt: skip
+
+    def _judge(self, evaluation: Evaluation) -> None:
+        """The supervisor's decision on an evaluation of the training loop (every rank holds
+        the same reduced loss, so every rank decides alike): it judges an incident's
+        recovery and watches for a regression of the held-out loss."""
+        if self.supervisor is None:
+            return
+        decision = self.supervisor.validated(evaluation.step, evaluation.loss)
+        self.interventions.judged(evaluation.step, self.tokens_seen)
+        if decision.healthy:
+            return
+        self.stop = self.interventions.carry_out(decision, evaluation.step, self.tokens_seen)
+        if self.rank == 0:
+            print(f"supervisor: step {evaluation.step}: {decision.rung or 'stop'} "
+                  f"({decision.anomaly.detector})", flush=True)  # fmt: skip
 
     def _stop_on_signal(self) -> Stop:
         """The scheduler's warning: a synchronous checkpoint of this step (unless one was
@@ -467,4 +516,5 @@ def _log_values(result: StepResult) -> dict[str, float]:
         "grad_norm": result.grad_norm,
         "lr": result.lr,
         "loss_scale": result.loss_scale,
+        "activation_rms": result.activation_rms,
     }

@@ -66,7 +66,8 @@ def _(e: RunStop) -> str:
 def _(e: Intervention | ManualIntervention) -> str:
     manual = isinstance(e, ManualIntervention)
     cause = "an operator's request" if manual else e.detector or "an operator's request"
-    parts = [f"**{e.action}** after {cause}"]
+    drill = "" if manual or not e.drill else "drill: "
+    parts = [f"{drill}**{e.action}** after {cause}"]
     if manual and e.reason:
         parts.append(f"({e.reason})")
     if e.detail:
@@ -104,7 +105,8 @@ def _changes(before: Hyperparameters, after: Hyperparameters) -> str:
 
 @describe.register
 def _(e: Outcome) -> str:
-    return f"outcome of intervention at step {e.intervention_step}: {e.result}"
+    drill = "drill: " if e.drill else ""
+    return f"{drill}outcome of intervention at step {e.intervention_step}: {e.result}"
 
 
 @describe.register

@@ -104,6 +104,8 @@ class Intervention(Event):
     before: Hyperparameters
     after: Hyperparameters
     detail: str = ""
+    drill: bool = False
+    """The anomaly was a fault drill (``supervisor.drill``) the run injected into itself."""
     checkpoint: str | None = None
     rolled_back_to_step: int | None = None
     tokens_lost: int | None = None
@@ -140,6 +142,7 @@ class StopForHuman(Event):
     action: str
     before: Hyperparameters
     detail: str = ""
+    drill: bool = False
     reason: str
     valid_before: ValidLoss | None = None
     """The last validation before the stop."""
@@ -157,6 +160,11 @@ class Outcome(Event):
     recovered: bool
     recovered_at_step: int | None = None
     judged_at_step: int
+    verdict: Literal["recovered", "not_recovered", "no_harm_done"] | None = None
+    """None in logbooks written before skipped-only incidents were told apart."""
+    judged_by: str | None = None
+    drill: bool = False
+    """The incident was started by a fault drill the run injected into itself."""
 
 
 class InterventionCompletedAfterRestart(Event):
