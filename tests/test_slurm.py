@@ -1,6 +1,7 @@
 """`opt launch slurm` on a real one-node Slurm (slurmctld + slurmd + munged, see
-slurm_cluster.py): a preemption signal, a killed rank, a truncated checkpoint, a node that
-keeps failing and a requeue limit, each read back from the logbook.
+slurm_cluster.py): a warning signal sent with scancel, a real time limit whose warning Slurm
+sends itself, a killed rank, a truncated checkpoint, a node that keeps failing and a requeue
+limit, each read back from the logbook.
 
 The tiny model trains with 2 tasks of 1 CPU; OPT_STEP_DELAY_S slows each step so that the
 test can act in the middle of training. Losses are compared with the same layout run once
@@ -138,6 +139,35 @@ def test_a_preemption_signal_requeues_and_the_resumed_run_matches_an_uninterrupt
     status = job.cli("status", str(job.run_dir))
     assert "training: finished at step 14 of 14" in status.stdout, status.stdout
     assert "restarts: 1 (preemption 1)" in status.stdout
+
+
+@pytest.mark.timeout(420)
+def test_a_real_time_limit_warns_the_ranks_which_save_and_the_job_resumes_as_a_timeout(
+    slurm_cluster, tmp_path, pydoc_dataset, reference_losses
+):
+    """A 3-minute time limit with --signal=USR2@90: Slurm itself sends the warning (up to a
+    minute early, by its timer's resolution), every rank stops at one agreed step and saves,
+    and the driver reads Slurm's end time for the job to call it a timeout, then requeues."""
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "timed", "--slurm.time_minutes", "3",
+              "--slurm.signal_delay_s", "90", "--train.max_steps", "2000")  # fmt: skip
+    job.wait("Slurm's warning and the requeue", lambda: "requeue" in job.kinds(), timeout=200)
+    job.wait("the resume", lambda: [e.kind for e in job.events()].count("run_start") == 2)
+    job.slurm("scancel", job.id)
+    events = job.events()
+    stop = next(e for e in events if e.kind == "run_stop")
+    assert "stopped on SIGUSR2" in stop.reason, stop
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "timeout", requeue
+    assert requeue.detail.startswith("Slurm's EndTime="), requeue.detail
+    away = int(re.search(r": (-?\d+) s away", requeue.detail).group(1))
+    assert away <= 90 + 90  # the limit's warning, however early Slurm sent it
+    assert requeue.checkpoint.endswith(f"step_{stop.step:08d}")
+    resumed = [e for e in events if e.kind == "run_start"][-1]
+    assert resumed.step == stop.step and resumed.lost_steps == 0
+    # The steps before the stop are the uninterrupted run's, bit for bit.
+    losses = metrics_losses(job.run_dir)
+    common = [s for s in reference_losses if s <= stop.step]
+    assert common and {s: losses[s] for s in common} == {s: reference_losses[s] for s in common}
 
 
 @pytest.mark.timeout(420)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import REPO, run_cli
@@ -199,11 +200,32 @@ def test_a_host_is_excluded_once_when_it_reaches_the_threshold():
     assert excluded_hosts(cfg, events) == ["n1"]  # still excluded from every later allocation
 
 
-def test_a_warning_near_the_time_limit_is_a_timeout_and_earlier_a_preemption():
+def test_the_cause_of_a_warning_is_what_slurm_reports_of_the_job(monkeypatch):
+    """PreemptTime set: a preemption; EndTime within signal_delay_s (+ Slurm's early
+    delivery): a timeout; else not the time limit's. The real ones: tests/test_slurm.py."""
+    import opt.launch.slurm_driver as driver
+
     cfg = _cfg("--slurm.time_minutes", "60", "--slurm.signal_delay_s", "300")
-    assert stop_cause(cfg, 3600 - 300 - 30) == "timeout"  # Slurm's signal came 30 s early
-    assert stop_cause(cfg, 3600 - 300 + 20) == "timeout"
-    assert stop_cause(cfg, 1200) == "preemption"
+
+    def stamp(seconds: float) -> str:  # as Slurm prints it, local time
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + seconds))
+
+    cases = [
+        ({"EndTime": stamp(300 + 50), "PreemptTime": "None"}, "timeout"),  # came 50 s early
+        ({"EndTime": stamp(240), "PreemptTime": "None"}, "timeout"),
+        ({"EndTime": stamp(1800), "PreemptTime": "None"}, "preemption"),  # not the limit's
+        ({"EndTime": stamp(250), "PreemptTime": stamp(-5)}, "preemption"),  # Slurm dated it
+    ]
+    for job, cause in cases:
+        monkeypatch.setattr(driver, "scontrol_job", lambda job_id, job=job: job)
+        assert stop_cause(cfg, "7", elapsed_s=0)[0] == cause, job
+    # Without scontrol's answer: the elapsed time against the configured limit.
+    monkeypatch.setattr(driver, "scontrol_job", lambda job_id: {})
+    assert stop_cause(cfg, "7", 3600 - 300 - 30) == (
+        "timeout",
+        "no answer from scontrol: 3270 s into the allocation",
+    )
+    assert stop_cause(cfg, "7", 1200)[0] == "preemption"
 
 
 def test_a_give_up_replaces_the_requeue_over_the_limit_and_a_failure_says_where(tmp_path):

@@ -5,8 +5,8 @@ when they end decides what happens to the job:
 
 - the run finished, or the supervisor stopped it for a human: the job ends;
 - the ranks stopped on Slurm's warning signal and saved a checkpoint: requeue (a timeout
-  when the time limit is near, up to ``slurm.max_timeout_requeues``; otherwise a
-  preemption, without limit);
+  when Slurm's end time for the job is near, up to ``slurm.max_timeout_requeues``; a
+  preemption when Slurm dated one, or the signal was not the time limit's, without limit);
 - a rank or node failed (srun's --kill-on-bad-exit ended the others): requeue up to
   ``slurm.max_failure_requeues``, excluding a node that failed
   ``slurm.exclude_after_failures`` times;
@@ -142,13 +142,15 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         book.append(GaveUp(job_id=job_id, step=step, cause="refused", detail=detail))
         return REFUSED_EXIT
     if outcome.exit_code == 0 and state == run_status.STOPPED_ON_SIGNAL:
+        cause, judged_on = stop_cause(cfg, job_id, time.monotonic() - started)
         requeue = Requeue(
-            cause=stop_cause(cfg, time.monotonic() - started),
+            cause=cause,
             job_id=job_id,
             step=step,
             tokens=status.get("tokens"),
             checkpoint=status.get("last_checkpoint"),
             requeued_by="opt",
+            detail=judged_on,
         )
         if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
@@ -173,11 +175,51 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     return _requeue(job_id, exclude)
 
 
-def stop_cause(cfg: JobConfig, elapsed_s: float) -> str:
-    """A warning signal near the time limit is a timeout, any other a preemption. Slurm
-    delivers --signal up to a scheduling pass (~30 s) early or late; 120 s of slack."""
+# Slurm sends --signal up to 60 s before it is due (its timer's resolution), and our ranks
+# take a step or two to agree on stopping: a signal that came this close to the job's end
+# time, on top of signal_delay_s, came from the time limit.
+SIGNAL_EARLY_S = 90
+
+
+def stop_cause(cfg: JobConfig, job_id: str, elapsed_s: float) -> tuple[str, str]:
+    """Why the ranks got the warning signal, from what Slurm reports of the job: a
+    preemption if Slurm set its PreemptTime; a timeout if its EndTime (start + time limit)
+    was at most signal_delay_s (+ SIGNAL_EARLY_S) away; otherwise a signal that was not the
+    time limit's (an operator's `scancel --signal`, a preemption Slurm did not date), which
+    requeues as a preemption. Returns (cause, what it was judged on). Without scontrol's
+    answer, the elapsed time against the configured limit judges, and says so."""
+    job = scontrol_job(job_id)
+    preempted = job.get("PreemptTime", "None")
+    if preempted not in ("None", "Unknown", ""):
+        return "preemption", f"Slurm set PreemptTime={preempted}"
+    end = _slurm_time(job.get("EndTime", ""))
+    if end is not None:
+        left = end - time.time()
+        cause = "timeout" if left <= cfg.slurm.signal_delay_s + SIGNAL_EARLY_S else "preemption"
+        return cause, f"Slurm's EndTime={job['EndTime']}: {left:.0f} s away at the stop"
     near_limit = elapsed_s >= cfg.slurm.time_minutes * 60 - cfg.slurm.signal_delay_s - 120
-    return "timeout" if near_limit else "preemption"
+    return ("timeout" if near_limit else "preemption",
+            f"no answer from scontrol: {elapsed_s:.0f} s into the allocation")  # fmt: skip
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o JOB_ID` as {field: value}; empty where scontrol fails."""
+    try:
+        result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                                text=True, timeout=30, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if result.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+
+
+def _slurm_time(value: str) -> float | None:
+    """A Slurm timestamp (local time, 2026-11-30T07:45:00) as epoch seconds."""
+    try:
+        return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id: str):
