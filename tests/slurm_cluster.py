@@ -56,15 +56,20 @@ MailProg=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
+SchedulerParameters=sched_interval=1,bf_interval=1,preempt_send_user_signal
 # Short timers so tests don't wait on the production defaults (minutes).
 MinJobAge={min_job_age}
 KillWait=5
 JobRequeue=1
 ReturnToService=2
 SlurmdParameters=config_overrides
+# Real preemption: a job in "urgent" (higher tier) requeues the jobs of "debug" it needs the
+# CPUs of; they get their --signal at once and GraceTime seconds to save before SIGTERM.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=urgent Nodes={node} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
 
 

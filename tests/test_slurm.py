@@ -1,6 +1,6 @@
 """`opt launch slurm` on a real one-node Slurm (slurmctld + slurmd + munged, see
 slurm_cluster.py): a warning signal sent with scancel, a real time limit whose warning Slurm
-sends itself, a killed rank, a truncated checkpoint, a node that keeps failing and a requeue
+sends itself, a real preemption by a job of a higher-tier partition, a killed rank, a truncated checkpoint, a node that keeps failing and a requeue
 limit, each read back from the logbook.
 
 The tiny model trains with 2 tasks of 1 CPU; OPT_STEP_DELAY_S slows each step so that the
@@ -168,6 +168,33 @@ def test_a_real_time_limit_warns_the_ranks_which_save_and_the_job_resumes_as_a_t
     losses = metrics_losses(job.run_dir)
     common = [s for s in reference_losses if s <= stop.step]
     assert common and {s: losses[s] for s in common} == {s: reference_losses[s] for s in common}
+
+
+@pytest.mark.timeout(420)
+def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_bitwise(
+    slurm_cluster, tmp_path, pydoc_dataset, reference_losses
+):
+    """Real preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE): a job in
+    the higher-tier partition needs a CPU ours holds; Slurm sends ours its --signal, the
+    ranks save at one step, the job is requeued and resumes once the node is free, with no
+    step lost or repeated and the uninterrupted run's losses, bit for bit."""
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "preemptee")
+    job.wait_for_step(3)
+    urgent = job.slurm("sbatch", "--parsable", "-p", "urgent", "-n", "1", "-t", "2",
+                       "-o", "/dev/null", "--wrap", "sleep 10")  # fmt: skip
+    assert urgent.isdigit(), urgent
+    job.wait_until_finished()
+    events = job.events()
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "preemption", requeue
+    # Judged on what Slurm reports (unless Slurm requeued the job before the driver could).
+    assert requeue.requeued_by == "slurm" or requeue.detail.startswith("Slurm set PreemptTime=")
+    stop = next(e for e in events if e.kind == "run_stop")
+    assert stop.reason.startswith("stopped on SIG"), stop
+    resumed = [e for e in events if e.kind == "run_start"][-1]
+    assert resumed.step == stop.step and resumed.lost_steps == 0
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished"
+    assert metrics_losses(job.run_dir) == reference_losses
 
 
 @pytest.mark.timeout(420)
