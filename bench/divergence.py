@@ -215,12 +215,8 @@ def final_loss(run_dir: Path) -> tuple[float, str]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     valid = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
     if valid:
-        return _number(valid[-1]), "validation"
-    return statistics.median(_number(r["loss"]) for r in rows[-5:]), "training (last 5 logged)"
-
-
-def _number(value) -> float:
-    return float(value) if not isinstance(value, str) else float(value.replace("inf", "inf"))
+        return valid[-1], "validation"
+    return statistics.median(r["loss"] for r in rows[-5:]), "training (last 5 logged)"
 
 
 def verdict(ref: Run, nosup: Run, sup: Run) -> tuple[bool, bool]:

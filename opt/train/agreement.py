@@ -2,8 +2,9 @@
 
 After backward, every rank puts into one small tensor what only it may know: its share of
 the step's loss and gradient norm, its sums over the last block's activations (the
-supervisor's early warning, opt/train/activation_watch.py), whether it received the scheduler's stop signal, and (on
-rank 0) whether the operator's STOP file or an `opt intervene` request is there. One
+supervisor's early warning, opt/train/activation_watch.py), whether it received the
+scheduler's stop signal, and (on rank 0) whether the operator's STOP file or an
+`opt intervene` request is there. One
 all-reduce (SUM) and one copy to the host later, every rank holds the same bits: the same
 loss and norm for the supervisor's detectors and the clipping, and the same flags, so every
 rank takes the same branch. That is the step's only host synchronisation.

@@ -443,17 +443,18 @@ class Trainer:
             return
         if decision.manual:  # first, so that a stop's checkpoint includes it
             self.interventions.apply_manual(self.step, self.tokens_seen)
-        self.interventions.judged(self.step, self.tokens_seen)  # an incident's verdict, if due
+        self._carry_out(decision, result.step, drill=result.drill is not None)
+
+    def _carry_out(self, decision: Decision, step: int, drill: bool = False) -> None:
+        """Log an incident's verdict if one is due, then carry out an unhealthy decision
+        (of a step, or of the evaluation after it) and say so on the console."""
+        self.interventions.judged(step, self.tokens_seen)
         if decision.healthy:
             return
-        self.stop = self.interventions.carry_out(
-            decision, result.step, self.tokens_seen, drill=result.drill is not None
-        )
+        self.stop = self.interventions.carry_out(decision, step, self.tokens_seen, drill=drill)
         if self.rank == 0:
             cause = decision.anomaly.detector if decision.anomaly else decision.reason
-            print(
-                f"supervisor: step {result.step}: {decision.rung or 'stop'} ({cause})", flush=True
-            )
+            print(f"supervisor: step {step}: {decision.rung or 'stop'} ({cause})", flush=True)
 
     def _factors(self) -> tuple[float, float]:
         return self.factors.lr_scale, self.factors.grad_clip
@@ -475,14 +476,9 @@ class Trainer:
         recovery and watches for a regression of the held-out loss."""
         if self.supervisor is None:
             return
-        decision = self.supervisor.validated(evaluation.step, evaluation.loss)
-        self.interventions.judged(evaluation.step, self.tokens_seen)
-        if decision.healthy:
-            return
-        self.stop = self.interventions.carry_out(decision, evaluation.step, self.tokens_seen)
-        if self.rank == 0:
-            print(f"supervisor: step {evaluation.step}: {decision.rung or 'stop'} "
-                  f"({decision.anomaly.detector})", flush=True)  # fmt: skip
+        self._carry_out(
+            self.supervisor.validated(evaluation.step, evaluation.loss), evaluation.step
+        )
 
     def _stop_on_signal(self) -> Stop:
         """The scheduler's warning: a synchronous checkpoint of this step (unless one was
