@@ -1,6 +1,8 @@
 import os
+import sys
 
 from opt.cli import main
+from opt.errors import REFUSED_EXIT
 
 if __name__ == "__main__":
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
@@ -10,4 +12,13 @@ if __name__ == "__main__":
         from torch.distributed.elastic.multiprocessing.errors import record
 
         raise SystemExit(record(main)())
-    raise SystemExit(main())
+    code = main()
+    if code == REFUSED_EXIT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank that refuses to start leaves at once: the interpreter's teardown can abort in
+        # c10d's threads (seen on the store's host: "terminate called without an active
+        # exception"), which would turn a refusal that no retry fixes into a crash that
+        # `opt launch slurm` requeues.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -6,3 +6,8 @@ class OptError(Exception):
 
     The CLI prints ``error: <message>`` and exits with status 2; nothing is written.
     """
+
+
+# The exit status of a command that refused its input: no retry can fix it, so a launcher
+# that requeues failures (`opt launch slurm`) must not requeue this one.
+REFUSED_EXIT = 2

@@ -9,6 +9,9 @@ every shard written, the manifest that commits them not yet):
 - ``hang``: stop responding, so its peers' next collective must time out;
 - ``die``: SIGKILL itself, as the OOM killer or a lost node would.
 
+With ``OPT_INJECT_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist, and
+creates it: once per run, not again in the allocation that resumes it.
+
 ``OPT_STEP_DELAY_S=SECONDS`` makes every step that much slower, so that a test can signal
 or kill a run while it is surely in the middle of training.
 """
@@ -22,6 +25,7 @@ import time
 from opt.errors import OptError
 
 ENV = "OPT_INJECT_FAULT"
+ONCE_ENV = "OPT_INJECT_FAULT_ONCE"
 DELAY_ENV = "OPT_STEP_DELAY_S"
 ACTIONS = ("raise", "hang", "die")
 NAMED_POINTS = ("rollback", "save")
@@ -59,6 +63,11 @@ def maybe_inject_fault(rank: int, step: int | str, at_step: int | None = None) -
     fault_rank, fault_step, action = parse_fault(text)
     if rank != fault_rank or fault_step not in (step, f"{step}@{at_step}"):
         return
+    if once := os.environ.get(ONCE_ENV):
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # fired before
     if action == "raise":
         raise InjectedFault(f"injected fault on rank {rank} before step {step}")
     if action == "hang":

@@ -1,11 +1,16 @@
-"""`opt launch slurm` on a real one-node Slurm (slurmctld + slurmd + munged, see
-slurm_cluster.py): a warning signal sent with scancel, a real time limit whose warning Slurm
-sends itself, a real preemption by a job of a higher-tier partition, a killed rank, a truncated checkpoint, a node that keeps failing and a requeue
-limit, each read back from the logbook.
+"""`opt launch slurm` on a real Slurm of three nodes on this machine (slurmctld, a slurmd per
+node in its own network and UTS namespace, munged; see slurm_cluster.py), against the events
+a long run meets: a real time limit whose warning Slurm sends itself, a real preemption by a
+job of a higher-tier partition, a node that really goes away (link down, every process on it
+killed), a killed rank, a truncated checkpoint, a node that keeps failing and a requeue limit,
+each read back from the logbook. One test sends the warning signal with scancel itself (the
+mechanism, without the scheduler's timing).
 
-The tiny model trains with 2 tasks of 1 CPU; OPT_STEP_DELAY_S slows each step so that the
-test can act in the middle of training. Losses are compared with the same layout run once
-without Slurm (`opt launch local`), exactly.
+The tiny model trains as one process, two ranks on one node, or one rank on each of two
+nodes (torch.distributed's rendezvous at the first node's address, gloo between the nodes'
+own addresses); OPT_STEP_DELAY_S slows each step so that the test can act in the middle of
+training. Losses are compared with the same layout run once without Slurm (`opt launch
+local`, or one `opt train` process), exactly: CPU fp32 is deterministic for a fixed layout.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from helpers import (
     tensorboard_losses,
 )
 
+from opt.checkpoint.manifest import temporary_path
 from opt.run.logbook import read_events
 from opt.run.logbook.events import Event
 from opt.run.status import read_status
@@ -36,26 +42,47 @@ from opt.run.status import read_status
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
 SLURM_FLAGS = [
-    "--slurm.gpus_per_node", "0", "--slurm.tasks_per_node", "2", "--slurm.cpus_per_task", "1",
+    "--slurm.gpus_per_node", "0", "--slurm.cpus_per_task", "1",
     "--slurm.time_minutes", "20", "--slurm.signal_delay_s", "60",
 ]  # fmt: skip
+ONE_NODE = ["--slurm.nodes", "1", "--slurm.tasks_per_node", "2"]  # 2 ranks on one node
+TWO_NODES = ["--slurm.nodes", "2", "--slurm.tasks_per_node", "1"]  # a rank on each of two
+
+
+ONE_PROCESS = ["--slurm.nodes", "1", "--slurm.tasks_per_node", "1", "--parallel.dp_shard", "1"]
+LONG_RUN = 300  # steps of the one-process run that a real time limit interrupts
 
 
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory, pydoc_dataset) -> dict[int, float]:
+    """Two ranks (data parallel), uninterrupted: what every two-rank job must reproduce."""
     root = tmp_path_factory.mktemp("slurm-reference")
     finish(launch_local(config_for(root, pydoc_dataset, "reference", **{"train.max_steps": 14})))
+    return metrics_losses(root / "runs" / "reference")
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory, pydoc_dataset) -> dict[int, float]:
+    """One process, LONG_RUN steps, uninterrupted."""
+    root = tmp_path_factory.mktemp("slurm-reference-1")
+    config = config_for(root, pydoc_dataset, "reference", **{"train.max_steps": LONG_RUN,
+                                                              "parallel.dp_shard": 1})  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "opt", "train", str(config)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return metrics_losses(root / "runs" / "reference")
 
 
 class Job:
     """One `opt launch slurm` submission and the files it writes."""
 
-    def __init__(self, cluster, root: Path, dataset: Path, run: str, *flags: str, **env):
+    def __init__(self, cluster, root: Path, dataset: Path, run: str, *flags: str,
+                 layout: list[str] = ONE_NODE, steps: int = 14, **env):  # fmt: skip
         self.cluster, self.root, self.run = cluster, root, run
-        self.config = config_for(root, dataset, run, **{"train.max_steps": 14})
+        self.config = config_for(root, dataset, run, **{"train.max_steps": steps})
         self.env = {**cluster.env, "PYTHONPATH": str(REPO), "OPT_STEP_DELAY_S": "0.5", **env}
-        result = self.cli("launch", "slurm", str(self.config), *SLURM_FLAGS, *flags)
+        result = self.cli("launch", "slurm", str(self.config), *SLURM_FLAGS, *layout, *flags)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         self.id = re.search(r"submitted job (\d+)", result.stdout).group(1)
 
@@ -93,9 +120,13 @@ class Job:
     def wait_for_step(self, step: int) -> None:
         self.wait(f"step {step}", lambda: (read_status(self.run_dir).get("step") or 0) >= step)
 
-    def wait_until_finished(self) -> None:
+    def wait_until_finished(self, timeout: float = 240) -> None:
         self.wait("the run to finish", lambda: "allocation_end" in self.kinds()
-                  or "gave_up" in self.kinds())  # fmt: skip
+                  or "gave_up" in self.kinds(), timeout)  # fmt: skip
+
+    def allocations(self) -> list[list[str]]:
+        """The hosts of each allocation so far, in order."""
+        return [e.hosts for e in self.events() if e.kind == "allocation_start"]
 
     def log(self) -> str:
         logs = sorted((self.run_dir / "slurm").glob("*/*_log.out"))
@@ -141,18 +172,17 @@ def test_a_preemption_signal_requeues_and_the_resumed_run_matches_an_uninterrupt
     assert "restarts: 1 (preemption 1)" in status.stdout
 
 
-@pytest.mark.timeout(420)
-def test_a_real_time_limit_warns_the_ranks_which_save_and_the_job_resumes_as_a_timeout(
-    slurm_cluster, tmp_path, pydoc_dataset, reference_losses
+@pytest.mark.timeout(600)
+def test_a_real_time_limit_warns_the_rank_which_saves_and_the_job_resumes_bitwise_as_a_timeout(
+    slurm_cluster, tmp_path, pydoc_dataset, one_process_reference
 ):
-    """A 3-minute time limit with --signal=USR2@90: Slurm itself sends the warning (up to a
-    minute early, by its timer's resolution), every rank stops at one agreed step and saves,
-    and the driver reads Slurm's end time for the job to call it a timeout, then requeues."""
+    """One process under a 3-minute time limit with --signal=USR2@90: Slurm itself sends the
+    warning (up to a minute early, by its timer's resolution), the rank saves, and the driver
+    reads Slurm's end time for the job to call it a timeout and requeue. The run needs more
+    than one allocation; in the end every loss equals the uninterrupted process's, bit for bit."""
     job = Job(slurm_cluster, tmp_path, pydoc_dataset, "timed", "--slurm.time_minutes", "3",
-              "--slurm.signal_delay_s", "90", "--train.max_steps", "2000")  # fmt: skip
-    job.wait("Slurm's warning and the requeue", lambda: "requeue" in job.kinds(), timeout=200)
-    job.wait("the resume", lambda: [e.kind for e in job.events()].count("run_start") == 2)
-    job.slurm("scancel", job.id)
+              "--slurm.signal_delay_s", "90", layout=ONE_PROCESS, steps=LONG_RUN)  # fmt: skip
+    job.wait_until_finished(timeout=540)
     events = job.events()
     stop = next(e for e in events if e.kind == "run_stop")
     assert "stopped on SIGUSR2" in stop.reason, stop
@@ -162,26 +192,27 @@ def test_a_real_time_limit_warns_the_ranks_which_save_and_the_job_resumes_as_a_t
     away = int(re.search(r": (-?\d+) s away", requeue.detail).group(1))
     assert away <= 90 + 90  # the limit's warning, however early Slurm sent it
     assert requeue.checkpoint.endswith(f"step_{stop.step:08d}")
-    resumed = [e for e in events if e.kind == "run_start"][-1]
+    resumed = [e for e in events if e.kind == "run_start"][1]
     assert resumed.step == stop.step and resumed.lost_steps == 0
-    # The steps before the stop are the uninterrupted run's, bit for bit.
-    losses = metrics_losses(job.run_dir)
-    common = [s for s in reference_losses if s <= stop.step]
-    assert common and {s: losses[s] for s in common} == {s: reference_losses[s] for s in common}
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished", job.kinds()
+    assert metrics_losses(job.run_dir) == one_process_reference
 
 
 @pytest.mark.timeout(420)
 def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_bitwise(
     slurm_cluster, tmp_path, pydoc_dataset, reference_losses
 ):
-    """Real preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE): a job in
-    the higher-tier partition needs a CPU ours holds; Slurm sends ours its --signal, the
-    ranks save at one step, the job is requeued and resumes once the node is free, with no
-    step lost or repeated and the uninterrupted run's losses, bit for bit."""
-    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "preemptee")
+    """Real preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE) of a job with
+    a rank on each of two nodes: a job in the higher-tier partition needs every CPU of one of
+    them; Slurm sends ours its --signal, both ranks save at one agreed step, the job is
+    requeued and resumes when nodes are free, with no step lost or repeated and the
+    uninterrupted run's losses, bit for bit."""
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "preemptee", layout=TWO_NODES)
     job.wait_for_step(3)
-    urgent = job.slurm("sbatch", "--parsable", "-p", "urgent", "-n", "1", "-t", "2",
-                       "-o", "/dev/null", "--wrap", "sleep 10")  # fmt: skip
+    first = job.allocations()[0]
+    assert len(set(first)) == 2, first  # two nodes, one rank each
+    urgent = job.slurm("sbatch", "--parsable", "-p", "urgent", "-N", "1", "-w", first[1], "-n", "2",
+                       "-t", "2", "-o", "/dev/null", "--wrap", "sleep 10")  # fmt: skip
     assert urgent.isdigit(), urgent
     job.wait_until_finished()
     events = job.events()
@@ -203,7 +234,7 @@ def test_a_killed_rank_requeues_and_resumes_from_the_last_complete_checkpoint(
 ):
     job = Job(slurm_cluster, tmp_path, pydoc_dataset, "killed",
               "--checkpoint.every", "3", "--checkpoint.keep_last", "0",
-              "--slurm.exclude_after_failures", "0")  # fmt: skip
+              "--slurm.exclude_after_failures", "0", layout=TWO_NODES)  # fmt: skip
     job.wait_for_step(8)  # checkpoints at 3 and 6
     os.kill(rank_pid(job.run_dir / "slurm/config.toml", 1, "SLURM_PROCID"), signal.SIGKILL)
     job.wait("the requeue", lambda: "requeue" in job.kinds())
@@ -218,7 +249,7 @@ def test_a_killed_rank_requeues_and_resumes_from_the_last_complete_checkpoint(
     events = job.events()
     requeue = next(e for e in events if e.kind == "requeue")
     assert requeue.cause == "process_failure", requeue
-    assert requeue.hosts == [slurm_cluster.node_name] and requeue.ranks == "1"
+    assert requeue.hosts == [job.allocations()[0][1]] and requeue.ranks == "1"  # its node
     assert requeue.detail == "Killed"
     skipped = next(e for e in events if e.kind == "checkpoint_skipped")
     assert skipped.checkpoint == str(newest)
@@ -238,21 +269,72 @@ def test_a_killed_rank_requeues_and_resumes_from_the_last_complete_checkpoint(
     assert f"lost to restarts: {lost} steps, {lost * 256:,} tokens" in summary.stdout
 
 
+@pytest.mark.timeout(420)
+def test_a_node_that_dies_mid_checkpoint_fails_the_job_which_resumes_bitwise_without_it(
+    slurm_cluster, tmp_path, pydoc_dataset, reference_losses
+):
+    """A node of a two-node job really goes away: its link goes down and every process on it
+    (slurmd, the job step, the rank) is SIGKILLed, as at a power loss. Slurm hears nothing
+    from it for SlurmdTimeout, marks it DOWN, fails the job (NODE_FAIL) and requeues it. The
+    next allocation runs on two healthy nodes from the last complete checkpoint, never the one
+    half-written when the node died; the logbook names the node, Slurm's reason and the time
+    lost, and excludes it; the run ends with the uninterrupted run's losses, bit for bit.
+    The node that dies is the first, where the batch step (the driver) runs too. To be sure
+    the death falls inside a save, the test's fault hook holds that save open (rank 0 stops
+    after the shards are written, before it commits the checkpoint's manifest; once)."""
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "orphaned", "--checkpoint.every", "3",
+              "--checkpoint.keep_last", "0", "--slurm.exclude_after_failures", "1",
+              layout=TWO_NODES, OPT_INJECT_FAULT="0:save@9:hang",
+              OPT_INJECT_FAULT_ONCE=str(tmp_path / "fault-fired"))  # fmt: skip
+    job.wait("the save of step 9 to be held open", (tmp_path / "fault-fired").exists)
+    dead = job.allocations()[0][0]  # rank 0's node, the driver's too
+    step_9 = tmp_path / "ckpt" / "orphaned" / "step_00000009"
+    try:
+        slurm_cluster.kill_node(dead)
+        # What the death left: step 9's shards in its temporary directory, never committed.
+        assert list(temporary_path(step_9).glob("*.distcp")) and not step_9.exists()
+        job.wait_until_finished()
+        states = slurm_cluster.node_states()
+    finally:
+        slurm_cluster.revive_node(dead)
+    assert "down" in states[dead], states
+    events = job.events()
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "node_failure" and requeue.requeued_by == "slurm", requeue
+    assert requeue.hosts == [dead] and requeue.allocation_hosts == job.allocations()[0]
+    assert requeue.detail.startswith(f"{dead}: DOWN") and "Not responding" in requeue.detail
+    excluded = next(e for e in events if e.kind == "node_excluded")
+    assert excluded.hosts == [dead] and not excluded.applied  # the job was already running
+    second = job.allocations()[1]
+    assert len(set(second)) == 2 and dead not in second, second
+    resumed = [e for e in events if e.kind == "run_start"][-1]
+    assert resumed.checkpoint.endswith("step_00000006"), resumed
+    assert resumed.lost_steps == resumed.previous_step - 6 >= 2 and resumed.lost_s > 0
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished", job.kinds()
+    assert metrics_losses(job.run_dir) == reference_losses
+    summary = job.cli("logbook", "summary", job.run, "--dir", str(tmp_path / "logbook"))
+    assert "restarts: 1 (node failure 1)" in summary.stdout, summary.stdout
+    book = (tmp_path / "logbook" / job.run / "LOGBOOK.md").read_text()
+    assert f"**node failure** on {dead} ({dead}: DOWN" in book, book
+
+
 @pytest.mark.timeout(300)
-def test_a_node_that_fails_again_is_excluded_from_the_next_allocation(
+def test_a_node_that_fails_is_excluded_and_the_next_allocation_avoids_it(
     slurm_cluster, tmp_path, pydoc_dataset
 ):
+    """Rank 0 dies before step 3 in every allocation: with exclude_after_failures=1 its node
+    is excluded after the first failure and the requeued job runs elsewhere (and fails
+    again, which uses up max_failure_requeues=1)."""
     job = Job(slurm_cluster, tmp_path, pydoc_dataset, "flaky", "--slurm.exclude_after_failures",
-              "1", OPT_INJECT_FAULT="0:3:die")  # fmt: skip
-    job.wait("the exclusion", lambda: "node_excluded" in job.kinds())
-    # The only node is excluded, so the requeued job can never start: Slurm says why.
-    job.wait("Slurm to hold the job", lambda: "BadConstraints" in job.state(), timeout=60)
-    shown = job.slurm("scontrol", "-o", "show", "job", job.id)
-    assert f"ExcNodeList={slurm_cluster.node_name}" in shown
-    excluded = next(e for e in job.events() if e.kind == "node_excluded")
-    assert excluded.hosts == [slurm_cluster.node_name]
-    assert excluded.failures == {slurm_cluster.node_name: 1}
-    job.slurm("scancel", job.id)
+              "1", "--slurm.max_failure_requeues", "1", OPT_INJECT_FAULT="0:3:die")  # fmt: skip
+    job.wait_until_finished()
+    events = job.events()
+    (first,), (second,) = (set(hosts) for hosts in job.allocations())
+    excluded = next(e for e in events if e.kind == "node_excluded")
+    assert excluded.hosts == [first] and excluded.failures == {first: 1} and excluded.applied
+    assert second != first  # Slurm kept the job off the excluded node
+    assert f"ExcNodeList={first}" in job.slurm("scontrol", "-o", "show", "job", job.id)
+    assert events[-1].kind == "gave_up" and events[-1].hosts == [second], events[-1]
 
 
 @pytest.mark.timeout(300)
@@ -263,7 +345,7 @@ def test_failures_past_the_limit_end_the_job_and_say_so(slurm_cluster, tmp_path,
     events = job.events()
     gave_up = events[-1]
     assert gave_up.kind == "gave_up" and gave_up.cause == "process_failure", events
-    assert gave_up.limit == 0 and gave_up.hosts == [slurm_cluster.node_name]
+    assert gave_up.limit == 0 and gave_up.hosts == job.allocations()[0]
     assert "requeue" not in [e.kind for e in events]
     job.wait("Slurm to end the job", lambda: job.state().startswith("FAILED"), timeout=60)
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from opt.cli import configs, convert, data, intervene, launch, logbook, plan, score, train
-from opt.errors import OptError
+from opt.errors import REFUSED_EXIT, OptError
 
 # In the order `opt --help` lists them.
 COMMAND_GROUPS = (configs, data, train, convert, logbook, intervene, plan, launch, score)
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         where = f"[rank {rank}] " if rank is not None else ""
         print(f"error: {where}{err}", file=sys.stderr)
-        return 2
+        return REFUSED_EXIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from opt.config import JobConfig, load_config
+from opt.errors import REFUSED_EXIT
 from opt.launch.job_history import (
     allocation_vanished,
     excluded_hosts,
@@ -53,7 +54,6 @@ from opt.run.logbook.events import (
 )
 from opt.run.preemption import ENV as STOP_SIGNALS_ENV
 
-REFUSED_EXIT = 2  # `opt train`'s status for a config/data/checkpoint error
 # srun's report of a failed task, e.g. "srun: error: node7: task 3: Killed".
 SRUN_TASK_ERROR = re.compile(r"srun: error: ([^:\s]+): tasks? ([\d,\-]+): (.+)")
 SRUN_NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)")
@@ -100,21 +100,22 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     history = _events(book)
     if allocation_vanished(history):
         # The previous allocation ended without the driver's word, and Slurm requeued the
-        # job itself: a preemption (the ranks had saved on the signal) or a dead node.
-        # Which host failed is unknown, so none is blamed (or excluded) for it.
-        saved = run_status.read_status(cfg.run_dir).get("state") == run_status.STOPPED_ON_SIGNAL
-        previous = last_allocation(history)
-        requeue = Requeue(
-            cause="preemption" if saved else "node_failure",
-            job_id=job_id,
-            requeued_by="slurm",
-            allocation_hosts=previous.hosts if previous else [],
-            detail="the previous allocation ended without the driver's report",
-        )
+        # job itself: a preemption (the ranks had saved on the signal) or a node that died
+        # (Slurm failed the job when the node stopped answering). The hosts to blame are
+        # those of the previous allocation that Slurm now reports down or not responding.
+        requeue = _requeue_by_slurm(cfg, history, job_id)
         if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
         book.append(requeue)
+        _new_exclusions(cfg, book, job_id, hosts)
         history = _events(book)
+    if unwanted := sorted(set(excluded_hosts(cfg, history)) & set(hosts)):
+        # Slurm gave this allocation a host excluded after this job's exclusions were last
+        # set (they change only while the job is pending): requeue without it, untrained.
+        print(f"driver: allocation includes excluded host(s) {', '.join(unwanted)}", flush=True)
+        book.append(Requeue(cause="excluded_host", job_id=job_id, requeued_by="opt",
+                            hosts=unwanted, allocation_hosts=hosts))  # fmt: skip
+        return _requeue(job_id, excluded_hosts(cfg, history))
     book.append(
         AllocationStart(
             job_id=job_id,
@@ -155,7 +156,7 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
         book.append(requeue)
-        return _requeue(job_id)
+        return _requeue(job_id, excluded_hosts(cfg, history) or None)
     first = outcome.failures[0] if outcome.failures else None
     requeue = Requeue(
         cause="node_failure" if outcome.node_failures else "process_failure",
@@ -171,8 +172,8 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
     if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
         return code
     book.append(requeue)
-    exclude = _new_exclusions(cfg, book, job_id)
-    return _requeue(job_id, exclude)
+    _new_exclusions(cfg, book, job_id)
+    return _requeue(job_id, excluded_hosts(cfg, book.events()) or None)
 
 
 # Slurm sends --signal up to 60 s before it is due (its timer's resolution), and our ranks
@@ -271,18 +272,68 @@ def _give_up_if_over_limit(
     return 1
 
 
-def _new_exclusions(cfg: JobConfig, book: Logbook, job_id: str) -> list[str] | None:
-    """The full exclude list when a host has just reached the failure threshold (logged),
-    else None."""
+def _new_exclusions(
+    cfg: JobConfig, book: Logbook, job_id: str, running_on: list[str] | None = None
+) -> None:
+    """Log the hosts that have just reached the failure threshold. When the driver requeues
+    next, the job's exclusions are set to every excluded host; ``running_on`` (this
+    allocation's hosts, when it is already running) is what they cannot apply to yet."""
     events = book.events()
     new = newly_excluded(cfg, events)
     if not new:
-        return None
+        return
     hosts = excluded_hosts(cfg, events)
     failures = failures_by_host(events)
-    book.append(NodeExcluded(job_id=job_id, hosts=new, exclude=",".join(hosts),
-                             failures={h: failures[h] for h in new}))  # fmt: skip
-    return hosts
+    pending = running_on is not None
+    book.append(NodeExcluded(
+        job_id=job_id, hosts=new, exclude=",".join(hosts),
+        failures={h: failures[h] for h in new}, applied=not pending,
+        detail="set at this job's next requeue: Slurm changes a job's excluded nodes only "
+               "while it is pending" if pending else None,
+    ))  # fmt: skip
+
+
+def _requeue_by_slurm(cfg: JobConfig, history: list[Event], job_id: str) -> Requeue:
+    """The requeue Slurm did itself, judged from what was left: a checkpoint saved on the
+    warning signal (a preemption), else a failure of the previous allocation's hosts that
+    Slurm now reports down or not responding (a dead node)."""
+    saved = run_status.read_status(cfg.run_dir).get("state") == run_status.STOPPED_ON_SIGNAL
+    previous = last_allocation(history)
+    allocation = previous.hosts if previous else []
+    if saved:
+        return Requeue(cause="preemption", job_id=job_id, requeued_by="slurm",
+                       allocation_hosts=allocation,
+                       detail="the previous allocation ended without the driver's report, "
+                              "after the ranks saved on the warning signal")  # fmt: skip
+    down = unresponsive_nodes(allocation)
+    detail = "; ".join(f"{host}: {why}" for host, why in down.items()) or (
+        "the previous allocation ended without the driver's report; Slurm reports none of "
+        "its nodes down"
+    )
+    return Requeue(cause="node_failure", job_id=job_id, requeued_by="slurm",
+                   hosts=list(down), allocation_hosts=allocation, detail=detail)  # fmt: skip
+
+
+def unresponsive_nodes(hosts: list[str]) -> dict[str, str]:
+    """Of ``hosts``, those Slurm reports down, failing or not responding (a ``*`` on the
+    state), with its state and reason, e.g. {"node2": "DOWN* (Not responding,
+    since 2026-11-30T09:01:12)"}."""
+    if not hosts:
+        return {}
+    try:
+        result = subprocess.run(["scontrol", "show", "node", "-o", ",".join(hosts)],
+                                capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    down = {}
+    for line in result.stdout.splitlines():
+        node = dict(re.findall(r"(\w+)=(\S*)", line))
+        state = node.get("State", "")
+        if "*" in state or any(s in state for s in ("DOWN", "FAIL", "NOT_RESPONDING")):
+            reason = re.search(r"Reason=(.*?) \[[^\]]*@([^\]]+)\]", line)
+            why = f" ({reason.group(1)}, since {reason.group(2)})" if reason else ""
+            down[node.get("NodeName", "?")] = f"{state}{why}"
+    return down
 
 
 def _scontrol(*args: str) -> bool:

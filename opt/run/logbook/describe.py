@@ -153,11 +153,12 @@ def _(e: AllocationEnd) -> str:
 
 @describe.register
 def _(e: Requeue) -> str:
-    where = (
-        f" on {_hosts(e.hosts)} (rank(s) {e.ranks}: {e.detail})"
-        if e.cause in FAILURE_CAUSES
-        else ""
-    )
+    where = ""
+    if e.cause in FAILURE_CAUSES:
+        ranks = f"rank(s) {e.ranks}: " if e.ranks else ""
+        where = f" on {_hosts(e.hosts)} ({ranks}{e.detail})"
+    elif e.cause == "excluded_host":
+        where = f": the allocation included {_hosts(e.hosts)}, excluded after failures"
     last = f", last checkpoint {Path(e.checkpoint).name}" if e.checkpoint else ""
     return (
         f"**{e.cause.replace('_', ' ')}**{where}; job {e.job_id} requeued by {e.requeued_by}{last}"
@@ -166,7 +167,7 @@ def _(e: Requeue) -> str:
 
 @describe.register
 def _(e: NodeExcluded) -> str:
-    applied = "" if e.applied else f" (scontrol refused: {e.detail})"
+    applied = "" if e.applied else f" ({e.detail})"
     return f"excluded {_hosts(e.hosts)} from later allocations after repeated failures{applied}"
 
 

@@ -209,7 +209,9 @@ class AllocationEnd(Event):
     result: str
 
 
-RequeueCause = Literal["timeout", "preemption", "process_failure", "node_failure"]
+RequeueCause = Literal[
+    "timeout", "preemption", "process_failure", "node_failure", "excluded_host"
+]  # fmt: skip
 
 
 class Requeue(Event):
