@@ -7,6 +7,7 @@ Every method may be called on every rank; only rank 0 writes.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class RunRecorder:
         layout: dict,
         reconciled: InterventionCompletedAfterRestart | None,
         max_steps: int,
+        load_s: float | None = None,
     ) -> None:
         """run_start (after config_change against the previous start of this run), the
         resolved config and the first status. Called once the inputs have proven loadable:
@@ -112,6 +114,8 @@ class RunRecorder:
                 model=self.cfg.model.name,
                 run_dir=str(self.run_dir),
                 **self._work_lost(step, tokens, source),
+                startup_s=_process_age_s(),
+                load_s=round(load_s, 2) if load_s is not None else None,
             )
         )
         if reconciled is not None:
@@ -201,3 +205,15 @@ def config_changes(old_toml: str, new_toml: str) -> dict[str, tuple]:
         for k in sorted(old.keys() | new.keys())
         if old.get(k) != new.get(k)
     }
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (the kernel's record, so the interpreter's own
+    start and every import count), or None where /proc does not say."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return round(
+            time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK"), 2
+        )
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

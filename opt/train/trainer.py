@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,13 +362,15 @@ class Trainer:
     def fit(self) -> list[StepResult]:
         cfg = self.cfg
         lead = self.rank == 0
+        loading = time.perf_counter()
         source = self.restore()
+        load_s = time.perf_counter() - loading
         if source is not None and lead:
             print(f"resumed from {source} at step {self.step}", flush=True)
         # Written only once the inputs have proven loadable: a failed start leaves no run dir.
         self.recorder.started(
             step=self.step, tokens=self.tokens_seen, source=source, layout=self.job.layout,
-            reconciled=self.reconciled, max_steps=self.max_steps,
+            reconciled=self.reconciled, max_steps=self.max_steps, load_s=load_s,
         )  # fmt: skip
         metrics = self.metrics = self._metrics_logger() if lead else None
         if lead:

@@ -49,6 +49,9 @@ def _(e: RunStart) -> str:
             f"; the interruption cost {e.lost_steps} step(s), "
             f"{e.lost_tokens or 0:,} tokens and {_duration(e.lost_s)}"
         )
+    if e.startup_s is not None:
+        load = f", {e.load_s:.1f} s of it loading the checkpoint" if e.checkpoint else ""
+        text += f"; ready to train {e.startup_s:.1f} s after the process started{load}"
     return text
 
 

@@ -67,6 +67,10 @@ class RunStart(Event):
     lost_steps: int | None = None
     lost_tokens: int | None = None
     lost_s: float | None = None
+    # How long the start took: from the process's start to training (imports, rendezvous,
+    # building the model, finding, verifying and loading the checkpoint), and the load alone.
+    startup_s: float | None = None
+    load_s: float | None = None
 
 
 class ConfigChange(Event):
