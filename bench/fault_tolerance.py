@@ -1,7 +1,7 @@
-"""What fault tolerance costs: per step, at resume, and per preemption.
+"""What fault tolerance costs: per step and at resume. (A preemption on the test Slurm, part
+by part: bench/restart_budget.py.)
 
-    python bench/fault_tolerance.py --write BENCHMARKS.md            # CPU parts
-    python bench/fault_tolerance.py --slurm --write BENCHMARKS.md    # + a real one-node Slurm
+    python bench/fault_tolerance.py --write BENCHMARKS.md
 
 1. Per step: rank 0's status.json rewrite, and the step's agreed vector (loss, gradient
    norm, stop signal, control files: one five-element all-reduce and one host copy, what
@@ -9,18 +9,12 @@
    step, timed in the run.
 2. At resume: SHA-256 verification of a checkpoint-sized set of files by `opt` (one rank,
    then split over 2 ranks), against coreutils' `sha256sum` on the same files as the peer.
-3. With --slurm: the time one preemption costs on the test cluster (tests/slurm_cluster.py),
-   from the logbook: USR2 -> checkpoint saved and stopped -> requeued -> next allocation ->
-   training resumed. Median of 3 jobs.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from report import machine_info, write_section  # noqa: E402  (after the path it lives on)
 
-TITLE = "## Fault tolerance: per-step cost, checkpoint verification, preemption (CPU)"
+TITLE = "## Fault tolerance: per-step cost, checkpoint verification (CPU)"
 MiB = 2**20
 
 
@@ -149,70 +143,10 @@ def verification(tmp: Path, files: int, size: int) -> dict:
     return {"bytes": total, "ours": ours, "peer": peer, "two_ranks": two_ranks}
 
 
-# ----- 3. a preemption on the test cluster ---------------------------------------------------
-def _when(event: dict) -> float:
-    return dt.datetime.fromisoformat(event.time).timestamp()
-
-
-def preemption(tmp: Path, repeats: int) -> list[dict]:
-    from slurm_cluster import SlurmCluster, ensure_slurm_installed
-    from test_preemption import config_for
-
-    from opt.data.prepare import ensure_builtin_dataset
-    from opt.run.logbook import read_events
-    from opt.run.status import read_status
-
-    if reason := ensure_slurm_installed():
-        raise SystemExit(reason)
-    dataset = ensure_builtin_dataset(tmp / "pydoc", vocab_size=512)
-    cluster = SlurmCluster.start(tmp / "slurm")
-    env = {**cluster.env, "PYTHONPATH": str(REPO), "OPT_STEP_DELAY_S": "0.3"}
-    runs = []
-    try:
-        for i in range(repeats):
-            run = f"preempt{i}"
-            config = config_for(tmp, dataset, run, **{"train.max_steps": 20})
-            out = subprocess.run(
-                [sys.executable, "-m", "opt", "launch", "slurm", str(config),
-                 "--slurm.gpus_per_node", "0", "--slurm.tasks_per_node", "2",
-                 "--slurm.cpus_per_task", "1", "--slurm.time_minutes", "20",
-                 "--slurm.signal_delay_s", "60"],
-                env=env, capture_output=True, text=True, check=True, cwd=REPO,
-            ).stdout  # fmt: skip
-            job = re.search(r"submitted job (\d+)", out).group(1)
-            run_dir = tmp / "runs" / run
-            while (read_status(run_dir).get("step") or 0) < 3:
-                time.sleep(0.05)
-            sent = time.time()
-            subprocess.run(["scancel", f"--signal={signal.Signals.SIGUSR2.name[3:]}", job],
-                           env=cluster.env, check=True)  # fmt: skip
-            while read_status(run_dir).get("state") != "stopped_on_signal":
-                time.sleep(0.02)
-            stopped = time.time()  # status.json says: saved and stopped
-            book = tmp / "logbook" / run / "events.jsonl"
-            while not any(e.kind == "allocation_end" for e in read_events(book)):
-                time.sleep(0.5)
-            events = read_events(book)
-            first = {k: next(e for e in events if e.kind == k) for k in ("run_stop", "requeue")}
-            start2 = [e for e in events if e.kind == "allocation_start"][1]
-            resumed = [e for e in events if e.kind == "run_start"][1]
-            runs.append({
-                "stop_s": stopped - sent,
-                "requeue_s": _when(first["requeue"]) - _when(first["run_stop"]),
-                "held_s": _when(start2) - _when(first["requeue"]),
-                "startup_s": _when(resumed) - _when(start2),
-                "lost_s": resumed.lost_s,
-            })  # fmt: skip
-    finally:
-        cluster.stop()
-    return runs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--file-mib", type=int, default=256)
-    parser.add_argument("--slurm", action="store_true", help="also time preemptions on Slurm")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     from opt.data.prepare import ensure_builtin_dataset
@@ -220,8 +154,7 @@ def main() -> None:
     lines = [
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {machine_info(torch.get_num_threads())['cpu']}",
-        "- Command: `python bench/fault_tolerance.py"
-        + (" --slurm" if args.slurm else "") + " --write BENCHMARKS.md`",
+        "- Command: `python bench/fault_tolerance.py --write BENCHMARKS.md`",
         "",
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(dir=REPO) as name:
@@ -229,7 +162,6 @@ def main() -> None:
         ensure_builtin_dataset(tmp / "pydoc", vocab_size=8192)
         step = per_step(tmp)
         ver = verification(tmp, args.files, args.file_mib * MiB)
-        slurm = preemption(tmp, 3) if args.slurm else None
     mbps = {k: ver["bytes"] / ver[k] / MiB for k in ("ours", "peer", "two_ranks")}
     per_rank_175b = 174.6e9 * 12 / 992  # fp32 weights + AdamW moments over 992 ranks
     lines += [
@@ -255,22 +187,6 @@ def main() -> None:
         "OpenSSL, which can use this CPU's SHA extensions (`sha_ni`); coreutils' rate "
         "suggests it does not.",
     ]
-    if slurm:
-        med = {k: statistics.median(r[k] for r in slurm) for k in slurm[0]}
-        lines += [
-            "",
-            "| one preemption on the 1-node test cluster (median of 3) | s |",
-            "|---|---|",
-            f"| USR2 sent -> all ranks stopped, checkpoint saved | {med['stop_s']:.1f} |",
-            f"| -> driver logged the requeue | {med['requeue_s']:.0f} |",
-            f"| -> next allocation started (Slurm's hold after a requeue) | {med['held_s']:.0f} |",
-            f"| -> training resumed (Python, torch, process group, verify, load) | "
-            f"{med['startup_s']:.0f} |",
-            f"| time lost (checkpoint saved -> resumed, from the logbook) | {med['lost_s']:.1f} |",
-            "",
-            "Logbook times have 1 s resolution. Slurm holds a requeued job until its "
-            "credentials expire (`cred_expire=10` on the test cluster; 120 s by default).",
-        ]
     body = "\n".join(lines)
     print(body)
     if args.write:
