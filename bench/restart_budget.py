@@ -110,8 +110,8 @@ def one_preemption(job: Job, node: str, at_step: int) -> dict:
     _until("the stop", lambda: job.status().get("state") == "stopped_on_signal")
     status = job.status()
     stopped, stop_step = status["updated"], status["step"]
-    manifest = Path(status["last_checkpoint"]) / "manifest.json"
-    save_s = manifest.stat().st_mtime - json.loads(manifest.read_text())["saved_at"]
+    # The rank times its own save (the stop's reason says how long it took).
+    save_s = float(re.search(r"saved for the requeue in ([\d.]+) s", status["reason"]).group(1))
     pending = _until("the requeue", lambda: job.squeue_state() == "PENDING", every=0.2)
     _until("the next allocation", lambda: len(job.allocations()) > allocations, every=0.2)
     allocated = job.allocations()[-1]

@@ -486,13 +486,16 @@ class Trainer:
     def _stop_on_signal(self) -> Stop:
         """The scheduler's warning: a synchronous checkpoint of this step (unless one was
         just saved), then a clean exit that the launcher requeues."""
+        saving = time.perf_counter()
         if self.checkpoints.last_saved_step != self.step or self.checkpoints.in_flight:
             self.checkpoints.save(self.step, sync=True)
+        took = time.perf_counter() - saving
         received = (self.stop_signal.received if self.stop_signal else None) or "a peer's signal"
         saved = checkpoint_path(self.cfg.checkpoint_dir, self.step).name
         return Stop(
             STOPPED_ON_SIGNAL,
-            f"stopped on {received} at step {self.step}, checkpoint {saved} saved for the requeue",
+            f"stopped on {received} at step {self.step}, checkpoint {saved} saved for the "
+            f"requeue in {took:.2f} s",
         )
 
     def _metrics_logger(self) -> MetricsLogger:
