@@ -20,6 +20,7 @@ setup(
         "pydantic>=2.7",  # the config tree and the logbook's event schema
         "tomli-w>=1.0",  # writing the resolved config back as TOML
         "matplotlib>=3.7",  # the logbook report's chart (imported only when one is rendered)
+        "py-spy>=0.3",  # `opt launch slurm`: the stacks of hung ranks, read from outside
     ],
     extras_require={
         "dev": [

@@ -17,7 +17,8 @@ from opt.run.logbook.events import (
     Requeue,
 )
 
-FAILURE_CAUSES = ("process_failure", "node_failure")
+# Failures of a host: they count toward its exclusion, and share one requeue limit.
+FAILURE_CAUSES = ("process_failure", "node_failure", "hang")
 
 
 def requeue_counts(events: list[Event]) -> Counter:
@@ -32,6 +33,7 @@ def requeue_limit(cfg: JobConfig, cause: str) -> int | None:
         "timeout": cfg.slurm.max_timeout_requeues,
         "process_failure": cfg.slurm.max_failure_requeues,
         "node_failure": cfg.slurm.max_failure_requeues,
+        "hang": cfg.slurm.max_failure_requeues,
     }
     return limits.get(cause)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from opt.config import JobConfig, load_config
 from opt.errors import REFUSED_EXIT
+from opt.launch.hang_watch import Hang, HangWatch
 from opt.launch.job_history import (
     allocation_vanished,
     excluded_hosts,
@@ -41,7 +42,7 @@ from opt.launch.job_history import (
     requeues_used,
 )
 from opt.launch.slurm_env import expand_hostlist, master_port
-from opt.launch.slurm_job import srun_command
+from opt.launch.slurm_job import srun_command, tasks_per_node
 from opt.run import status as run_status
 from opt.run.logbook import Logbook
 from opt.run.logbook.events import (
@@ -78,6 +79,7 @@ class StepOutcome:
     failures: list[tuple[str, str, str]]  # (host, tasks, srun's reason), in report order
     node_failures: list[str]
     last_lines: list[str]
+    hang: Hang | None = None  # the ranks' watchdog caught one; the stacks are on disk
 
     @property
     def refused(self) -> bool:
@@ -157,6 +159,8 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
             return code
         book.append(requeue)
         return _requeue(job_id, excluded_hosts(cfg, history) or None)
+    if outcome.hang is not None:
+        return _requeue_after_hang(cfg, book, history, outcome.hang, job_id, status)
     first = outcome.failures[0] if outcome.failures else None
     requeue = Requeue(
         cause="node_failure" if outcome.node_failures else "process_failure",
@@ -224,7 +228,8 @@ def _slurm_time(value: str) -> float | None:
 
 
 def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id: str):
-    """srun the training tasks; pass their output through and keep srun's failure reports."""
+    """srun the training tasks; pass their output through and keep srun's failure reports,
+    watching for a hang the ranks' watchdog reports meanwhile."""
     env = dict(os.environ)
     env[STOP_SIGNALS_ENV] = f"{cfg.slurm.signal},TERM"
     env["MASTER_ADDR"] = hosts[0]
@@ -232,19 +237,23 @@ def run_training_step(cfg: JobConfig, config_file: str, hosts: list[str], job_id
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "0")) or None
     command = srun_command(cfg, config_file, nodes=nodes)
     print("driver: " + " ".join(command), flush=True)
-    proc = subprocess.Popen(
-        command, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, bufsize=1
-    )
-    failures, node_failures, last_lines = [], [], []
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        last_lines = [*last_lines[-49:], line.rstrip()]
-        if match := SRUN_NODE_FAILURE.search(line):
-            node_failures.append(match.group(1))
-        elif match := SRUN_TASK_ERROR.search(line):
-            failures.append(match.groups())
-    sys.stderr.flush()
-    return StepOutcome(proc.wait(), failures, node_failures, last_lines)
+    world = (nodes or cfg.slurm.nodes) * tasks_per_node(cfg)
+    watch = HangWatch(cfg.run_dir, job_id, hosts, tasks_per_node(cfg), world)
+    with watch:
+        proc = subprocess.Popen(
+            command, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        failures, node_failures, last_lines = [], [], []
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            last_lines = [*last_lines[-49:], line.rstrip()]
+            if match := SRUN_NODE_FAILURE.search(line):
+                node_failures.append(match.group(1))
+            elif match := SRUN_TASK_ERROR.search(line):
+                failures.append(match.groups())
+        sys.stderr.flush()
+        code = proc.wait()
+    return StepOutcome(code, failures, node_failures, last_lines, watch.hang)
 
 
 def _events(book: Logbook) -> list[Event]:
@@ -270,6 +279,33 @@ def _give_up_if_over_limit(
     book.append(GaveUp(job_id=requeue.job_id, step=requeue.step, cause=requeue.cause,
                        requeues_used=used, limit=limit, **where))  # fmt: skip
     return 1
+
+
+def _requeue_after_hang(
+    cfg: JobConfig, book: Logbook, history: list[Event], hang: Hang, job_id: str, status: dict
+) -> int:
+    """Requeue after the watchdog caught a hang: a failure of the hung ranks' hosts (counted
+    toward their exclusion), with where every rank's stack is."""
+    stuck = (f"rank(s) {', '.join(map(str, hang.hung))} made no progress after step "
+             f"{hang.after_step} and wrote no stack of their own (taken by py-spy)"
+             if hang.hung else f"no rank progressed after step {hang.after_step}; every rank "
+             "wrote its stack, none can be blamed")  # fmt: skip
+    requeue = Requeue(
+        cause="hang",
+        job_id=job_id,
+        step=status.get("step"),
+        tokens=status.get("tokens"),
+        hosts=hang.hosts,
+        ranks=",".join(map(str, hang.hung)) or None,
+        detail=f"{stuck}; stacks in {hang.directory}",
+        checkpoint=status.get("last_checkpoint"),
+        requeued_by="opt",
+    )
+    if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
+        return code
+    book.append(requeue)
+    _new_exclusions(cfg, book, job_id)
+    return _requeue(job_id, excluded_hosts(cfg, book.events()) or None)
 
 
 def _new_exclusions(

@@ -29,7 +29,7 @@ from opt.run.logbook.events import (
     ValidLoss,
 )
 
-FAILURE_CAUSES = ("process_failure", "node_failure")
+FAILURE_CAUSES = ("process_failure", "node_failure", "hang", "straggler")
 
 
 @singledispatch

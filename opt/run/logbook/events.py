@@ -214,7 +214,8 @@ class AllocationEnd(Event):
 
 
 RequeueCause = Literal[
-    "timeout", "preemption", "process_failure", "node_failure", "excluded_host"
+    "timeout", "preemption", "process_failure", "node_failure", "hang", "straggler",
+    "excluded_host",
 ]  # fmt: skip
 
 
