@@ -15,6 +15,7 @@ local`, or one `opt train` process), exactly: CPU fp32 is deterministic for a fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -364,3 +365,42 @@ def test_a_start_that_can_never_work_ends_the_job_instead_of_requeueing(
     assert f"checkpoint not found: {missing}" in gave_up.detail
     assert "requeue" not in [e.kind for e in events]
     job.wait("Slurm to end the job", lambda: job.state().startswith("FAILED"), timeout=60)
+
+
+@pytest.mark.timeout(420)
+def test_a_hung_rank_is_caught_its_stack_taken_and_the_job_resumes_bitwise_without_its_node(
+    slurm_cluster, tmp_path, pydoc_dataset, reference_losses
+):
+    """Rank 1 (alone on its node) is stopped with SIGSTOP mid-run: it makes no progress, and
+    rank 0 waits in a collective. After hang_timeout_s, rank 0's watchdog writes its own
+    stack; the driver sees it, finds that rank 1 wrote none, takes rank 1's stack from
+    outside on its node (py-spy, an overlapping srun step), and requeues a hang of rank 1's
+    node, which exclude_after_failures=1 keeps out of the next allocation. The run resumes
+    and ends with the uninterrupted run's losses, bit for bit."""
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "hung", "--checkpoint.every", "3",
+              "--slurm.exclude_after_failures", "1", "--resilience.hang_timeout_s", "10",
+              "--resilience.hang_grace_s", "60", layout=TWO_NODES)  # fmt: skip
+    job.wait_for_step(4)
+    pid = rank_pid(job.run_dir / "slurm/config.toml", 1, "SLURM_PROCID")
+    slow = job.allocations()[0][1]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        job.wait("the hang's requeue", lambda: "requeue" in job.kinds(), timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # normally srun has: nothing is left stopped
+    job.wait_until_finished()
+    events = job.events()
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "hang" and requeue.requeued_by == "opt", requeue
+    assert requeue.hosts == [slow] and requeue.ranks == "1", requeue
+    dump = Path(re.search(r"stacks in (\S+)", requeue.detail).group(1))
+    waiting = (dump / "rank00000.txt").read_text()
+    assert "all_reduce" in waiting or "wait" in waiting, waiting  # rank 0, in a collective
+    stopped = (dump / "rank00001.txt").read_text()
+    assert "process state T (stopped)" in stopped and "py-spy" in stopped, stopped
+    assert "train_step" in stopped or "fit" in stopped, stopped  # a real Python stack
+    assert next(e for e in events if e.kind == "node_excluded").hosts == [slow]
+    assert slow not in job.allocations()[1]
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished", job.kinds()
+    assert metrics_losses(job.run_dir) == reference_losses
