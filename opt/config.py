@@ -389,6 +389,41 @@ class MetricsConfig(Section):
     """Per-device peak for MFU in the training dtype; not set measures a matmul peak at start."""
 
 
+class ResilienceConfig(Section):
+    straggler_every: int = Field(50, ge=0)
+    """Steps per straggler window: every rank's mean seconds per block forward (its own
+    compute, not the step time, which synchronous data parallelism makes equal) is agreed
+    at the end of each; 0 turns detection off (it is off anyway on one rank)."""
+    straggler_factor: float = Field(1.5, gt=1)
+    """A rank is slow in a window when its figure is at least this many times the median
+    of all ranks' (with two ranks the median is their mean: the slow one is 3x the other)."""
+    straggler_patience: int = Field(3, ge=1)
+    """Consecutive slow windows before the rank is named in the logbook (once per streak)."""
+    straggler_requeue_after: int = Field(0, ge=0)
+    """Consecutive slow windows after which every rank stops at the same step, saves a
+    checkpoint and exits cleanly (status stopped_straggler, naming the hosts) so that the
+    launcher requeues without that node; 0: never."""
+    hang_timeout_s: float = Field(900.0, ge=0)
+    """A rank that makes no progress (no step, save, evaluation or restore finished) for
+    this long writes its stack under <run dir>/hangs/ and exits with status 86; 0: off.
+    To catch a hang inside a collective, keep it below parallel.timeout_s: that timeout
+    otherwise ends the waiting ranks first, without stacks."""
+    hang_grace_s: float = Field(30.0, ge=0)
+    """After writing its stack, how long a rank waits for the launcher to collect the stacks
+    of ranks that could not write their own (the file `collected` beside the dumps) before
+    it exits."""
+
+    @model_validator(mode="after")
+    def _requeue_after_naming(self) -> ResilienceConfig:
+        after, patience = self.straggler_requeue_after, self.straggler_patience
+        if after and after < patience:
+            raise ValueError(
+                f"resilience.straggler_requeue_after={after} must be 0 or at least "
+                f"straggler_patience={patience}: a straggler is named before the run stops for it"
+            )
+        return self
+
+
 class SlurmConfig(Section):
     nodes: int = Field(1, ge=1)
     """Nodes to allocate (`opt launch slurm`)."""
@@ -468,6 +503,7 @@ class JobConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ from opt.run.logbook.events import (
     RunStart,
     RunStop,
     StopForHuman,
+    StragglerDetected,
     ValidLoss,
 )
 from opt.run.logbook.redact import REDACTED
@@ -86,6 +87,8 @@ def one_of_each() -> list:
                 ranks="9", detail="Killed", checkpoint="ck/step_00000010"),
         NodeExcluded(job_id="17", hosts=["n2"], exclude="n2", failures={"n2": 2}),
         GaveUp(job_id="17", cause="timeout", requeues_used=3, limit=3, step=60),
+        StragglerDetected(step=150, tokens=307200, rank=9, host="n2", seconds_per_block=0.031,
+                          median_seconds_per_block=0.0124, ratio=2.5, windows=3, every=50),
     ]  # fmt: skip
 
 
@@ -266,6 +269,8 @@ V0 = {
     "node_excluded": {"job_id": "17", "hosts": ["n1"], "exclude": "n1", "failures": {"n1": 1}},
     "gave_up": {"job_id": "17", "step": None, "cause": "node_failure", "requeues_used": 2,
                 "limit": 2, "hosts": [], "allocation_hosts": ["n1"], "detail": "gone"},
+    "straggler": {"step": 150, "rank": 9, "host": "n2", "seconds_per_block": 0.031,
+                  "median_seconds_per_block": 0.0124, "ratio": 2.5, "windows": 3, "every": 50},
 }  # fmt: skip
 
 
@@ -336,6 +341,10 @@ def test_the_renderers_read_the_typed_events():
         "last checkpoint step_00000010"
     )
     assert lines[16] == "**gave up** after timeout: 3 of 3 requeues used"
+    assert lines[17] == (
+        "**straggler**: rank 9 on n2 spent 31 ms per block forward, 2.50x the median 12.4 ms, "
+        "for 3 consecutive windows of 50 steps"
+    )
     assert describe(GaveUp(job_id="1", cause="refused", detail="bad config")) == (
         "**gave up**: bad config"
     )
@@ -351,6 +360,8 @@ def test_the_renderers_read_the_typed_events():
     assert s["restarts_by_cause"] == {"process_failure": 1} and s["notes"] == 1
     assert s["current"] == {"lr_scale": 0.9, "grad_clip": 0.6}  # the restart's re-applied factors
     assert "restarts: 1 (process failure 1)" in format_summary("r", s)
+    assert s["stragglers"] == ["rank 9 on n2 at step 150 (2.50x)"]
+    assert "stragglers named: rank 9 on n2 at step 150 (2.50x)" in format_summary("r", s)
     assert run_dir_of(events) == Path("runs/r")
     page = render_html("r", events)
     assert "no series in this logbook" in page and page.count("<tr><td>") == len(events)

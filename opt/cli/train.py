@@ -9,6 +9,7 @@ from pathlib import Path
 
 from opt.errors import OptError
 from opt.launch.overrides import expand
+from opt.run.watchdog import HANG_EXIT
 
 
 def config_arguments(parser: argparse.ArgumentParser, func) -> None:
@@ -29,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "complete checkpoint. Shorthands: --resume (checkpoint.resume: auto, none or a "
         "checkpoint directory), --max-steps (train.max_steps). --dry-run [--world-size N] "
         "[--json] builds the parallel layout on the meta device with a fake process group "
-        "and reports per-rank shapes and memory without training.",
+        "and reports per-rank shapes and memory without training. Exit status: 0 when "
+        "training finished or stopped for a requeue (state in <run dir>/status.json), 2 for "
+        "bad input, 3 when the supervisor stopped for a human, "
+        f"{HANG_EXIT} when a rank's hang watchdog ended it (stacks in <run dir>/hangs/).",
     )
     config_arguments(train, cmd_train)
 

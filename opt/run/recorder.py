@@ -7,6 +7,7 @@ Every method may be called on every rank; only rank 0 writes.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -28,12 +29,14 @@ from opt.run.logbook.events import (
     InterventionCompletedAfterRestart,
     RunStart,
     RunStop,
+    StragglerDetected,
 )
 from opt.run.logbook.redact import redact
 from opt.run.logbook.series import Point, Series
 from opt.run.logbook.store import Logbook
 
 CONFIG_FILE = "config.toml"  # the resolved config, in the run directory and the logbook
+STRAGGLERS_FILE = "stragglers.jsonl"  # every straggler window's figures, in the run directory
 
 
 class RunRecorder:
@@ -73,6 +76,26 @@ class RunRecorder:
         print(f"warning: skipping {path}: {problem}", flush=True)
         self.log(CheckpointSkipped(checkpoint=str(path), problem=problem,
                                    set_aside_as=path.name + ".corrupt"))  # fmt: skip
+
+    def straggler(self, event: StragglerDetected) -> None:
+        """A rank persistently slower than the others: into the logbook, and one line."""
+        if self.lead:
+            print(f"straggler: step {event.step}: rank {event.rank} on {event.host}, "
+                  f"{event.ratio:.2f}x the median seconds per block forward for "
+                  f"{event.windows} windows", flush=True)  # fmt: skip
+        self.log(event)
+
+    def straggler_window(
+        self, step: int, figures: list[float], median: float, slow: list[int]
+    ) -> None:
+        """One straggler window's agreed figures (seconds per block forward, by rank) as a
+        line of ``<run dir>/stragglers.jsonl``: what a slow node's story is read from."""
+        if not self.lead:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        line = {"step": step, "seconds_per_block": figures, "median": median, "slow": slow}
+        with open(self.run_dir / STRAGGLERS_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def events(self) -> list[Event]:
         """The run's logbook so far (rank 0; empty elsewhere or before the first event)."""
@@ -131,7 +154,7 @@ class RunRecorder:
 
     def stopped(self, outcome: status.Stop, step: int, tokens: int, max_steps: int) -> None:
         self.log(RunStop(step=step, tokens=tokens, reason=outcome.reason, **self.energy.usage()))
-        self.status(outcome.state, step, tokens, max_steps, reason=outcome.reason)
+        self.status(outcome.state, step, tokens, max_steps, **outcome.fields())
 
     def failed(self, err: BaseException, step: int, tokens: int, max_steps: int) -> None:
         error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -168,7 +191,7 @@ class RunRecorder:
         when nothing was lost (e.g. a finished run extended)."""
         previous = status.read_status(self.run_dir)
         interrupted = previous.get("state") in (status.RUNNING, status.STOPPED_ON_SIGNAL,
-                                                status.FAILED)  # fmt: skip
+                                                status.STOPPED_STRAGGLER, status.FAILED)  # fmt: skip
         lost_steps = max(0, int(previous.get("step", 0)) - step)
         if source is None or not (interrupted or lost_steps):
             return {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opt.fsutil import atomic_write
@@ -22,6 +22,7 @@ RUNNING = "running"
 FINISHED = "finished"  # reached max_steps
 STOPPED_ON_SIGNAL = "stopped_on_signal"  # a checkpoint is saved; requeue and resume
 STOPPED_FOR_HUMAN = "stopped_for_human"  # the supervisor or a kill switch stopped it
+STOPPED_STRAGGLER = "stopped_straggler"  # a checkpoint is saved; requeue without "hosts"
 FAILED = "failed"  # an exception in training
 
 
@@ -29,8 +30,15 @@ FAILED = "failed"  # an exception in training
 class Stop:
     """How a run that did not fail ended: the state status.json records, and why."""
 
-    state: str  # FINISHED, STOPPED_ON_SIGNAL or STOPPED_FOR_HUMAN
+    state: str  # FINISHED, STOPPED_ON_SIGNAL, STOPPED_FOR_HUMAN or STOPPED_STRAGGLER
     reason: str
+    hosts: list[str] = field(default_factory=list)  # the hosts to leave out of the requeue
+    ranks: list[int] = field(default_factory=list)  # ... and the ranks that ran there
+
+    def fields(self) -> dict:
+        """What status.json records of the stop beside its state."""
+        named = {"hosts": self.hosts, "ranks": self.ranks} if self.hosts or self.ranks else {}
+        return {"reason": self.reason, **named}
 
     @property
     def human_needed(self) -> bool:

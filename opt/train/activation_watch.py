@@ -22,6 +22,14 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 
+def training_forward(module: torch.nn.Module) -> bool:
+    """Whether a block's forward is training work: train mode with autograd on. An
+    evaluation (eval mode, no_grad) and the pipeline schedule's shape inference (no
+    autograd) are not; activation checkpointing's recomputation in backward is (autograd
+    is on while it reruns the wrapped block)."""
+    return module.training and torch.is_grad_enabled()
+
+
 class LastLayerWatch:
     def __init__(
         self, parts: list[torch.nn.Module], n_layers: int, micro_batches: int,
@@ -38,7 +46,7 @@ class LastLayerWatch:
                 self.handle = layers[last].register_forward_hook(self._seen)
 
     def _seen(self, module: torch.nn.Module, inputs, output: torch.Tensor) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+        if not training_forward(module):
             return  # an evaluation
         local = output.to_local() if isinstance(output, DTensor) else output
         with torch.no_grad():  # float64 accumulation without a float64 copy of the output

@@ -37,9 +37,11 @@ from opt.parallel.grads import (
     sync_tied_embedding_grads,
 )
 from opt.run.control import ControlFiles
+from opt.run.logbook.events import StragglerDetected
 from opt.run.preemption import StopOnSignal
 from opt.run.recorder import RunRecorder
-from opt.run.status import FINISHED, RUNNING, STOPPED_ON_SIGNAL, Stop
+from opt.run.status import FINISHED, RUNNING, STOPPED_ON_SIGNAL, STOPPED_STRAGGLER, Stop
+from opt.run.watchdog import Watchdog
 from opt.supervisor.rollback import Factors
 from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
@@ -50,6 +52,7 @@ from opt.train.interventions import Interventions
 from opt.train.metrics import MetricsLogger
 from opt.train.optim import LinearWarmupDecay, build_optimizer
 from opt.train.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast
+from opt.train.straggler import Slow, StragglerWatch
 
 
 @dataclass
@@ -126,6 +129,12 @@ class Trainer:
         self.activations = LastLayerWatch(
             self.model_parts, self.model_args.n_layers, self.grad_accum
         )
+        # Each rank's own compute, agreed every few steps: a slow node is named (after
+        # the model is sharded: its hooks must follow FSDP's, see straggler.py).
+        self.stragglers = StragglerWatch.build(
+            cfg.resilience, self.model_parts, self.device, self.rank, self.dims.world_size
+        )
+        self.watchdog: Watchdog | None = None  # while fit runs, with hang_timeout_s set
         self.metrics: MetricsLogger | None = None  # rank 0, while fit runs
         self.evaluator = None
         if held_out is not None:
@@ -360,11 +369,32 @@ class Trainer:
         return source
 
     def fit(self) -> list[StepResult]:
+        """Train to ``max_steps`` or an early stop, watched for hangs from the restore on."""
+        resilience = self.cfg.resilience
+        if resilience.hang_timeout_s > 0:
+            self.watchdog = Watchdog(
+                self.cfg.run_dir, self.rank, self.dims.world_size, resilience.hang_timeout_s,
+                resilience.hang_grace_s,
+            ).start(self.step)  # fmt: skip
+        try:
+            return self._fit()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.close()
+                self.watchdog = None
+
+    def _beat(self) -> None:
+        """Progress, for the hang watchdog: a step, a save, an evaluation or a restore."""
+        if self.watchdog is not None:
+            self.watchdog.beat(self.step)
+
+    def _fit(self) -> list[StepResult]:
         cfg = self.cfg
         lead = self.rank == 0
         loading = time.perf_counter()
         source = self.restore()
         load_s = time.perf_counter() - loading
+        self._beat()
         if source is not None and lead:
             print(f"resumed from {source} at step {self.step}", flush=True)
         # Written only once the inputs have proven loadable: a failed start leaves no run dir.
@@ -377,20 +407,25 @@ class Trainer:
             print(self.validation_plan, flush=True)
         if self.step == 0 and self.supervisor is not None and cfg.checkpoint.initial:
             self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
+            self._beat()
         results, tokens_since_log = [], 0
         try:
             # The curve's first point; after a resume, the last evaluation before the stop
             # (which the supervisor has seen: its state came back with the checkpoint).
             first = self.validate()
+            self._beat()
             if first is not None and self.supervisor is not None and self.step == 0:
                 self.supervisor.validated(0, first.loss)  # the baseline: nothing to regress from
             while self.should_continue_training():
+                self._beat()  # whatever ended the last iteration (a stop's save, a window)
                 maybe_inject_fault(self.rank, self.step + 1)
                 result = self.train_step()
+                self._beat()
                 results.append(result)
                 self.checkpoints.poll()
                 before = (self.tokens_seen, self.factors.lr_scale, self.factors.grad_clip)
                 self._act_on(result)
+                self._beat()  # a rollback's load
                 anomalous = not result.decision.healthy  # logged: the report shows it
                 if self.stop is not None or self.step < result.step:
                     if anomalous:  # the step the run abandons, onto the report's curve
@@ -407,12 +442,14 @@ class Trainer:
                     if metrics is not None:
                         metrics.pause()
                     self.checkpoints.save(self.step)
+                    self._beat()
                     if metrics is not None:
                         metrics.resume()
                 evaluation = None
                 if self._validation_due(last):
                     # After the save: it overlaps an async save's writes.
                     evaluation = self.validate()
+                    self._beat()
                 if logged or evaluation is not None:  # the logbook's series: the curve it draws
                     self._log_point(result, self.tokens_seen, *self._factors(), evaluation)
                 if evaluation is not None:
@@ -423,6 +460,9 @@ class Trainer:
                                      loss=result.loss)  # fmt: skip
                 if result.stop_signal and self.should_continue_training():
                     self.stop = self._stop_on_signal()
+                elif self.stragglers is not None and self.stragglers.due(self.step):
+                    self._judge_stragglers()
+            self._beat()
             self.checkpoints.close()
         except BaseException as err:
             self.recorder.failed(err, self.step, self.tokens_seen, self.max_steps)
@@ -483,19 +523,63 @@ class Trainer:
             self.supervisor.validated(evaluation.step, evaluation.loss), evaluation.step
         )
 
-    def _stop_on_signal(self) -> Stop:
-        """The scheduler's warning: a synchronous checkpoint of this step (unless one was
-        just saved), then a clean exit that the launcher requeues."""
+    def _save_for_stop(self) -> tuple[str, float]:
+        """A synchronous checkpoint of this step (unless one was just saved) for the
+        requeue that follows a stop; returns its name and the seconds it took."""
         saving = time.perf_counter()
         if self.checkpoints.last_saved_step != self.step or self.checkpoints.in_flight:
             self.checkpoints.save(self.step, sync=True)
         took = time.perf_counter() - saving
+        return checkpoint_path(self.cfg.checkpoint_dir, self.step).name, took
+
+    def _stop_on_signal(self) -> Stop:
+        """The scheduler's warning: a checkpoint, then a clean exit that the launcher
+        requeues."""
+        saved, took = self._save_for_stop()
         received = (self.stop_signal.received if self.stop_signal else None) or "a peer's signal"
-        saved = checkpoint_path(self.cfg.checkpoint_dir, self.step).name
         return Stop(
             STOPPED_ON_SIGNAL,
             f"stopped on {received} at step {self.step}, checkpoint {saved} saved for the "
             f"requeue in {took:.2f} s",
+        )
+
+    def _judge_stragglers(self) -> None:
+        """The end of a straggler window (collective): every rank's figure agreed, each
+        newly persistent straggler named in the logbook, and the run stopped once one has
+        been slow for ``straggler_requeue_after`` windows in a row."""
+        verdict = self.stragglers.window()
+        hosts, every = self.stragglers.hosts, self.stragglers.every
+        self.recorder.straggler_window(self.step, verdict.figures, verdict.median,
+                                       [s.rank for s in verdict.slow])  # fmt: skip
+        for slow in verdict.named:
+            self.recorder.straggler(
+                StragglerDetected(
+                    step=self.step, tokens=self.tokens_seen, rank=slow.rank,
+                    host=hosts[slow.rank], seconds_per_block=slow.seconds_per_block,
+                    median_seconds_per_block=verdict.median, ratio=slow.ratio,
+                    windows=slow.windows, every=every,
+                )
+            )  # fmt: skip
+        if verdict.requeue and self.should_continue_training():
+            self.stop = self._stop_for_stragglers(verdict.requeue)
+
+    def _stop_for_stragglers(self, slow: list[Slow]) -> Stop:
+        """A checkpoint, then a clean exit whose status names the slow hosts, for the
+        launcher to requeue without them."""
+        saved, _ = self._save_for_stop()
+        hosts = self.stragglers.hosts
+        who = "; ".join(
+            f"rank {s.rank} on {hosts[s.rank]}, {s.ratio:.2f}x the median for {s.windows} "
+            f"windows of {self.stragglers.every} steps"
+            for s in slow
+        )
+        slow_hosts = sorted({hosts[s.rank] for s in slow})
+        return Stop(
+            STOPPED_STRAGGLER,
+            f"stopped for a straggler at step {self.step} ({who}), checkpoint {saved} saved "
+            f"for a requeue without {', '.join(slow_hosts)}",
+            hosts=slow_hosts,
+            ranks=sorted(s.rank for s in slow),
         )
 
     def _metrics_logger(self) -> MetricsLogger:

@@ -26,6 +26,7 @@ from opt.run.logbook.events import (
     RunStart,
     RunStop,
     StopForHuman,
+    StragglerDetected,
     ValidLoss,
 )
 
@@ -180,6 +181,15 @@ def _(e: GaveUp) -> str:
         return f"**gave up**: {e.detail}"
     return (f"**gave up** after {e.cause.replace('_', ' ')}: "
             f"{e.requeues_used or 0} of {e.limit} requeues used")  # fmt: skip
+
+
+@describe.register
+def _(e: StragglerDetected) -> str:
+    return (
+        f"**straggler**: rank {e.rank} on {e.host} spent {e.seconds_per_block * 1e3:.3g} ms "
+        f"per block forward, {e.ratio:.2f}x the median {e.median_seconds_per_block * 1e3:.3g} ms, "
+        f"for {e.windows} consecutive windows of {e.every} steps"
+    )
 
 
 @describe.register

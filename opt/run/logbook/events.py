@@ -95,6 +95,21 @@ class CheckpointSkipped(Event):
     set_aside_as: str
 
 
+class StragglerDetected(Event):
+    """A rank whose own compute (mean seconds per block forward) was at least
+    ``resilience.straggler_factor`` times the median of every rank's for ``windows``
+    consecutive windows of ``every`` steps; ``step`` ends the last of them."""
+
+    kind: Literal["straggler"] = "straggler"
+    rank: int
+    host: str
+    seconds_per_block: float
+    median_seconds_per_block: float
+    ratio: float
+    windows: int
+    every: int
+
+
 # ----- the supervisor --------------------------------------------------------------------
 class Intervention(Event):
     """An automatic intervention. The rollback fields are set when the action rolled back;
@@ -258,6 +273,6 @@ class GaveUp(Event):
 AnyEvent = Annotated[
     RunStart | ConfigChange | RunStop | CheckpointSkipped | Intervention | ManualIntervention
     | StopForHuman | Outcome | InterventionCompletedAfterRestart | Note | JobSubmitted
-    | AllocationStart | AllocationEnd | Requeue | NodeExcluded | GaveUp,
+    | AllocationStart | AllocationEnd | Requeue | NodeExcluded | GaveUp | StragglerDetected,
     Field(discriminator="kind"),
 ]  # fmt: skip

@@ -15,6 +15,7 @@ from opt.run.logbook.events import (
     RunStart,
     RunStop,
     StopForHuman,
+    StragglerDetected,
 )
 
 INTERVENTIONS = (Intervention, StopForHuman, ManualIntervention)
@@ -55,6 +56,11 @@ def summary(events: list[Event]) -> dict:
         "gpu_hours": round(sum(e.gpu_hours or 0.0 for e in stops), 4),
         "energy_kwh": round(sum(e.energy_kwh or 0.0 for e in stops), 4),
         "co2e_kg": round(sum(e.co2e_kg or 0.0 for e in stops), 4),
+        "stragglers": [
+            f"rank {e.rank} on {e.host} at step {e.step} ({e.ratio:.2f}x)"
+            for e in events
+            if isinstance(e, StragglerDetected)
+        ],
         "notes": sum(1 for e in events if isinstance(e, Note)),
         "current": factors,
     }
@@ -78,6 +84,7 @@ def format_summary(run: str, s: dict) -> str:
         f"{s['tokens_lost_to_restarts']:,} tokens, {s['time_lost_to_restarts_s'] / 3600:.2f} h",
         f"compute: {s['gpu_hours']:,.2f} GPU-hours, {s['energy_kwh']:,.2f} kWh, "
         f"{s['co2e_kg']:,.2f} kg CO2e (CPU runs are not counted)",
+        f"stragglers named: {'; '.join(s['stragglers']) or 'none'}",
         f"starts (fresh or resumed): {s['starts']}; notes: {s['notes']}",
         f"current factors: lr_scale {s['current']['lr_scale']}, grad_clip {s['current']['grad_clip']}",
     ]
