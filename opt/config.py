@@ -403,11 +403,11 @@ class ResilienceConfig(Section):
     """Consecutive slow windows after which every rank stops at the same step, saves a
     checkpoint and exits cleanly (status stopped_straggler, naming the hosts) so that the
     launcher requeues without that node; 0: never."""
-    hang_timeout_s: float = Field(900.0, ge=0)
+    hang_timeout_s: float = Field(300.0, ge=0)
     """A rank that makes no progress (no step, save, evaluation or restore finished) for
     this long writes its stack under <run dir>/hangs/ and exits with status 86; 0: off.
-    To catch a hang inside a collective, keep it below parallel.timeout_s: that timeout
-    otherwise ends the waiting ranks first, without stacks."""
+    Must stay below parallel.timeout_s, which otherwise ends the ranks waiting in a
+    collective first, without stacks."""
     hang_grace_s: float = Field(30.0, ge=0)
     """After writing its stack, how long a rank waits for the launcher to collect the stacks
     of ranks that could not write their own (the file `collected` beside the dumps) before
@@ -512,6 +512,17 @@ class JobConfig(BaseModel):
         if collapse and self.train.precision != "fp16":
             raise ValueError(
                 "supervisor.drill=scale_collapse needs train.precision=fp16 (a loss scale)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _watchdog_before_collective_timeout(self) -> JobConfig:
+        hang, collective = self.resilience.hang_timeout_s, self.parallel.timeout_s
+        if hang and hang >= collective:
+            raise ValueError(
+                f"resilience.hang_timeout_s={hang:g} must be below parallel.timeout_s="
+                f"{collective:g}: a hung peer makes the collectives time out first, and "
+                "the ranks then end without writing their stacks"
             )
         return self
 

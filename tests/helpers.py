@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,43 @@ def metrics_valid_losses(run_dir: Path) -> list[tuple[int, float]]:
     """Every validation line of ``metrics.jsonl``: (step, validation loss), in order."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(row["step"], row["val_loss"]) for row in rows if "val_loss" in row]
+
+
+# ----- a real straggler: one rank throttled by cpulimit -----------------------------------------
+# cpulimit stops and resumes the process: at 5% here it runs it for 50-150 ms at a time and
+# stops it for 0.6-0.9 s. A stop that falls inside a block forward is what the figure sees,
+# and the blocks' forwards are about a third of a rank's CPU time: in 3 steps of this model
+# (about 0.6 s of CPU) some 9 stops fall, and the window is slow unless none of them lands
+# in a forward (measured over 20 windows: 16 slow at 5%, 13 at 10%, 11 and 12 at 15%, where
+# fewer, shorter stops more often all miss). Two ranks make the median their mean, so slow
+# means 3x the other rank.
+THROTTLE = "5"
+STRAGGLER_RUN = {
+    "model.d_model": 256,
+    "data.seq_len": 128,
+    "train.batch_tokens": 2048,  # 4 sequences x 128 x 2 micro-batches x 2 ranks
+    "train.max_steps": 60,  # 20 windows
+    "checkpoint.every": 1000,  # the stop's own checkpoint is the only one mid-run
+    "metrics.tensorboard": False,
+    "resilience.straggler_every": 3,
+    "resilience.straggler_patience": 2,
+    "resilience.straggler_requeue_after": 3,
+}
+
+
+def ensure_cpulimit() -> str:
+    """cpulimit's path, installed with apt (Debian's `cpulimit`) when missing; the test
+    fails with one line when it cannot be."""
+    if shutil.which("cpulimit") is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        install = ["apt-get", "install", "-y", "-q", "cpulimit"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=300).returncode:
+            # A fresh machine may have no package lists yet.
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+            subprocess.run(install, env=env, capture_output=True, timeout=300)
+    path = shutil.which("cpulimit")
+    if path is None:
+        pytest.fail(
+            "cpulimit is missing and could not be installed (apt-get install cpulimit, as root)"
+        )
+    return path

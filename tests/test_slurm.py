@@ -27,7 +27,10 @@ from pathlib import Path
 import pytest
 from helpers import (
     REPO,
+    STRAGGLER_RUN,
+    THROTTLE,
     config_for,
+    ensure_cpulimit,
     finish,
     launch_local,
     metrics_losses,
@@ -404,3 +407,43 @@ def test_a_hung_rank_is_caught_its_stack_taken_and_the_job_resumes_bitwise_witho
     assert slow not in job.allocations()[1]
     assert events[-1].kind == "allocation_end" and events[-1].result == "finished", job.kinds()
     assert metrics_losses(job.run_dir) == reference_losses
+
+
+@pytest.mark.timeout(420)
+def test_a_throttled_node_is_named_and_the_job_requeues_without_it(
+    slurm_cluster, tmp_path, pydoc_dataset
+):
+    """Real slowness: rank 1's process (alone on its node) is throttled by cpulimit (5%:
+    it is stopped and resumed, as a node with failing cooling or a noisy neighbour makes
+    it crawl). Its seconds per block forward, agreed every 3 steps, are 1.5x the median
+    window after window: the logbook names it with its figures after 2 windows, and after 3
+    every rank stops at one step and saves; the driver requeues the job without that node,
+    and the run finishes on two others."""
+    cpulimit = ensure_cpulimit()
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "throttled",
+              *[f"--{key}={value}" for key, value in STRAGGLER_RUN.items()],
+              layout=TWO_NODES, steps=STRAGGLER_RUN["train.max_steps"],
+              OPT_STEP_DELAY_S="0")  # fmt: skip
+    job.wait_for_step(1)
+    slow = job.allocations()[0][1]
+    pid = rank_pid(job.run_dir / "slurm/config.toml", 1, "SLURM_PROCID")
+    limiter = subprocess.Popen([cpulimit, "-q", "-l", THROTTLE, "-p", str(pid)])
+    try:
+        job.wait("the straggler's requeue", lambda: "requeue" in job.kinds(), timeout=240)
+    finally:
+        limiter.kill()
+        limiter.wait()
+    job.wait_until_finished()
+    events = job.events()
+    named = next(e for e in events if e.kind == "straggler")
+    assert (named.rank, named.host, named.windows) == (1, slow, 2), named
+    assert named.seconds_per_block >= 1.5 * named.median_seconds_per_block
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.cause == "straggler" and requeue.hosts == [slow], requeue
+    assert requeue.step % 3 == 0 and requeue.checkpoint.endswith(f"step_{requeue.step:08d}")
+    excluded = next(e for e in events if e.kind == "node_excluded")
+    assert excluded.hosts == [slow] and excluded.applied
+    assert slow not in job.allocations()[1]
+    resumed = [e for e in events if e.kind == "run_start"][-1]
+    assert resumed.step == requeue.step and resumed.lost_steps == 0
+    assert events[-1].kind == "allocation_end" and events[-1].result == "finished", job.kinds()

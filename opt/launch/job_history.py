@@ -34,14 +34,16 @@ def requeue_limit(cfg: JobConfig, cause: str) -> int | None:
         "process_failure": cfg.slurm.max_failure_requeues,
         "node_failure": cfg.slurm.max_failure_requeues,
         "hang": cfg.slurm.max_failure_requeues,
+        "straggler": cfg.slurm.max_failure_requeues,
     }
     return limits.get(cause)
 
 
 def requeues_used(events: list[Event], cause: str) -> int:
-    """The requeues counted against ``cause``'s limit."""
+    """The requeues counted against ``cause``'s limit (failures and stragglers share one)."""
     counts = requeue_counts(events)
-    return sum(counts[c] for c in FAILURE_CAUSES) if cause in FAILURE_CAUSES else counts[cause]
+    shared = (*FAILURE_CAUSES, "straggler")
+    return sum(counts[c] for c in shared) if cause in shared else counts[cause]
 
 
 def failures_by_host(events: list[Event]) -> Counter:
@@ -56,6 +58,9 @@ def failures_by_host(events: list[Event]) -> Counter:
 def excluded_hosts(cfg: JobConfig, events: list[Event]) -> list[str]:
     """Hosts to keep out of later allocations: the config's plus repeat offenders."""
     hosts = expand_hostlist(cfg.slurm.exclude) if cfg.slurm.exclude else []
+    for e in events:  # a straggler's host is left out at once
+        if isinstance(e, Requeue) and e.cause == "straggler":
+            hosts += [h for h in e.hosts if h not in hosts]
     if cfg.slurm.exclude_after_failures:
         for host, count in failures_by_host(events).items():
             if count >= cfg.slurm.exclude_after_failures and host not in hosts:
@@ -64,10 +69,13 @@ def excluded_hosts(cfg: JobConfig, events: list[Event]) -> list[str]:
 
 
 def newly_excluded(cfg: JobConfig, events: list[Event]) -> list[str]:
-    """Hosts that have just reached the failure threshold (not excluded before)."""
+    """Hosts that have just reached the failure threshold, or been found straggling (not
+    excluded before)."""
     already = {h for e in events if isinstance(e, NodeExcluded) for h in e.hosts}
-    failures = failures_by_host(events)
-    return [h for h in excluded_hosts(cfg, events) if h not in already and h in failures]
+    blamed = set(failures_by_host(events)) | {
+        h for e in events if isinstance(e, Requeue) and e.cause == "straggler" for h in e.hosts
+    }
+    return [h for h in excluded_hosts(cfg, events) if h not in already and h in blamed]
 
 
 def last_allocation(events: list[Event]) -> AllocationStart | None:

@@ -7,9 +7,14 @@ when they end decides what happens to the job:
 - the ranks stopped on Slurm's warning signal and saved a checkpoint: requeue (a timeout
   when Slurm's end time for the job is near, up to ``slurm.max_timeout_requeues``; a
   preemption when Slurm dated one, or the signal was not the time limit's, without limit);
-- a rank or node failed (srun's --kill-on-bad-exit ended the others): requeue up to
+- a rank or node failed (srun's --kill-on-bad-exit ended the others), or a rank hung
+  (its peers' watchdog ended the step; opt/launch/hang_watch.py): requeue up to
   ``slurm.max_failure_requeues``, excluding a node that failed
   ``slurm.exclude_after_failures`` times;
+- the ranks stopped for a straggler (a node's ranks persistently slow, saved): requeue
+  without that node, within the same limit;
+- a node died and Slurm requeued the job itself: the next allocation names the node from
+  what Slurm reports of it, and counts it as that node's failure;
 - training refused to start (exit status 2: a config, data or checkpoint error that no
   retry can fix): the job ends.
 
@@ -161,6 +166,20 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         return _requeue(job_id, excluded_hosts(cfg, history) or None)
     if outcome.hang is not None:
         return _requeue_after_hang(cfg, book, history, outcome.hang, job_id, status)
+    if outcome.exit_code == 0 and state == run_status.STOPPED_STRAGGLER:
+        # The ranks agreed that a node's ranks are persistently slow and saved: requeue
+        # without it (at once, whatever exclude_after_failures says).
+        requeue = Requeue(
+            cause="straggler", job_id=job_id, step=step, tokens=status.get("tokens"),
+            hosts=status.get("hosts", []), ranks=",".join(map(str, status.get("ranks", []))),
+            detail=status.get("reason"), checkpoint=status.get("last_checkpoint"),
+            requeued_by="opt",
+        )  # fmt: skip
+        if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
+            return code
+        book.append(requeue)
+        _new_exclusions(cfg, book, job_id)
+        return _requeue(job_id, excluded_hosts(cfg, book.events()) or None)
     first = outcome.failures[0] if outcome.failures else None
     requeue = Requeue(
         cause="node_failure" if outcome.node_failures else "process_failure",

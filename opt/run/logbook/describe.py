@@ -172,7 +172,7 @@ def _(e: Requeue) -> str:
 @describe.register
 def _(e: NodeExcluded) -> str:
     applied = "" if e.applied else f" ({e.detail})"
-    return f"excluded {_hosts(e.hosts)} from later allocations after repeated failures{applied}"
+    return f"excluded {_hosts(e.hosts)} from later allocations{applied}"
 
 
 @describe.register
