@@ -82,9 +82,12 @@ class Job:
     """One `opt launch slurm` submission and the files it writes."""
 
     def __init__(self, cluster, root: Path, dataset: Path, run: str, *flags: str,
-                 layout: list[str] = ONE_NODE, steps: int = 14, **env):  # fmt: skip
+                 layout: list[str] = ONE_NODE, steps: int = 14, settings: dict | None = None,
+                 **env):  # fmt: skip
         self.cluster, self.root, self.run = cluster, root, run
-        self.config = config_for(root, dataset, run, **{"train.max_steps": steps})
+        self.config = config_for(
+            root, dataset, run, **{"train.max_steps": steps, **(settings or {})}
+        )
         self.env = {**cluster.env, "PYTHONPATH": str(REPO), "OPT_STEP_DELAY_S": "0.5", **env}
         result = self.cli("launch", "slurm", str(self.config), *SLURM_FLAGS, *layout, *flags)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -400,7 +403,7 @@ def test_a_hung_rank_is_caught_its_stack_taken_and_the_job_resumes_bitwise_witho
     dump = Path(re.search(r"stacks in (\S+)", requeue.detail).group(1))
     waiting = (dump / "rank00000.txt").read_text()
     assert "all_reduce" in waiting or "wait" in waiting, waiting  # rank 0, in a collective
-    stopped = (dump / "rank00001.txt").read_text()
+    stopped = (dump / "rank00001.py-spy.txt").read_text()
     assert "process state T (stopped)" in stopped and "py-spy" in stopped, stopped
     assert "train_step" in stopped or "fit" in stopped, stopped  # a real Python stack
     assert next(e for e in events if e.kind == "node_excluded").hosts == [slow]
@@ -420,9 +423,8 @@ def test_a_throttled_node_is_named_and_the_job_requeues_without_it(
     every rank stops at one step and saves; the driver requeues the job without that node,
     and the run finishes on two others."""
     cpulimit = ensure_cpulimit()
-    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "throttled",
-              *[f"--{key}={value}" for key, value in STRAGGLER_RUN.items()],
-              layout=TWO_NODES, steps=STRAGGLER_RUN["train.max_steps"],
+    job = Job(slurm_cluster, tmp_path, pydoc_dataset, "throttled", layout=TWO_NODES,
+              steps=STRAGGLER_RUN["train.max_steps"], settings=STRAGGLER_RUN,
               OPT_STEP_DELAY_S="0")  # fmt: skip
     job.wait_for_step(1)
     slow = job.allocations()[0][1]

@@ -13,6 +13,7 @@ hosts.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -73,7 +74,8 @@ class HangWatch:
 
     def _collect(self, directory: Path) -> Hang:
         time.sleep(PEERS_GRACE_S)
-        dumped = sorted(int(p.stem[4:]) for p in directory.glob("rank*.txt"))
+        dumped = sorted(int(m.group(1)) for p in directory.iterdir()
+                        if (m := re.fullmatch(r"rank(\d+)\.txt", p.name)))  # fmt: skip
         hung = [rank for rank in range(self.world) if rank not in dumped]
         print(f"driver: hang after {directory.name}: rank(s) {hung or 'none'} wrote no stack; "
               "taking them from outside", flush=True)  # fmt: skip

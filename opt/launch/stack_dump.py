@@ -9,7 +9,8 @@ node of each rank that wrote none, as a step that overlaps the training step::
     srun --overlap --jobid JOB -N 1 -n 1 -w NODE python -m opt.launch.stack_dump DIR JOB RANKS
 
 It finds the job's training processes on this node by their Slurm variables and writes
-``DIR/rank<R>.txt`` for each rank in RANKS: the process's state (``T (stopped)``, say) and
+``DIR/rank<R>.py-spy.txt`` for each rank in RANKS (beside, never over, a dump the rank may
+write itself later: Slurm sends SIGCONT before it ends a step, which wakes a stopped rank): the process's state (``T (stopped)``, say) and
 py-spy's dump, read without stopping or attaching to the process (``--nonblocking``).
 """
 
@@ -82,7 +83,7 @@ def dump(directory: Path, job_id: str, ranks: list[int]) -> list[int]:
             result = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(pid)],
                                     capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
             body = result.stdout or f"py-spy failed: {result.stderr.strip()}\n"
-        atomic_write(directory / f"rank{rank:05d}.txt", header + body)
+        atomic_write(directory / f"rank{rank:05d}.py-spy.txt", header + body)
         written.append(rank)
     return written
 
