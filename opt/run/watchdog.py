@@ -83,9 +83,14 @@ class Watchdog:
                 self._fire(self.step, idle)
 
     def _fire(self, step: int, idle: float) -> None:
-        path = self.dump(step, idle)
-        print(f"hang: rank {self.rank} made no progress for {idle:.0f} s after step {step}; "
-              f"stacks in {path}", file=sys.stderr, flush=True)  # fmt: skip
+        where = f"rank {self.rank} made no progress for {idle:.0f} s after step {step}"
+        try:
+            path = self.dump(step, idle)
+        except OSError as err:  # the exit matters more than the dump: a hung job holds nodes
+            print(f"hang: {where}; its stacks could not be written: {err}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            os._exit(HANG_EXIT)
+        print(f"hang: {where}; stacks in {path}", file=sys.stderr, flush=True)
         collected = path.parent / COLLECTED
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline and not _newer(collected, path):
