@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HANGS_DIR = "hangs"
-COLLECTED = "collected"  # written by the driver once every stack it could get is there
+from opt.run.watchdog import COLLECTED, HANGS_DIR  # the ranks' side of the protocol
+
 PEERS_GRACE_S = 5.0  # for the other waiting ranks' own dumps, which fire about together
 POLL_S = 1.0
 
@@ -67,14 +67,18 @@ class HangWatch:
 
     def _watch(self) -> None:
         while not self._done.wait(POLL_S):
-            new = [d for d in self._dirs() if d not in self.before]
-            if new:
-                self.hang = self._collect(new[0])
+            if any(d not in self.before for d in self._dirs()):
+                self.hang = self._collect()
                 return
 
-    def _collect(self, directory: Path) -> Hang:
+    def _collect(self) -> Hang:
+        """After the peers' grace: the ranks that dumped (a rank stuck after finishing step
+        N names its directory N, its peers may already be at N+1), the stacks of the others
+        taken from outside into the first directory, and ``collected`` in every one."""
         time.sleep(PEERS_GRACE_S)
-        dumped = sorted(int(m.group(1)) for p in directory.iterdir()
+        directories = [d for d in self._dirs() if d not in self.before]
+        directory = directories[0]
+        dumped = sorted(int(m.group(1)) for d in directories for p in d.iterdir()
                         if (m := re.fullmatch(r"rank(\d+)\.txt", p.name)))  # fmt: skip
         hung = [rank for rank in range(self.world) if rank not in dumped]
         print(f"driver: hang after {directory.name}: rank(s) {hung or 'none'} wrote no stack; "
@@ -88,6 +92,7 @@ class HangWatch:
                 subprocess.run(command, timeout=90, check=False)
             except (OSError, subprocess.TimeoutExpired) as err:
                 print(f"driver: could not take stacks on {host}: {err}", flush=True)
-        (directory / COLLECTED).touch()
+        for each in directories:
+            (each / COLLECTED).touch()
         return Hang(directory, int(directory.name.rsplit("_", 1)[1]), dumped, hung,
                     sorted({self.host_of[r] for r in hung}))  # fmt: skip
