@@ -175,11 +175,7 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
             detail=status.get("reason"), checkpoint=status.get("last_checkpoint"),
             requeued_by="opt",
         )  # fmt: skip
-        if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
-            return code
-        book.append(requeue)
-        _new_exclusions(cfg, book, job_id)
-        return _requeue(job_id, excluded_hosts(cfg, book.events()) or None)
+        return _requeue_with_exclusions(cfg, book, history, requeue)
     first = outcome.failures[0] if outcome.failures else None
     requeue = Requeue(
         cause="node_failure" if outcome.node_failures else "process_failure",
@@ -192,11 +188,7 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         checkpoint=status.get("last_checkpoint"),
         requeued_by="opt",
     )
-    if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
-        return code
-    book.append(requeue)
-    _new_exclusions(cfg, book, job_id)
-    return _requeue(job_id, excluded_hosts(cfg, book.events()) or None)
+    return _requeue_with_exclusions(cfg, book, history, requeue)
 
 
 # Slurm sends --signal up to 60 s before it is due (its timer's resolution), and our ranks
@@ -320,11 +312,19 @@ def _requeue_after_hang(
         checkpoint=status.get("last_checkpoint"),
         requeued_by="opt",
     )
+    return _requeue_with_exclusions(cfg, book, history, requeue)
+
+
+def _requeue_with_exclusions(
+    cfg: JobConfig, book: Logbook, history: list[Event], requeue: Requeue
+) -> int:
+    """Give up if ``requeue``'s cause is out of requeues; else log it, exclude the hosts it
+    has just made repeat offenders (or stragglers), and requeue without every excluded one."""
     if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
         return code
     book.append(requeue)
-    _new_exclusions(cfg, book, job_id)
-    return _requeue(job_id, excluded_hosts(cfg, book.events()) or None)
+    _new_exclusions(cfg, book, requeue.job_id)
+    return _requeue(requeue.job_id, excluded_hosts(cfg, book.events()) or None)
 
 
 def _new_exclusions(
