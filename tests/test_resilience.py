@@ -229,10 +229,14 @@ def test_a_throttled_rank_is_named_and_the_run_stops_for_a_requeue_without_its_h
     assert "rank 1 on" in status["reason"] and "x the median" in status["reason"]
     assert newest_complete_checkpoint(tmp_path / "ckpt" / "slow").name == f"step_{step:08d}"
     events = read_events(tmp_path / "logbook" / "slow" / "events.jsonl")
-    (named,) = [e for e in events if e.kind == "straggler"]
-    assert (named.rank, named.host, named.windows, named.every) == (1, socket.gethostname(), 2, 3)
-    assert named.ratio >= 1.5 and named.seconds_per_block >= 1.5 * named.median_seconds_per_block
-    assert named.step <= step and "straggler" in describe(named)
+    # Named once per streak: a window whose stops all missed the forwards ends a streak, and
+    # the next streak is named again (seen in CI: slow, slow, even, slow, slow, slow).
+    named = [e for e in events if e.kind == "straggler"]
+    assert named and all(e.step <= step for e in named)
+    for e in named:
+        assert (e.rank, e.host, e.windows, e.every) == (1, socket.gethostname(), 2, 3)
+        assert e.ratio >= 1.5 and e.seconds_per_block >= 1.5 * e.median_seconds_per_block
+    assert len({e.step for e in named}) == len(named) and "straggler" in describe(named[0])
     assert "straggler: step" in output and events[-1].kind == "run_stop"
 
 
