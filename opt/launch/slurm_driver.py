@@ -114,15 +114,16 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
         book.append(requeue)
-        _new_exclusions(cfg, book, job_id, hosts)
+        _new_exclusions(cfg, book, job_id, running=True)
         history = _events(book)
-    if unwanted := sorted(set(excluded_hosts(cfg, history)) & set(hosts)):
+    excluded = excluded_hosts(cfg, history)
+    if unwanted := sorted(set(excluded) & set(hosts)):
         # Slurm gave this allocation a host excluded after this job's exclusions were last
         # set (they change only while the job is pending): requeue without it, untrained.
         print(f"driver: allocation includes excluded host(s) {', '.join(unwanted)}", flush=True)
         book.append(Requeue(cause="excluded_host", job_id=job_id, requeued_by="opt",
                             hosts=unwanted, allocation_hosts=hosts))  # fmt: skip
-        return _requeue(job_id, excluded_hosts(cfg, history))
+        return _requeue(job_id, excluded)
     book.append(
         AllocationStart(
             job_id=job_id,
@@ -151,42 +152,29 @@ def run_allocation(cfg: JobConfig, config_file: str) -> int:
         return REFUSED_EXIT
     if outcome.exit_code == 0 and state == run_status.STOPPED_ON_SIGNAL:
         cause, judged_on = stop_cause(cfg, job_id, time.monotonic() - started)
-        requeue = Requeue(
-            cause=cause,
-            job_id=job_id,
-            step=step,
-            tokens=status.get("tokens"),
-            checkpoint=status.get("last_checkpoint"),
-            requeued_by="opt",
-            detail=judged_on,
-        )
+        requeue = _requeue_event(cause, job_id, status, detail=judged_on)
         if (code := _give_up_if_over_limit(cfg, book, history, requeue)) is not None:
             return code
         book.append(requeue)
-        return _requeue(job_id, excluded_hosts(cfg, history) or None)
+        return _requeue(job_id, excluded or None)
     if outcome.hang is not None:
         return _requeue_after_hang(cfg, book, history, outcome.hang, job_id, status)
     if outcome.exit_code == 0 and state == run_status.STOPPED_STRAGGLER:
         # The ranks agreed that a node's ranks are persistently slow and saved: requeue
         # without it (at once, whatever exclude_after_failures says).
-        requeue = Requeue(
-            cause="straggler", job_id=job_id, step=step, tokens=status.get("tokens"),
-            hosts=status.get("hosts", []), ranks=",".join(map(str, status.get("ranks", []))),
-            detail=status.get("reason"), checkpoint=status.get("last_checkpoint"),
-            requeued_by="opt",
+        requeue = _requeue_event(
+            "straggler", job_id, status, hosts=status.get("hosts", []),
+            ranks=",".join(map(str, status.get("ranks", []))), detail=status.get("reason"),
         )  # fmt: skip
         return _requeue_with_exclusions(cfg, book, history, requeue)
     first = outcome.failures[0] if outcome.failures else None
-    requeue = Requeue(
-        cause="node_failure" if outcome.node_failures else "process_failure",
-        job_id=job_id,
-        step=step,
-        tokens=status.get("tokens"),
+    requeue = _requeue_event(
+        "node_failure" if outcome.node_failures else "process_failure",
+        job_id,
+        status,
         hosts=outcome.node_failures or [h for h, _, _ in outcome.failures[:1]],
         ranks=first[1] if first else None,
         detail=first[2] if first else f"srun exit status {outcome.exit_code}",
-        checkpoint=status.get("last_checkpoint"),
-        requeued_by="opt",
     )
     return _requeue_with_exclusions(cfg, book, history, requeue)
 
@@ -220,14 +208,22 @@ def stop_cause(cfg: JobConfig, job_id: str, elapsed_s: float) -> tuple[str, str]
 
 def scontrol_job(job_id: str) -> dict[str, str]:
     """`scontrol show job -o JOB_ID` as {field: value}; empty where scontrol fails."""
+    records = _scontrol_show("job", job_id)
+    return records[0][0] if records else {}
+
+
+def _scontrol_show(kind: str, names: str) -> list[tuple[dict[str, str], str]]:
+    """`scontrol show KIND -o NAMES`: each record as ({field: value}, its line); empty where
+    scontrol fails. (A value with spaces, such as a node's Reason, is read from the line.)"""
     try:
-        result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+        result = subprocess.run(["scontrol", "show", kind, "-o", names], capture_output=True,
                                 text=True, timeout=30, check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
-        return {}
+        return []
     if result.returncode != 0:
-        return {}
-    return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+        return []
+    return [(dict(re.findall(r"(\w+)=(\S*)", line)), line)
+            for line in result.stdout.splitlines() if line.strip()]  # fmt: skip
 
 
 def _slurm_time(value: str) -> float | None:
@@ -292,6 +288,14 @@ def _give_up_if_over_limit(
     return 1
 
 
+def _requeue_event(cause: str, job_id: str, status: dict, **where) -> Requeue:
+    """A requeue the driver decides, where the run stood (status.json): step, tokens and the
+    last checkpoint; ``where`` says what happened (hosts, ranks, detail)."""
+    return Requeue(cause=cause, job_id=job_id, step=status.get("step"),
+                   tokens=status.get("tokens"), checkpoint=status.get("last_checkpoint"),
+                   requeued_by="opt", **where)  # fmt: skip
+
+
 def _requeue_after_hang(
     cfg: JobConfig, book: Logbook, history: list[Event], hang: Hang, job_id: str, status: dict
 ) -> int:
@@ -301,16 +305,13 @@ def _requeue_after_hang(
              f"{hang.after_step} and wrote no stack of their own (taken by py-spy)"
              if hang.hung else f"no rank progressed after step {hang.after_step}; every rank "
              "wrote its stack, none can be blamed")  # fmt: skip
-    requeue = Requeue(
-        cause="hang",
-        job_id=job_id,
-        step=status.get("step"),
-        tokens=status.get("tokens"),
+    requeue = _requeue_event(
+        "hang",
+        job_id,
+        status,
         hosts=hang.hosts,
         ranks=",".join(map(str, hang.hung)) or None,
         detail=f"{stuck}; stacks in {hang.directory}",
-        checkpoint=status.get("last_checkpoint"),
-        requeued_by="opt",
     )
     return _requeue_with_exclusions(cfg, book, history, requeue)
 
@@ -327,24 +328,21 @@ def _requeue_with_exclusions(
     return _requeue(requeue.job_id, excluded_hosts(cfg, book.events()) or None)
 
 
-def _new_exclusions(
-    cfg: JobConfig, book: Logbook, job_id: str, running_on: list[str] | None = None
-) -> None:
-    """Log the hosts that have just reached the failure threshold. When the driver requeues
-    next, the job's exclusions are set to every excluded host; ``running_on`` (this
-    allocation's hosts, when it is already running) is what they cannot apply to yet."""
+def _new_exclusions(cfg: JobConfig, book: Logbook, job_id: str, running: bool = False) -> None:
+    """Log the hosts that have just reached the failure threshold (or been found straggling).
+    When the driver requeues next, the job's exclusions are set to every excluded host; while
+    this allocation is ``running``, they cannot be set yet."""
     events = book.events()
     new = newly_excluded(cfg, events)
     if not new:
         return
     hosts = excluded_hosts(cfg, events)
     failures = failures_by_host(events)
-    pending = running_on is not None
     book.append(NodeExcluded(
         job_id=job_id, hosts=new, exclude=",".join(hosts),
-        failures={h: failures[h] for h in new}, applied=not pending,
+        failures={h: failures[h] for h in new}, applied=not running,
         detail="set at this job's next requeue: Slurm changes a job's excluded nodes only "
-               "while it is pending" if pending else None,
+               "while it is pending" if running else None,
     ))  # fmt: skip
 
 
@@ -375,14 +373,8 @@ def unresponsive_nodes(hosts: list[str]) -> dict[str, str]:
     since 2026-11-30T09:01:12)"}."""
     if not hosts:
         return {}
-    try:
-        result = subprocess.run(["scontrol", "show", "node", "-o", ",".join(hosts)],
-                                capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
     down = {}
-    for line in result.stdout.splitlines():
-        node = dict(re.findall(r"(\w+)=(\S*)", line))
+    for node, line in _scontrol_show("node", ",".join(hosts)):
         state = node.get("State", "")
         if "*" in state or any(s in state for s in ("DOWN", "FAIL", "NOT_RESPONDING")):
             reason = re.search(r"Reason=(.*?) \[[^\]]*@([^\]]+)\]", line)
