@@ -64,6 +64,8 @@ BAND = 0.20
 """A FLOP model passes a series when every measured/predicted ratio is within this of 1.0.
 Fixed before measuring; not to be tuned to the results."""
 MIN_ATTENTION_SHARE = 1 / 3
+CONTENDED = 0.75
+"""A point whose process used less than this share of its threads' cores is flagged."""
 MIN_STEPS = 5
 MAX_SEQ_LEN = 2048  # opt-125m's learned position table
 RESULT_MARKER = "COST_GROWTH_POINT "
@@ -400,9 +402,10 @@ def markdown_table(series: Series) -> str:
     return aligned_table(rows)
 
 
-def findings(series: list[Series]) -> list[str]:
-    """What the verdicts say together: whether the check could fail, (a) against (b), and
-    what the kernel was measured to do with the masked half."""
+def findings(series: list[Series], threads: int) -> list[str]:
+    """What the verdicts say together: whether the check could fail, (a) against (b), what
+    the kernel was measured to do with the masked half, and which points the machine
+    slowed."""
     lines = []
     for s in series:
         if s.passed(CONTROL):
@@ -429,9 +432,20 @@ def findings(series: list[Series]) -> list[str]:
     lines.append(
         "The kernel alone (one layer's SDPA at the sequence series' shapes, forward + "
         f"backward), causal time over unmasked time by seq_len: {kernel}. 0.5 would be the "
-        "masked half skipped exactly; the kernel skips whole key blocks only, so short "
-        "sequences skip less."
+        "masked half skipped exactly, 1.0 no saving."
     )
+    contended = [
+        f"{p.shape} ({m.cores_used:.2f})"
+        for s in series
+        for p, m in zip(s.points, s.results, strict=True)
+        if m.cores_used < CONTENDED * threads
+    ]
+    if contended:
+        lines.append(
+            f"CONTENDED: cores used below {CONTENDED:.0%} of the {threads} threads at "
+            f"{'; '.join(dict.fromkeys(contended))}: other work held cores during these "
+            "points, and their times say more about the machine than about the model."
+        )
     return lines
 
 
@@ -494,7 +508,7 @@ def section_body(
         "",
         *(f"- {s.verdict(m)}" for s in series for m in FLOP_MODELS),
         "",
-        *(f"- {line}" for line in findings(series)),
+        *(f"- {line}" for line in findings(series, args.threads)),
         "",
         "GFLOP/step (a) is `training_flops_per_token(model_args, seq_len)` x tokens/step "
         "(forward + backward = 3 x forward, no recompute); attention share is its attention "
@@ -770,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in series:
         for m in FLOP_MODELS:
             print(s.verdict(m))
-    print("\n" + "\n".join(findings(series)))
+    print("\n" + "\n".join(findings(series, args.threads)))
     print(f"load average (1 min) at start and end: {load[0]:.2f}, {load[1]:.2f}")
     if args.write:
         args.svg.write_text(svg_figure(series))
