@@ -1,29 +1,31 @@
 """How training cost grows with sequence length and width, against three FLOP models.
 
-    python bench/cost_growth.py                        # 4 layers, vocab 8192: ~4 min, 2 cores
+    python bench/cost_growth.py --plan                 # the shapes' attention shares, no runs
+    python bench/cost_growth.py                        # 6 layers, vocab 8192: ~1 min, 2 cores
     python bench/cost_growth.py --quick                # smoke run: smaller points, 2 steps each
     python bench/cost_growth.py --write BENCHMARKS.md  # + bench/cost_growth.svg, linked from it
 
-Shapes where attention weighs: an opt-125m-style block (head_dim 64, FFN 4 x d_model, pre-LN)
-cut to 4 layers, vocabulary 8192 (the demo tokenizer's size, so that the head does not
-swamp the narrow widths), and sequences up to 2048. Two series of the real training step
+Shapes where attention weighs: an opt-125m block (head_dim 64, FFN 4 x d_model, pre-LN) cut
+to 6 layers, vocabulary 8192 (the demo tokenizer's size, so that the head does not swamp
+the narrow widths), and sequences up to 2048. Two series of the real training step
 (``Trainer.train_step()``: data, forward, loss, backward, clip, fused AdamW), fp32, at a
 fixed number of tokens per step:
 
-1. sequence length doubling, 256 -> 2048, at d_model 256 (4 heads), micro-batch
+1. sequence length doubling, 256 -> 2048, at d_model 128 (2 heads), micro-batch
    tokens / seq_len: every matmul keeps its shape and only attention grows (its share of
-   the FLOPs 9% -> 44%);
-2. width doubling, d_model 128 -> 512 (heads d_model / 64) at seq 2048 (attention 53% -> 33%).
+   the FLOPs 15% -> 59%);
+2. width doubling, d_model 128 -> 512 (heads d_model / 64) at seq 2048 (attention 59% -> 35%).
 
 Three FLOP models predict each point's time from the first point of its series (its seconds
 per FLOP): (a) the MFU count, ``training_flops_per_token``, attention in full as Megatron
-and PaLM count it; (b) causal-aware, the attention term halved, the work a causal kernel
-that skips the masked half does; (c) the control, no attention term at all. A model passes
+and PaLM count it; (b) causal-aware, the attention term halved, the work of a causal kernel
+that skips the whole masked half; (c) the control, no attention term at all. A model passes
 a series when every measured/predicted ratio is within 20% of 1.0, a band fixed before any
 measurement. Before measuring, the script prints each point's attention share and how far
 the control would be off if time followed (a) or (b) exactly: outside the band, or the
-check could not fail. Each point runs in a process of its own (this script with
-``--point``), so its max RSS is its own.
+check could not fail. After its steps, each point also times one layer's SDPA alone,
+causal and unmasked, to show what the kernel does with the masked half. Each point runs in
+a process of its own (this script with ``--point``), so its max RSS is its own.
 """
 
 from __future__ import annotations
