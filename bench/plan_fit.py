@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,6 +110,27 @@ def planner_speed(repeats: int) -> list[tuple[str, ...]]:
     return rows
 
 
+CLI = (  # what a user types: process start, imports and the table included
+    ["--model", "opt-175b", "--gpus", "992", "--gpu", "a100-80gb", "--global-batch", "2M"],
+    ["--model", "opt-175b", "--layers", "128", "--heads", "160", "--d-model", "25600",
+     "--gpus", "3072", "--gpu", "a100-80gb", "--global-batch", "6M", "--tokens", "450B"],
+)  # fmt: skip
+
+
+def cli_speed(repeats: int) -> list[tuple[str, ...]]:
+    rows = [("`opt plan` command", "median wall s", "runs")]
+    for flags in CLI:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "opt", "plan", *flags], check=True,
+                           capture_output=True, cwd=REPO)  # fmt: skip
+            times.append(time.perf_counter() - start)
+        rows.append((f"`opt plan {shlex.join(flags)}`", f"{statistics.median(times):.2f}",
+                     str(repeats)))  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -121,6 +144,7 @@ def main() -> None:
     by_source += held_out(megatron, others, "Megatron-LM Table 1")
     loo = leave_one_out(list(RUNS))
     speed = planner_speed(args.repeats)
+    cli = cli_speed(args.repeats)
 
     held = [h for h in by_source if h.run.source != MEGATRON_2021]
     info = machine_info(threads=1)
@@ -153,6 +177,8 @@ def main() -> None:
             "### Planner speed",
             "",
             aligned_table(speed),
+            "",
+            aligned_table(cli),
         ]
     )
     print(body)
