@@ -386,7 +386,8 @@ class MetricsConfig(Section):
     tensorboard: bool = True
     """Write TensorBoard event files to <run dir>/tensorboard."""
     peak_tflops: float | None = Field(None, gt=0)
-    """Per-device peak for MFU in the training dtype; not set measures a matmul peak at start."""
+    """Per-device peak for MFU in the training dtype. Not set: a known GPU's datasheet dense
+    peak under bf16/fp16, otherwise a matmul measured at start (CPUs, fp32)."""
 
 
 class ResilienceConfig(Section):

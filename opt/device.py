@@ -64,3 +64,15 @@ def measure_matmul_peak(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times[1:])
+
+
+def mfu_peak(dtype: torch.dtype, device: torch.device, bf16_via_fp32: bool = False) -> float:
+    """FLOP/s to divide MFU by: on a GPU of a known type training in 16-bit, its datasheet
+    dense peak, as OPT, Megatron-LM and torchtitan quote MFU; elsewhere (CPUs, unknown GPUs,
+    fp32) a matmul measured here, since no datasheet figure applies."""
+    from opt.hardware import ACCELERATORS
+
+    _, accelerator = accelerator_of(device)
+    if accelerator is not None and dtype in (torch.bfloat16, torch.float16):
+        return ACCELERATORS[accelerator].peak_tflops * 1e12
+    return measure_matmul_peak(dtype, device, bf16_via_fp32=bf16_via_fp32)

@@ -1,9 +1,9 @@
 """The accelerators `opt plan` knows: dense bf16 peak, memory, links and power.
 
 Peaks are the vendors' dense (no sparsity) bf16 tensor-core figures for the SXM parts;
-links are per GPU and per direction. ``achieved`` is the fraction of peak that large
-bf16 matmuls reach in training (OPT-175B: 147 of 312 TFLOP/s on A100 = 0.47); `opt plan
---calibrate` replaces it with a measurement.
+links are per GPU and per direction. What fraction of the peak training reaches is not a
+property of the card alone: `opt plan`'s time model fits it on published runs
+(opt/plan/timing.py), and `opt plan --calibrate` measures it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class Accelerator:
     nvlink_gbps: float  # GB/s per GPU within a node
     network_gbps: float  # GB/s per GPU between nodes (InfiniBand)
     tdp_watts: float
-    achieved: float = 0.47  # fraction of peak reached by training matmuls
 
 
 ACCELERATORS = {
@@ -36,8 +35,8 @@ ACCELERATORS = {
     for a in (
         Accelerator("a100-40gb", 312.0, 40 * GiB, 300.0, 25.0, 400.0),
         Accelerator("a100-80gb", 312.0, 80 * GiB, 300.0, 25.0, 400.0),
-        Accelerator("h100-80gb", 989.0, 80 * GiB, 450.0, 50.0, 700.0, achieved=0.45),
-        Accelerator("h200", 989.0, 141 * 10**9, 450.0, 50.0, 700.0, achieved=0.45),
+        Accelerator("h100-80gb", 989.0, 80 * GiB, 450.0, 50.0, 700.0),
+        Accelerator("h200", 989.0, 141 * 10**9, 450.0, 50.0, 700.0),
     )
 }
 

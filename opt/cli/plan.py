@@ -6,13 +6,12 @@ import argparse
 import json
 import re
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 from opt.errors import OptError
 from opt.fsutil import atomic_write
 from opt.hardware import ACCELERATORS, DEFAULT_FILE, GiB, get_accelerator
-
-OPT_DAYS_NOTE = "OPT-175B: ~33 days on 992 A100-80GB at 147 TFLOP/s per GPU (Zhang et al. 2022)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--global-batch", default="2M", help="tokens per step (e.g. 2M, 524288)")
     p.add_argument("--achieved-tflops", type=float,
-                   help="achieved bf16 TFLOP/s per GPU (default: the GPU's typical fraction "
-                        "of peak)")  # fmt: skip
+                   help="achieved bf16 TFLOP/s per GPU, executed FLOPs (recompute included) "
+                        "(default: the time model's efficiency fitted on published runs)")  # fmt: skip
+    p.add_argument(
+        "--network-gbps",
+        type=float,
+        help="GB/s per GPU and direction between nodes (default: the GPU type's)",
+    )
     p.add_argument("--pue", type=float, default=1.1, help="data-centre power usage effectiveness")
     p.add_argument("--carbon-intensity", type=float, default=0.231, help="kg CO2e per kWh")
     p.add_argument("--margin", type=float, default=0.10, help="share of GPU memory kept free")
@@ -78,21 +82,27 @@ def _job_and_cluster(args):
         raise OptError(f"--seq-len {args.seq_len} exceeds max_positions {model_args.max_positions}")
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise OptError("--gpus and --gpus-per-node must be positive")
+    from opt.plan.timing import EFFICIENCY, Efficiency
+
     gpu = get_accelerator(args.gpu)
-    achieved, source = gpu.achieved, f"the default for {gpu.name}"
+    efficiency = EFFICIENCY[gpu.name]
     if args.achieved_tflops:
-        achieved, source = args.achieved_tflops / gpu.peak_tflops, "--achieved-tflops"
+        efficiency = Efficiency(args.achieved_tflops / gpu.peak_tflops, 0.0, "--achieved-tflops")
     elif (measured := load_calibration(args.calibration)) is not None:
         if measured.get("accelerator") == gpu.name:
-            achieved = measured["achieved_tflops"] / gpu.peak_tflops
-            source = f"calibrated on {measured['device']} at {measured['measured_at']}"
+            efficiency = Efficiency(measured["achieved_tflops"] / gpu.peak_tflops, 0.0,
+                                    f"calibrated on {measured['device']} at "
+                                    f"{measured['measured_at']}")  # fmt: skip
         else:
-            source += (f"; the calibration on {measured['device']} does not apply to "
-                       f"{gpu.name}")  # fmt: skip
-    if not 0 < achieved <= 1:
+            efficiency = Efficiency(efficiency.peak_fraction, efficiency.half_width,
+                                    f"{efficiency.fitted_on}; the calibration on "
+                                    f"{measured['device']} does not apply to {gpu.name}")  # fmt: skip
+    if not 0 < efficiency.peak_fraction <= 1:
         raise OptError(f"--achieved-tflops must be within (0, {gpu.peak_tflops}]")
-    cluster = Cluster(gpu, args.gpus, args.gpus_per_node, achieved, args.pue,
-                      args.carbon_intensity, args.margin, source)  # fmt: skip
+    if args.network_gbps is not None and args.network_gbps <= 0:
+        raise OptError("--network-gbps must be positive")
+    cluster = Cluster(gpu, args.gpus, args.gpus_per_node, efficiency, args.pue,
+                      args.carbon_intensity, args.margin, args.network_gbps)  # fmt: skip
     job = Job(model_args, args.model, args.seq_len, parse_count(args.global_batch),
               parse_count(args.tokens))  # fmt: skip
     return job, cluster
@@ -117,8 +127,7 @@ def run_plan(args) -> int:
         write_config(args.write_config, job, cluster, fits[args.pick - 1])
     if args.json:
         print(json.dumps({"model": job.model, "gpus": cluster.gpus, "gpu": cluster.gpu.name,
-                          "achieved_fraction_of_peak": cluster.achieved,
-                          "achieved_source": cluster.achieved_source,
+                          "efficiency": asdict(cluster.efficiency),
                           "candidates": [c.to_dict() for c in fits[: args.top]],
                           "excluded": [c.to_dict() for c in excluded]}, indent=1))  # fmt: skip
     else:
@@ -133,24 +142,27 @@ def run_plan(args) -> int:
 def format_plan(job, cluster, fits, excluded) -> str:
     from opt.models.model import count_parameters
 
-    gpu = cluster.gpu
+    gpu, e = cluster.gpu, cluster.efficiency
     lines = [
         f"opt plan: {job.model} ({count_parameters(job.args) / 1e9:.2f}B parameters) on "
         f"{cluster.gpus} x {gpu.name} ({cluster.gpus_per_node} per node); "
         f"{job.tokens / 1e9:g}B tokens, seq {job.seq_len}, ~{job.batch_tokens:,} tokens a step",
-        f"assumed: {cluster.achieved * gpu.peak_tflops:.0f} of {gpu.peak_tflops:.0f} bf16 "
-        f"TFLOP/s achieved ({cluster.achieved_source}), PUE {cluster.pue}, {cluster.carbon_kg_per_kwh} kg CO2e/kWh, "
+        f"time model: compute at {e.peak_fraction:.1%} x w / (w + {e.half_width:g}) of the "
+        f"{gpu.peak_tflops:.0f} bf16 TFLOP/s peak, w = d_model / tp ({e.fitted_on}); "
+        f"PUE {cluster.pue}, {cluster.carbon_kg_per_kwh} kg CO2e/kWh, "
         f"{cluster.margin:.0%} of memory kept free",
         "",
-        f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'acc':>4} {'AC':>9} {'SP':>3} "
-        f"{'GiB/GPU':>8} {'(states':>8} {'act':>6} {'buf)':>6} {'step s':>7} {'MFU':>5} "
-        f"{'bubble':>6} {'comm GB':>8} {'days':>6} {'GPU-h':>9} {'MWh':>7} {'tCO2e':>6}",
+        f"{'#':>3} {'tp':>3} {'pp':>3} {'v':>2} {'dp':>5} {'DP':>4} {'mb':>3} {'acc':>4} "
+        f"{'AC':>9} {'SP':>3} {'GiB/GPU':>8} {'(states':>8} {'act':>6} {'buf)':>6} "
+        f"{'step s':>7} {'MFU':>5} {'bubble':>6} {'comm GB':>8} {'days':>6} {'GPU-h':>9} "
+        f"{'MWh':>7} {'tCO2e':>6}",
     ]
     for i, c in enumerate(fits, 1):
         m = c.memory
         states = m["weights"] + m["gradients"] + m["optimizer"]
         lines.append(
-            f"{i:>3} {c.tp:>3} {c.pp:>3} {c.dp:>5} {c.micro_batch:>3} {c.grad_accum:>4} "
+            f"{i:>3} {c.tp:>3} {c.pp:>3} {c.stages_per_rank:>2} {c.dp:>5} "
+            f"{'fsdp' if c.data_parallel == 'fsdp' else 'repl':>4} {c.micro_batch:>3} {c.grad_accum:>4} "
             f"{c.activation_checkpoint:>9} {'yes' if c.sequence_parallel else 'no':>3} "
             f"{m['total'] / GiB:>8.1f} {states / GiB:>8.1f} {m['activations'] / GiB:>6.1f} "
             f"{m['buffers'] / GiB:>6.1f} {c.step_s:>7.2f} {c.mfu:>5.1%} {c.bubble:>6.1%} "
@@ -169,7 +181,9 @@ def format_plan(job, cluster, fits, excluded) -> str:
                 f"  e.g. tp {example.tp} pp {example.pp} mb {example.micro_batch} "
                 f"{example.activation_checkpoint}: {example.excluded}"
             )
-    lines.append(f"GiB/GPU includes the {cluster.margin:.0%} margin. {OPT_DAYS_NOTE}.")
+    lines.append(f"GiB/GPU includes the {cluster.margin:.0%} margin; v: virtual pipeline stages "
+                 "per rank (interleaved 1F1B); DP: FSDP or a replicated model. The time model's "
+                 "errors on published runs are in BENCHMARKS.md.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -192,11 +206,16 @@ def write_config(path: Path, job, cluster, c) -> None:
         "model.name": job.model, "data.seq_len": job.seq_len, "train.precision": "bf16",
         "train.micro_batch_size": c.micro_batch, "train.batch_tokens": c.batch_tokens,
         "schedule.decay_tokens": job.tokens, "parallel.tp": c.tp, "parallel.pp": c.pp,
-        "parallel.dp_shard": -1, "parallel.sequence_parallel": c.sequence_parallel,
+        "parallel.sequence_parallel": c.sequence_parallel,
+        "parallel.pp_schedule": c.schedule, "parallel.pp_stages_per_rank": c.stages_per_rank,
         "parallel.activation_checkpoint": c.activation_checkpoint,
         "slurm.nodes": max(1, cluster.gpus // cluster.gpus_per_node),
         "slurm.gpus_per_node": min(cluster.gpus, cluster.gpus_per_node),
     }  # fmt: skip
+    if c.data_parallel == "fsdp":
+        overrides |= {"parallel.dp_replicate": 1, "parallel.dp_shard": -1}
+    else:
+        overrides |= {"parallel.dp_replicate": c.dp, "parallel.dp_shard": 1}
     for key, attr in (("model.n_layers", "n_layers"), ("model.n_heads", "n_heads"),
                       ("model.d_model", "d_model")):  # fmt: skip
         overrides[key] = getattr(job.args, attr)

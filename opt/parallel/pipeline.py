@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch.distributed.pipelining import (
@@ -48,6 +49,11 @@ def split_layers(n_layers: int, n_stages: int, costs: StageCosts) -> list[range]
     """Contiguous layer ranges, one per stage, minimising the most expensive stage; the
     first stage also pays for the embedding and the last for the head. Every stage gets at
     least one layer."""
+    return list(_split_layers(n_layers, n_stages, costs))
+
+
+@cache  # `opt plan` asks for the same split for every layout with the same pipeline
+def _split_layers(n_layers: int, n_stages: int, costs: StageCosts) -> tuple[range, ...]:
     if n_layers < n_stages:
         raise OptError(
             f"{n_stages} pipeline stages need at least {n_stages} layers, the model has {n_layers}"
@@ -74,7 +80,7 @@ def split_layers(n_layers: int, n_stages: int, costs: StageCosts) -> list[range]
     for s in range(n_stages, 0, -1):
         bounds.append(range(cut[s][i], i))
         i = cut[s][i]
-    return bounds[::-1]
+    return tuple(bounds[::-1])
 
 
 def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:

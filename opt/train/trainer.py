@@ -24,7 +24,7 @@ from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.manager import CheckpointManager
 from opt.config import JobConfig
 from opt.data.prefetch import PrefetchingLoader
-from opt.device import measure_matmul_peak
+from opt.device import mfu_peak
 from opt.faults import maybe_inject_fault
 from opt.job import check_job
 from opt.models import kernels
@@ -588,7 +588,7 @@ class Trainer:
             peak = cfg.metrics.peak_tflops * 1e12
         else:
             dtype = AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32)
-            peak = measure_matmul_peak(dtype, self.device, bf16_via_fp32=self.bf16_via_fp32)
+            peak = mfu_peak(dtype, self.device, bf16_via_fp32=self.bf16_via_fp32)
         tb_dir = cfg.run_dir / "tensorboard" if cfg.metrics.tensorboard else None
         # Tokens are counted globally, so per-device MFU divides the work over every rank.
         flops = training_flops_per_token(self.model_args, cfg.data.seq_len)
