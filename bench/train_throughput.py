@@ -590,9 +590,10 @@ def section_body(
         for r in results
     )
     order = (
-        "Each side ran alone on the GPU, one after another (HF's setups first, each in its "
-        "own process, which exits before the next starts; our settings in this process, "
-        "each trainer freed before the next is built)."
+        f"Each side ran alone{' on the GPU' * gpu}, one after another: HF's setups first, in "
+        "a worker process that exits before the next starts (its eager model, once measured, "
+        "compiled in place for the compiled row, as a user would, instead of built again), "
+        "then ours in this process, each trainer freed before the next is built."
         if gpu or args.sequential
         else "Steps rotate through the sides (ours, then each HF setup) so that the shared "
         "CPU's drift hits all alike; each side idles while another runs."
