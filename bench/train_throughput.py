@@ -611,6 +611,7 @@ def section_body(
         "",
         markdown_table(results, gpu),
         "",
+        *_best_text(results),
         f"Figures are medians of {args.steps} measured steps after {args.warmup} warmup "
         f"step{'s' * (args.warmup != 1)}, per side and dtype. {order} Ours is "
         "`Trainer.train_step()` with the default speed switches (data loading, forward, fused "
@@ -634,8 +635,44 @@ def section_body(
     return "\n".join(parts)
 
 
+def _setup_text(side: Side, gpu: bool) -> str:
+    scope = "per block" if side.kind == "ours" else side.compile_text
+    how = f"compiled {scope}" if side.compiled else "eager"
+    alloc = "" if gpu else f", {side.allocator_text}"
+    return f"{side.kind} ({how}{alloc})"
+
+
+def _best_text(results: list[Result]) -> list[str]:
+    """Per dtype: our fastest row against HF's fastest, and against HF as a user gets it."""
+    lines = []
+    gpu = any(r.datasheet_flops or r.gpu_matmul_flops for r in results)
+    for r in results:
+        ours = [s for s in r.sides if s.kind == "ours" and s.times]
+        hf = [s for s in r.sides if s.kind == "HF" and s.times]
+        if not ours or not hf:
+            continue
+        a, b = max(ours, key=r.tokens_per_s), max(hf, key=r.tokens_per_s)
+        line = (
+            f"- {r.precision}, best against best: {_setup_text(a, gpu)} "
+            f"{r.tokens_per_s(a):.1f} tok/s against HF's fastest, {_setup_text(b, gpu)} "
+            f"{r.tokens_per_s(b):.1f} tok/s: {r.tokens_per_s(a) / r.tokens_per_s(b):.2f}x"
+        )
+        plain = [s for s in hf if s.compile == "none" and not s.keep_host_memory]
+        if plain and plain[0] is not b:
+            rate = r.tokens_per_s(plain[0])
+            line += (
+                f"; against HF with a transformers user's defaults (eager, glibc default) "
+                f"{rate:.1f} tok/s: {r.tokens_per_s(a) / rate:.2f}x"
+            )
+        lines.append(line + ".")
+    return [*lines, ""] if lines else []
+
+
 def _mfu_text(args: argparse.Namespace, results: list[Result], flops: float) -> str:
-    base = f"MFU = {flops / 1e9:.3f} GFLOP/token (`training_flops_per_token`) x tok/s / "
+    base = (
+        f"MFU = {flops / 1e9:.3f} GFLOP/token (`training_flops_per_token`: model FLOPs, a "
+        "recomputed forward not counted) x tok/s / "
+    )
     if args.device == "cuda":
         r = results[0]
         measured = ", ".join(
@@ -895,6 +932,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{title}\n")
     print(markdown_table(results, gpu))
     print()
+    print("\n".join(_best_text(results)))
     print(_mfu_text(args, results, results[0].flops_per_token))
     print(f"\nload average (1 min) at start / end: {loads[0]} / {loads[1]}")
     for r in results:
