@@ -19,8 +19,8 @@ and ``clip_grad_norm_``. Two settings a user may choose are offered, each off by
 ``compile`` ("model": ``torch.compile`` of the whole model, what transformers' own Trainer
 does with ``torch_compile=True``; "layers": of each decoder layer) and ``keep_host_memory``
 (the glibc allocator setting our trainer makes, opt/host_memory.py, applied in this worker
-before anything is allocated). Its batches come from a loader over the same stream as ours, so step
-i of both sides sees the same tokens. HF's loss shifts ``labels`` internally, which would
+before anything is allocated). Its batches come from a loader over the same stream as ours,
+so step i of both sides sees the same tokens. HF's loss shifts ``labels`` internally, which would
 leave seq_len - 1 predictions; passing ``shift_labels=targets`` as well makes it score the
 same seq_len predictions as ours, on the same (B, seq_len) input.
 
