@@ -3,6 +3,7 @@ real Slurm cluster. Plain helpers (no fixtures) live in helpers.py."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -83,13 +84,39 @@ def slurm_cluster(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """Every test on the real Slurm is also slow: `-m "not slow"` leaves them out."""
+    """Every test on the real Slurm is also slow: `-m "not slow"` leaves them out. Every
+    `gpu` test is skipped where no CUDA device is present (CI, this machine), however it
+    was selected: they run only where a GPU is (`bash bench/gpu_check.sh`)."""
     for item in items:
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") is not None and no_gpu_reason():
+            item.add_marker(pytest.mark.skip(reason=f"{NO_GPU}: {no_gpu_reason()}"))
+
+
+NO_GPU = "GPU test, no GPU here"
+
+
+@functools.cache
+def no_gpu_reason() -> str:
+    """Why the `gpu` tests cannot run here, or "" where a CUDA device is present."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
+    return ""
 
 
 def pytest_terminal_summary(terminalreporter):
     for group, reason in NOT_TESTED.items():
         terminalreporter.write_sep("!", f"{group.upper()} WERE SKIPPED", red=True, bold=True)
         terminalreporter.write_line(f"reason: {reason}", red=True)
+    # One line for the GPU tests skipped for want of a GPU, so a green run says so.
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_GPU in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep(
+            "!", f"{len(skipped)} GPU TESTS SKIPPED: no GPU present ({no_gpu_reason()})",
+            yellow=True,
+        )  # fmt: skip
