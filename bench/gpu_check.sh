@@ -4,7 +4,11 @@
 # part logged under OUT_DIR, all within GPU_CHECK_BUDGET_S seconds (540 unless set: a
 # device call may run 600).
 #
-#     bash bench/gpu_check.sh OUT_DIR             # on the GPU machine, in a copy of the repo
+#     bash bench/gpu_check.sh OUT_DIR [SIZE ...]  # on the GPU machine, in a copy of the repo
+#
+# SIZE: what bench/gpu_throughput.sh measures after the tests (125m unless given: the tests
+# and 125m fit one 10-minute device call; run `bash bench/gpu_throughput.sh OUT 1.3b` and
+# `... 6.7b` as calls of their own).
 #     PYTHON=.venv/bin/python bash bench/gpu_check.sh --wheels [DIR]   # beforehand, here
 #
 # Python: $PYTHON, else python3, running the checkout through PYTHONPATH; nothing is
@@ -44,12 +48,15 @@ EOF
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dir" "${wanted[@]}"
 fi
 
-out=${1:?usage: bash bench/gpu_check.sh OUT_DIR (or --wheels [DIR])}
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [SIZE ...] (or --wheels [DIR])}
+shift
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(125m)
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1
 start=$SECONDS
 budget=${GPU_CHECK_BUDGET_S:-540}
 tests_limit=${GPU_CHECK_TESTS_S:-240}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHON="$py"
 summary=()
 failed=0
 part() {  # name, exit status, what to say
@@ -126,7 +133,8 @@ if [ "$left" -lt 60 ]; then
     part throughput 1 "not run: $left s of the ${budget} s budget left"
 else
     echo "== bench/gpu_throughput.sh (at most $left s)"
-    timeout -k 15 "$left" bash bench/gpu_throughput.sh "$out/throughput" >"$out/throughput.log" 2>&1
+    timeout -k 15 "$left" bash bench/gpu_throughput.sh "$out/throughput" "${sizes[@]}" \
+        >"$out/throughput.log" 2>&1
     bench=$?
     tail -n 30 "$out/throughput.log"
     part throughput "$bench" "$(cut_at "$bench" "$left")see throughput.log and throughput/"

@@ -15,10 +15,11 @@
 # that runs out of time keeps the rows measured so far (the section is rewritten after each
 # side, marked incomplete). `smoke` is a 2-layer run of all four sides (about 2 minutes).
 #
-# Needs python3 with torch (CUDA) and transformers; runs the checkout via PYTHONPATH, so
+# Needs $PYTHON (python3 unless set) with torch (CUDA) and transformers; runs the checkout via PYTHONPATH, so
 # nothing is installed. Writes OUT_DIR/BENCHMARKS.md (a copy of ours with the GPU sections
 # added or replaced), one log per size and env.txt.
 set -u
+py=${PYTHON:-python3}
 out=${1:?usage: bash bench/gpu_throughput.sh OUT_DIR [SIZE ...]}
 shift
 sizes=("$@")
@@ -28,7 +29,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cp BENCHMARKS.md "$out/BENCHMARKS.md"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)'
+    "$py" -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)'
     nproc
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
@@ -37,7 +38,7 @@ run() {  # name, time limit in seconds, then train_throughput.py's arguments
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS
-    timeout --kill-after=15 "$limit" python3 bench/train_throughput.py --device cuda \
+    timeout --kill-after=15 "$limit" "$py" bench/train_throughput.py --device cuda \
         --dtypes bf16 --ours on,off --hf eager,compile "$@" >"$out/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start)) s"
