@@ -10,19 +10,24 @@
    following step until the background save is committed (at least one), so staging, the
    commit and background writing that slows the next steps all count. Stall = that window's
    time - its number of steps x the median plain step; reported against one plain step.
-2. Bandwidth. ``checkpoints.save(step, sync=True)`` and ``load_training_state`` (checksums verified,
-   as a resume does) in MB/s of checkpoint files, against ``dd`` on the same filesystem
-   writing and reading as many bytes. Our commit fsyncs every file, so dd writes with
-   ``conv=fdatasync``. Reads come from the page cache on both sides (both files were just
-   written); dd with ``iflag=direct`` gives the disk's own read speed where O_DIRECT works.
-   Ours and dd alternate within each repetition, so load from other processes hits both.
+2. Bandwidth. ``checkpoints.save(step, sync=True)`` and ``load_training_state`` (checksums
+   verified, as a resume does) in MB/s of checkpoint files, against ``dd`` on the same
+   filesystem writing and reading as many bytes. Our commit fsyncs every file, so dd writes
+   with ``conv=fdatasync``. Reads are timed like for like, twice: warm, both sides reading
+   files they have just written from the page cache; cold, both sides' files evicted from
+   the page cache first (fsync + ``POSIX_FADV_DONTNEED`` on every file, checked with
+   mincore(2)), so both read the disk. dd with ``iflag=direct`` is a cross-check of the
+   disk's read speed. Ours and dd alternate within each repetition, so load from other
+   processes hits both.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
+import mmap
 import os
 import shutil
 import statistics
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opt.checkpoint import latest_checkpoint, load_training_state, manifest, verify_checkpoint
@@ -183,18 +189,80 @@ def measure_stall(trainer: Trainer, args: argparse.Namespace) -> Stall:
 class Bandwidth:
     bytes: int = 0
     save: list[float] = field(default_factory=list)
-    load: list[float] = field(default_factory=list)
-    verify: list[float] = field(default_factory=list)  # the checksum pass alone, within load
     dd_write: list[float] = field(default_factory=list)
-    dd_read: list[float] = field(default_factory=list)  # page cache, like ours
-    dd_read_direct: list[float] = field(default_factory=list)  # O_DIRECT: the disk itself
+    # Reads: "warm" from the page cache (the files were just written), "cold" from the disk
+    # (every file evicted from the page cache first), ours and dd's alike.
+    load_warm: list[float] = field(default_factory=list)
+    dd_read_warm: list[float] = field(default_factory=list)
+    load_cold: list[float] = field(default_factory=list)
+    dd_read_cold: list[float] = field(default_factory=list)
+    verify_cold: list[float] = field(default_factory=list)  # the checksum pass alone
+    verify_warm: list[float] = field(default_factory=list)
+    dd_read_direct: list[float] = field(default_factory=list)  # O_DIRECT: a cross-check
+    # The share of the files' bytes in the page cache just before each read, per kind.
+    resident: dict[str, list[float]] = field(default_factory=dict)
 
     def mb_s(self, name: str) -> float:
         return self.bytes / MB / statistics.median(getattr(self, name))
 
+    def note_resident(self, kind: str, files: list[Path]) -> None:
+        total = sum(f.stat().st_size for f in files)
+        share = sum(map(resident_bytes, files)) / total
+        self.resident.setdefault(kind, []).append(share)
+
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def dir_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.rglob("*") if f.is_file())
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so that the next read comes from the disk:
+    fsync (a dirty page cannot be dropped), then POSIX_FADV_DONTNEED on the whole file.
+    Unlike ``echo 3 > /proc/sys/vm/drop_caches`` it needs no root and touches nothing else."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]  # fmt: skip
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def resident_bytes(file: Path) -> int:
+    """Bytes of ``file`` in the page cache, by mincore(2) on a mapping of it (mapping a
+    file reads none of it), as util-linux's ``fincore`` counts them."""
+    size = file.stat().st_size
+    if size == 0:
+        return 0
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap {file}")
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vector = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(address, size, vector) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {file}")
+        finally:
+            _libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    in_cache = int(np.count_nonzero(np.frombuffer(vector, dtype=np.uint8) & 1))
+    return min(size, in_cache * mmap.PAGESIZE)
 
 
 def _dd(*operands: str) -> float | None:
@@ -203,6 +271,12 @@ def _dd(*operands: str) -> float | None:
     done = subprocess.run(["dd", *operands, "status=none"], capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     return elapsed if done.returncode == 0 else None
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def measure_bandwidth(trainer: Trainer, args: argparse.Namespace, tmp: Path) -> Bandwidth:
@@ -217,34 +291,54 @@ def measure_bandwidth(trainer: Trainer, args: argparse.Namespace, tmp: Path) -> 
         path = trainer.checkpoints.save(trainer.step, sync=True)
         result.save.append(time.perf_counter() - start)
         result.bytes = dir_bytes(path)
-        start = time.perf_counter()
-        load_training_state(
-            path, trainer.model_parts, trainer.optimizers, layout=trainer.job.layout
-        )
-        result.load.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        verify_checkpoint(path)
-        result.verify.append(time.perf_counter() - start)
+        files = dir_files(path)
+
+        def load(path: Path = path) -> None:
+            load_training_state(
+                path, trainer.model_parts, trainer.optimizers, layout=trainer.job.layout
+            )
 
         count = math.ceil(result.bytes / DD_BLOCK)
+        scale = result.bytes / (count * DD_BLOCK)  # dd's times scaled to our bytes
         dd_file.unlink(missing_ok=True)
         block = f"bs={DD_BLOCK}"
         write = _dd("if=/dev/zero", f"of={dd_file}", block, f"count={count}", "conv=fdatasync")
         if write is None:
             raise SystemExit(f"dd could not write {dd_file}")
-        result.dd_write.append(write * result.bytes / (count * DD_BLOCK))  # same bytes as ours
-        read = _dd(f"if={dd_file}", "of=/dev/null", block)
-        result.dd_read.append(read * result.bytes / (count * DD_BLOCK))
+        result.dd_write.append(write * scale)
+        read = [f"if={dd_file}", "of=/dev/null", block]
+
+        # Warm: both read files they have just written, from the page cache.
+        result.note_resident("load_warm", files)
+        result.load_warm.append(_timed(load))
+        result.note_resident("dd_read_warm", [dd_file])
+        result.dd_read_warm.append(_dd(*read) * scale)
+        # Cold: each evicts its files first, the same way, so both read the disk.
+        evict(files)
+        result.note_resident("load_cold", files)
+        result.load_cold.append(_timed(load))
+        evict([dd_file])
+        result.note_resident("dd_read_cold", [dd_file])
+        result.dd_read_cold.append(_dd(*read) * scale)
+        # The checksum pass alone, from the disk and from the page cache.
+        evict(files)
+        result.verify_cold.append(_timed(lambda path=path: verify_checkpoint(path)))
+        result.verify_warm.append(_timed(lambda path=path: verify_checkpoint(path)))
         if direct:
-            read = _dd(f"if={dd_file}", "of=/dev/null", block, "iflag=direct")
-            direct = read is not None
+            evict([dd_file])
+            seconds = _dd(*read, "iflag=direct")
+            direct = seconds is not None
             if direct:
-                result.dd_read_direct.append(read * result.bytes / (count * DD_BLOCK))
+                result.dd_read_direct.append(seconds * scale)
         print(
             f"[bandwidth] {rep + 1}: {result.bytes / MB:.0f} MB; save {result.save[-1]:.2f} s, "
-            f"load {result.load[-1]:.2f} s (checksums {result.verify[-1]:.2f} s); dd write "
-            f"{result.dd_write[-1]:.2f} s, read {result.dd_read[-1]:.2f} s"
-            + (f", direct read {result.dd_read_direct[-1]:.2f} s" if direct else ""),
+            f"dd write {result.dd_write[-1]:.2f} s; warm: load {result.load_warm[-1]:.2f} s, "
+            f"dd {result.dd_read_warm[-1]:.2f} s; cold: load {result.load_cold[-1]:.2f} s, dd "
+            f"{result.dd_read_cold[-1]:.2f} s; checksums cold {result.verify_cold[-1]:.2f} s, "
+            f"warm {result.verify_warm[-1]:.2f} s"
+            + (f"; dd iflag=direct {result.dd_read_direct[-1]:.2f} s" if direct else "")
+            + "; resident before: "
+            + ", ".join(f"{k} {v[-1]:.1%}" for k, v in result.resident.items()),
             flush=True,
         )
     dd_file.unlink(missing_ok=True)
@@ -272,25 +366,43 @@ def section_body(
     med = statistics.median
     steps_per_window = med([len(w.step_times) for w in windows])
     waited = sum(w.waited for w in windows)
-    ratios = {
-        "save": bw.mb_s("save") / bw.mb_s("dd_write"),
-        "load": bw.mb_s("load") / bw.mb_s("dd_read"),
+    pairs = {  # row: (ours, dd)
+        "write": ("save", "dd_write"),
+        "read, page cache (warm)": ("load_warm", "dd_read_warm"),
+        "read, disk (cold)": ("load_cold", "dd_read_cold"),
     }
+    ours_label = {
+        "save": "`checkpoints.save(step, sync=True)`",
+        "load_warm": "`load_training_state`",
+        "load_cold": "`load_training_state`",
+    }
+    dd_label = {
+        "dd_write": "`conv=fdatasync`",
+        "dd_read_warm": "`of=/dev/null`",
+        "dd_read_cold": "`of=/dev/null`",
+    }
+    ratios = {row: bw.mb_s(ours) / bw.mb_s(dd) for row, (ours, dd) in pairs.items()}
     rows = [
         "| | ours | ours MB/s | dd | dd MB/s | ours/dd | target >= 50% |",
         "|---|---|---|---|---|---|---|",
-        f"| write | `checkpoints.save(step, sync=True)` {med(bw.save):.2f} s | {bw.mb_s('save'):.0f} | "
-        f"`conv=fdatasync` {med(bw.dd_write):.2f} s | {bw.mb_s('dd_write'):.0f} | "
-        f"{ratios['save']:.0%} | {_met(ratios['save'] >= BANDWIDTH_TARGET)} |",
-        f"| read | `load_training_state` {med(bw.load):.2f} s | {bw.mb_s('load'):.0f} | "
-        f"page cache {med(bw.dd_read):.2f} s | {bw.mb_s('dd_read'):.0f} | "
-        f"{ratios['load']:.0%} | {_met(ratios['load'] >= BANDWIDTH_TARGET)} |",
+        *(
+            f"| {row} | {ours_label[ours]} {med(getattr(bw, ours)):.2f} s | {bw.mb_s(ours):.0f} | "
+            f"{dd_label[dd]} {med(getattr(bw, dd)):.2f} s | {bw.mb_s(dd):.0f} | "
+            f"{ratios[row]:.0%} | {_met(ratios[row] >= BANDWIDTH_TARGET)} |"
+            for row, (ours, dd) in pairs.items()
+        ),
     ]
     if bw.dd_read_direct:
         rows.append(
-            f"| read (disk) | | | `iflag=direct` {med(bw.dd_read_direct):.2f} s | "
-            f"{bw.mb_s('dd_read_direct'):.0f} | {bw.mb_s('load') / bw.mb_s('dd_read_direct'):.0%} | |"
+            f"| read, disk (cross-check) | | | `iflag=direct` {med(bw.dd_read_direct):.2f} s | "
+            f"{bw.mb_s('dd_read_direct'):.0f} | | |"
         )
+
+    def resident(kind: str) -> str:
+        shares = bw.resident[kind]
+        low, high = min(shares), max(shares)
+        return f"{low:.1%}" if f"{low:.1%}" == f"{high:.1%}" else f"{low:.1%} to {high:.1%}"
+
     fmt_load = lambda v: " ".join(f"{x:.2f}" for x in v)  # noqa: E731
     return "\n".join(
         [
@@ -354,18 +466,39 @@ def section_body(
             "Ours: `checkpoints.save(step, sync=True)` of the trainer into an empty checkpoint "
             "directory (gather the state dicts, write with DCP, fsync and hash every file, "
             "write the manifest, rename), and `load_training_state(path, model_parts, "
-            "optimizers, layout=...)` from it (verify sizes and SHA-256 against the manifest, "
-            "then read with DCP into the model and optimizer) - the checksum pass alone takes "
-            f"{med(bw.verify):.2f} s of the load. dd: "
-            f"`dd if=/dev/zero of=FILE bs=4M count=N conv=fdatasync` with N x 4 MiB >= the "
-            "checkpoint's bytes (time scaled to the same bytes), since our commit fsyncs "
-            "every file; `dd if=FILE of=/dev/null bs=4M` right after, so it reads the page "
-            "cache as our load does (there is no root here to drop caches)"
+            "optimizers, layout=...)` from it, as a resume runs it: verify sizes and SHA-256 "
+            "of every file against the manifest, then read with DCP into the model and "
+            "optimizer. dd: `dd if=/dev/zero of=FILE bs=4M count=N conv=fdatasync` with "
+            "N x 4 MiB >= the checkpoint's bytes (times scaled to the same bytes), since our "
+            "commit fsyncs every file, and `dd if=FILE of=/dev/null bs=4M`. Warm: each side "
+            "reads the files it has just written, from the page cache (share of the bytes "
+            f"resident just before the read, by mincore(2): ours {resident('load_warm')}, dd "
+            f"{resident('dd_read_warm')}). Cold: before each cold read, each side's files "
+            "are evicted from the page cache the same way, fsync then "
+            "`posix_fadvise(POSIX_FADV_DONTNEED)` on every file (`/proc/sys/vm/drop_caches` "
+            "is read-only in this container, and this evicts nothing else), and the eviction "
+            "is checked with mincore(2) on a mapping of each file, as util-linux `fincore` "
+            f"counts: resident just before the read, ours {resident('load_cold')}, dd "
+            f"{resident('dd_read_cold')}"
+            + f". A second check: dd's cold read takes {med(bw.dd_read_cold):.2f} s, its warm "
+            f"read {med(bw.dd_read_warm):.2f} s"
             + (
-                "; `iflag=direct` reads the disk itself, bypassing the cache."
+                "; dd with `iflag=direct` (O_DIRECT: no page cache, and no read-ahead, one "
+                "4 MiB request at a time), its file evicted first too, reads at "
+                f"{bw.mb_s('dd_read_direct'):.0f} MB/s"
                 if bw.dd_read_direct
-                else "; O_DIRECT reads failed on this filesystem, so there is no disk read figure."
-            ),
+                else "; O_DIRECT reads failed on this filesystem"
+            )
+            + ". The disk is a virtual machine's disk (/dev/vda, ext4): whatever the host "
+            "caches beneath it is out of reach, for both sides alike. Ours and dd alternate "
+            "within each repetition (save, dd write, warm reads, cold reads). Our load reads "
+            "every byte twice: the checksum pass reads each file (from the disk, when cold), "
+            "then DCP reads it again, from the page cache the first pass filled. The checksum "
+            f"pass alone takes {med(bw.verify_cold):.2f} s cold and "
+            f"{med(bw.verify_warm):.2f} s warm (timed apart from the loads); there is no "
+            "user setting that skips it: a resume (`CheckpointManager.resume`) verifies every "
+            "file, the hashing split across the ranks, then loads with `verified=True`; on "
+            "one rank that is this load. So there is no row without it.",
         ]
     )
 

@@ -12,26 +12,33 @@
    waits for data. Two configs: the opt-125m shape (cut to a few layers) at seq 512, and
    configs/demo.toml (opt-tiny, seq 128, 16 sequences a step in 2 micro-batches).
 2. Tokenization. ``python -m opt data prepare CORPUS.jsonl --tokenizer TOKENIZER --out
-   PREFIX`` (the whole command, process start included) on a corpus of the built-in pydoc
-   documents repeated to 100 MB, with the tokenizer the demo
-   trains on that corpus (vocabulary 8192). MB of document text per second, divided by the
-   cores this process may run on; against the same command with ``--workers 1`` and with
-   ``--no-word-cache``, and ``Tokenizer.encode_batch_fast`` alone. The cold rows encode the distinct documents once
-   with an empty word cache, against ``encode_batch_fast`` on them.
+   PREFIX`` (the whole command, process start included) on fresh text: at least 100 MB of
+   distinct documents, no document twice, from the text files on this machine
+   (``build_fresh_corpus``: the Python standard library, the installed packages,
+   /usr/share/doc and the man pages, deduplicated by content hash, built once under
+   $TMPDIR/opt-bench-corpus and reused), with the tokenizer the demo trains (vocabulary
+   8192). MB of document text per second, divided by the cores this process may run on;
+   the default (word cache, one worker process per core) against ``--workers 1`` and
+   ``--no-word-cache`` (``tokenizers`` alone, the peer). The word cache's hit rate on the
+   corpus is measured by running it once, in one process, with its lookups counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
+import hashlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +46,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from opt.cli.data import _PARALLEL_MIN_BYTES as PARALLEL_MIN_BYTES
 from opt.config import load_config
-from opt.data.corpus import builtin_documents
-from opt.data.fast_encode import fast_encoder, unicode_class_table
+from opt.data.fast_encode import _DOC_END_CHAR as DOC_END_CHAR
+from opt.data.fast_encode import fast_encoder
 from opt.data.prepare import ensure_builtin_dataset
 from opt.models.sizes import get_model_args
 from opt.train.trainer import Trainer
@@ -55,7 +63,7 @@ WAIT_TITLE = "## Data pipeline: time a step waits for data (CPU)"
 TOKENIZE_TITLE = "## Data pipeline: tokenization throughput of `opt data prepare` (CPU)"
 QUICK = {"layers": 1, "steps": 4, "warmup": 1, "corpus_mb": 10.0, "runs": 2}
 DEFAULTS = {"layers": 2, "steps": 20, "warmup": 3, "corpus_mb": 100.0, "runs": 5}
-MIN_RUNS = 5
+MIN_RUNS = 3
 MB = 1e6
 WAIT_TARGET = 0.01
 TOKENIZE_TARGET = 5.0  # MB/s per core
@@ -195,45 +203,229 @@ def measure_wait(
 
 
 # ----- 2. tokenization -----------------------------------------------------------------------
-# What is timed, in this order within each run: the label of its row, and what it runs.
+# Where the fresh corpus comes from: distinct real text on this machine.
+# (name, root, the suffixes taken, each also as .gz, or None: every file that is text;
+# directory names not entered)
+_STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_SOURCES = (
+    ("Python standard library", _STDLIB, (".py", ".rst", ".txt"), ("site-packages",)),
+    ("base interpreter's site-packages", _STDLIB / "site-packages",
+     (".py", ".pyi", ".rst", ".txt", ".md", ".html"), ()),
+    ("this environment's site-packages", Path(sysconfig.get_paths()["purelib"]),
+     (".py", ".pyi", ".rst", ".txt", ".md", ".html"), ()),
+    ("/usr/share/doc", Path("/usr/share/doc"), None, ()),  # READMEs, changelogs, manuals
+    ("/usr/share/man", Path("/usr/share/man"), None, ()),  # man pages' troff source
+)  # fmt: skip
+# The main corpus takes every source; the second, for comparison, leaves out the Python
+# packages (most of them source code).
+CORPUS_KINDS = {"mixed": CORPUS_SOURCES, "doc and man": CORPUS_SOURCES[3:]}
+CORPUS_VERSION = 2  # bump when the recipe below changes: the cached corpus is rebuilt
+MAX_DOC_BYTES = 1 << 20  # larger files are generated data (tables, dumps), not text
+CORPUS_DIR = Path(tempfile.gettempdir()) / "opt-bench-corpus"
+
+# What is timed, in this order within each run: the label of its row, and its flags.
 TOKENIZE_ROWS = {
-    "prepare": "`opt data prepare` (the default: word cache, {cores} worker processes)",
+    "prepare": "`opt data prepare` (the default: word cache, {workers})",
     "prepare_1": "`opt data prepare --workers 1` (word cache, one process)",
     "prepare_nocache": "`opt data prepare --no-word-cache` (the peer: `tokenizers` alone)",
-    "encode": "`{encoder}` alone, in-process, batches of 1024",
-    "cold": "word cache from empty, in-process, on the {n} distinct documents",
-    "cold_peer": "`{encoder}` on the same {n} documents",
 }
 PREPARE_FLAGS = {"prepare": [], "prepare_1": ["--workers", "1"],
                  "prepare_nocache": ["--no-word-cache"]}  # fmt: skip
 
 
 @dataclass
-class TokenizeResult:
-    text_bytes: int
-    file_bytes: int
+class Corpus:
+    """A built corpus: the JSON-lines file and what went into it."""
+
+    path: Path
+    text_bytes: int  # UTF-8 bytes of document text
     n_docs: int
+    sha256: str  # of the JSON-lines file
+    sources: dict[str, dict[str, int]]  # name -> files, distinct documents, taken (docs, bytes)
+    candidates: int  # distinct documents found before the draw
+    candidate_bytes: int
+    duplicates: int  # files dropped because an earlier file had the same content
+    skipped: int  # files not UTF-8, holding NUL, empty or over MAX_DOC_BYTES
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def _source_files(
+    root: Path, suffixes: tuple[str, ...] | None, skip_dirs: tuple[str, ...]
+) -> Iterator[Path]:
+    """Regular files under ``root`` (no symlinks) whose name ends in one of ``suffixes``
+    (or in one of them and .gz), or all of them if None; in sorted order, not entering
+    directories named in ``skip_dirs``."""
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
+        for name in sorted(files):
+            path = Path(directory, name)
+            stem = name[:-3] if name.endswith(".gz") else name
+            wanted = suffixes is None or Path(stem).suffix in suffixes
+            if wanted and not path.is_symlink() and path.is_file():
+                yield path
+
+
+def _read_text(path: Path) -> str | None:
+    """The file as text (decompressed if .gz), or None if it is not a text document."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read(MAX_DOC_BYTES + 1)
+        if len(data) > MAX_DOC_BYTES or b"\0" in data:
+            return None
+        text = data.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None
+    return text if text.strip() else None
+
+
+def build_fresh_corpus(path: Path, target_mb: float, sources=CORPUS_SOURCES) -> Corpus:
+    """Real text from this machine, no document twice, at least ``target_mb`` MB of it.
+
+    Every file of ``sources`` (``CORPUS_SOURCES``) in sorted order (decompressed if it is
+    .gz), kept if it is UTF-8, holds no NUL and is at most ``MAX_DOC_BYTES``; a file whose
+    content (sha256 of its text) an earlier file had is dropped. The distinct documents are
+    ordered by that hash, which mixes the sources, and taken in that order until
+    ``target_mb`` MB of text. The same files on disk give the same corpus (the section
+    records its sha256), and a package installed since adds or removes only its own files'
+    documents, instead of reshuffling the rest.
+    """
+    seen: set[bytes] = set()
+    found: list[tuple[bytes, str, str]] = []  # (sha256, source, text)
+    stats_of: dict[str, dict[str, int]] = {}
+    duplicates = skipped = 0
+    for name, root, suffixes, skip_dirs in sources:
+        stats = stats_of[name] = {"files": 0, "distinct": 0, "taken": 0, "taken_bytes": 0}
+        for file in _source_files(root, suffixes, skip_dirs):
+            stats["files"] += 1
+            text = _read_text(file)
+            if text is None:
+                skipped += 1
+                continue
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+            stats["distinct"] += 1
+            found.append((digest, name, text))
+    found.sort()  # by content hash: mixed sources, and a new file moves no other document
+    candidate_bytes = sum(len(text.encode("utf-8")) for _, _, text in found)
+    if candidate_bytes < target_mb * MB:
+        raise SystemExit(
+            f"only {candidate_bytes / MB:.1f} MB of distinct text on this machine, "
+            f"fewer than --corpus-mb {target_mb}"
+        )
+    text_bytes = n_docs = 0
+    digest = hashlib.sha256()
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as f:
+        for _, name, text in found:
+            if text_bytes >= target_mb * MB:
+                break
+            line = json.dumps({"text": text}) + "\n"
+            f.write(line)
+            digest.update(line.encode("utf-8"))
+            size = len(text.encode("utf-8"))
+            text_bytes += size
+            n_docs += 1
+            stats_of[name]["taken"] += 1
+            stats_of[name]["taken_bytes"] += size
+    os.replace(partial, path)
+    return Corpus(path, text_bytes, n_docs, digest.hexdigest(), stats_of, len(found),
+                  candidate_bytes, duplicates, skipped)  # fmt: skip
+
+
+def fresh_corpus(target_mb: float, directory: Path, kind: str = "mixed") -> Corpus:
+    """The corpus ``build_fresh_corpus`` makes from ``CORPUS_KINDS[kind]``, built once under
+    ``directory`` and reused while its recipe (``CORPUS_VERSION``, size, kind) is the same."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"fresh-v{CORPUS_VERSION}-{target_mb:g}MB" + ("" if kind == "mixed" else "-doc-man")
+    path, record = directory / f"{stem}.jsonl", directory / f"{stem}.json"
+    if path.is_file() and record.is_file():
+        fields = json.loads(record.read_text())
+        return Corpus(path=path, **fields)
+    corpus = build_fresh_corpus(path, target_mb, CORPUS_KINDS[kind])
+    fields = {k: v for k, v in vars(corpus).items() if k != "path"}
+    record.write_text(json.dumps(fields, indent=1))
+    return corpus
+
+
+@dataclass
+class WordStats:
+    """The word cache on the corpus, in one process (as ``--workers 1`` runs it)."""
+
+    words: int  # words looked up in the cache (GPT-2's split)
+    distinct: int  # distinct words among them
+    misses: int  # words the cache handed to `tokenizers` (not seen before, or after a reset)
+    whole_docs: int  # documents `tokenizers` encoded whole (a character the stream refuses)
+
+    @property
+    def hit_rate(self) -> float:
+        return 1 - self.misses / self.words
+
+
+def word_cache_stats(docs: list[str], tokenizer: Tokenizer) -> WordStats:
+    """Run the word cache over ``docs`` once, counting what it looks up and what it misses.
+
+    Counted by wrapping the encoder's word table's ``lookup`` (every word of a stream, and
+    the ``encode`` it calls for the words it has not seen) and the encoder's call to
+    `tokenizers` (which also takes whole documents the stream refuses)."""
+    encoder = fast_encoder(tokenizer)
+    if encoder is None:
+        raise SystemExit("the word cache does not apply to this tokenizer")
+    counts = {"words": 0, "misses": 0, "to_tokenizers": 0}
+    distinct: set[str] = set()
+    table, encode_whole = encoder._words, encoder._encode_whole
+    lookup = table.lookup
+
+    def counting_lookup(words: list[str], encode):
+        ends = words.count(DOC_END_CHAR)  # the end-of-document marker is not a word
+        counts["words"] += len(words) - ends
+        distinct.update(words)
+
+        def counting_encode(new: list[str]):
+            counts["misses"] += len(new)
+            return encode(new)
+
+        return lookup(words, counting_encode)
+
+    def counting_whole(texts: list[str]):
+        counts["to_tokenizers"] += len(texts)
+        return encode_whole(texts)
+
+    table.lookup, encoder._encode_whole = counting_lookup, counting_whole
+    encoder.encode_batch(docs)
+    distinct.discard(DOC_END_CHAR)
+    whole = counts["to_tokenizers"] - counts["misses"]
+    return WordStats(counts["words"], len(distinct), counts["misses"], whole)
+
+
+@dataclass
+class TokenizeResult:
+    kind: str  # of CORPUS_KINDS
+    corpus: Corpus
     n_tokens: int
     times: dict[str, list[float]]  # wall seconds per run, and "<name>_cpu": CPU seconds
-    cold_bytes: int  # text in the distinct documents that the cold rows encode
+    words: WordStats
     cores: int
-    encoder: str  # the Tokenizer method timed alone
+    digests: dict[str, str]  # sha256 of PREFIX.bin and PREFIX.idx, the same for every row
+
+    @property
+    def workers(self) -> str:
+        """What the default command ran with: every usable core, unless the input is small."""
+        n = self.cores if self.corpus.file_bytes >= PARALLEL_MIN_BYTES else 1
+        return f"{n} worker process{'es' * (n != 1)}"
 
     def mb_s(self, name: str, cpu: bool = False) -> float:
-        size = self.cold_bytes if name.startswith("cold") else self.text_bytes
-        return size / MB / statistics.median(self.times[f"{name}_cpu" if cpu else name])
-
-
-def build_corpus(path: Path, target_mb: float) -> tuple[int, int]:
-    """pydoc's documents, one JSON line each, repeated to ``target_mb``; (text bytes, docs)."""
-    docs = builtin_documents("pydoc")
-    one = sum(len(d.encode("utf-8")) for d in docs)
-    repeats = max(1, round(target_mb * MB / one))
-    with path.open("w", encoding="utf-8") as f:
-        for _ in range(repeats):
-            for doc in docs:
-                f.write(json.dumps({"text": doc}) + "\n")
-    return one * repeats, len(docs) * repeats
+        return (
+            self.corpus.text_bytes
+            / MB
+            / statistics.median(self.times[f"{name}_cpu" if cpu else name])
+        )
 
 
 def prepare_command(corpus: Path, tokenizer: Path, out: Path) -> list[str]:
@@ -241,48 +433,64 @@ def prepare_command(corpus: Path, tokenizer: Path, out: Path) -> list[str]:
             str(tokenizer), "--out", str(out), "--no-progress"]  # fmt: skip
 
 
-def measure_tokenize(args: argparse.Namespace, tmp: Path) -> TokenizeResult:
+def _output_digests(prefix: Path) -> dict[str, str]:
+    return {
+        suffix: hashlib.sha256(prefix.with_suffix(suffix).read_bytes()).hexdigest()
+        for suffix in (".bin", ".idx")
+    }
+
+
+# The rows timed on each kind of corpus: all of them on the main one, the default and the
+# peer on the other.
+ROWS_OF_KIND = {"mixed": tuple(TOKENIZE_ROWS), "doc and man": ("prepare", "prepare_nocache")}
+
+
+def measure_tokenize(args: argparse.Namespace, tmp: Path) -> list[TokenizeResult]:
     # The demo's tokenizer: what `data.builtin = "pydoc"` trains for opt-tiny's vocabulary.
     tokenizer_path = ensure_builtin_dataset(tmp / "pydoc", vocab_size=DEMO_VOCAB).parent
     tokenizer_path = tokenizer_path / "tokenizer.json"
-    corpus = tmp / "corpus.jsonl"
-    text_bytes, n_docs = build_corpus(corpus, args.corpus_mb)
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    docs = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
-    distinct = builtin_documents("pydoc")
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    unicode_class_table()  # built once per process (~0.3 s), as in any `opt data prepare`
-    times: dict[str, list[float]] = {f"{n}{cpu}": [] for n in TOKENIZE_ROWS for cpu in ("", "_cpu")}
-    outputs = {}
-    for run in range(args.runs):  # alternating, so noise from other processes hits both
-        for name, flags in PREPARE_FLAGS.items():
-            out = tmp / name / "corpus"
-            with _timed(times, name):
-                done = subprocess.run([*prepare_command(corpus, tokenizer_path, out), *flags],
-                                      capture_output=True, text=True)  # fmt: skip
-            if done.returncode != 0:
-                raise SystemExit(f"opt data prepare failed: {done.stderr.strip()[-500:]}")
-            outputs[name] = json.loads(out.with_suffix(".json").read_text())
-        with _timed(times, "encode"):
-            for i in range(0, len(docs), 1024):
-                encode(docs[i : i + 1024], add_special_tokens=False)
-        encoder = fast_encoder(tokenizer)
-        with _timed(times, "cold"):
-            cold = encoder.encode_batch(distinct)
-        with _timed(times, "cold_peer"):
-            cold_peer = encode(distinct, add_special_tokens=False)
-        if [ids.tolist() for ids in cold] != [e.ids for e in cold_peer]:
-            raise SystemExit("the word cache's ids differ from the tokenizer's")
-        if len({meta["sha256"] for meta in outputs.values()}) != 1:
-            raise SystemExit("opt data prepare wrote different tokens with the word cache")
-        timings = [
-            f"{n} {times[n][-1]:.2f} s ({times[n + '_cpu'][-1]:.2f} CPU s)" for n in TOKENIZE_ROWS
-        ]
-        print(f"[tokenize] run {run + 1}: " + ", ".join(timings), flush=True)
-    cold_bytes = sum(len(d.encode("utf-8")) for d in distinct)
-    n_tokens = outputs["prepare"]["n_tokens"]
-    return TokenizeResult(text_bytes, corpus.stat().st_size, n_docs, n_tokens, times,
-                          cold_bytes, _cores(), encode.__name__)  # fmt: skip
+    results = []
+    for kind in CORPUS_KINDS:
+        corpus = fresh_corpus(args.corpus_mb, args.corpus_dir, kind)
+        print(
+            f"[tokenize] {kind} corpus {corpus.path}: {corpus.n_docs} documents, "
+            f"{corpus.text_bytes / MB:.1f} MB of text, sha256 {corpus.sha256[:16]}",
+            flush=True,
+        )
+        docs = [json.loads(line)["text"] for line in corpus.path.open(encoding="utf-8")]
+        words = word_cache_stats(docs, Tokenizer.from_file(str(tokenizer_path)))
+        del docs
+        print(
+            f"[tokenize] {kind}: {words.words:,} words, {words.distinct:,} distinct "
+            f"({words.distinct / words.words:.2%}); word cache hit rate {words.hit_rate:.2%}",
+            flush=True,
+        )
+        times = {f"{n}{cpu}": [] for n in ROWS_OF_KIND[kind] for cpu in ("", "_cpu")}
+        results.append(TokenizeResult(kind, corpus, 0, times, words, _cores(), {}))
+    for run in range(args.runs):  # alternating, so noise from other processes hits all rows
+        for r in results:
+            digests = {}
+            for name in ROWS_OF_KIND[r.kind]:
+                out = tmp / name / "corpus"
+                command = [
+                    *prepare_command(r.corpus.path, tokenizer_path, out),
+                    *PREPARE_FLAGS[name],
+                ]
+                with _timed(r.times, name):
+                    done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"opt data prepare failed: {done.stderr.strip()[-500:]}")
+                digests[name] = _output_digests(out)
+                r.n_tokens = json.loads(out.with_suffix(".json").read_text())["n_tokens"]
+            if len({json.dumps(d, sort_keys=True) for d in digests.values()}) != 1:
+                raise SystemExit(f"opt data prepare wrote different files: {digests}")
+            r.digests = digests["prepare"]
+            timings = [
+                f"{n} {r.times[n][-1]:.2f} s ({r.times[n + '_cpu'][-1]:.2f} CPU s)"
+                for n in ROWS_OF_KIND[r.kind]
+            ]
+            print(f"[tokenize] run {run + 1}, {r.kind}: " + ", ".join(timings), flush=True)
+    return results
 
 
 @contextlib.contextmanager
@@ -360,47 +568,126 @@ def wait_body(args, results: list[WaitResult], command: str, load: tuple) -> str
     )
 
 
-def tokenize_body(args, r: TokenizeResult, command: str, load: tuple) -> str:
-    rows = []
-    for name, label in TOKENIZE_ROWS.items():
-        label = label.format(encoder=r.encoder, n=len(builtin_documents("pydoc")), cores=r.cores)
+def _tokenize_table(r: TokenizeResult) -> list[str]:
+    rows = [
+        "| | median time | MB/s | MB/s per core | MB per CPU-second | target >= 5 MB/s per core |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ROWS_OF_KIND[r.kind]:
         per_core = r.mb_s(name) / r.cores
         target = _met(per_core >= TOKENIZE_TARGET) if name == "prepare" else ""
         rows.append(
-            f"| {label} | {statistics.median(r.times[name]):.3f} s | {r.mb_s(name):.2f} | "
-            f"{per_core:.2f} | {r.mb_s(name, cpu=True):.2f} | {target} |"
+            f"| {TOKENIZE_ROWS[name].format(workers=r.workers)} | "
+            f"{statistics.median(r.times[name]):.3f} s | {r.mb_s(name):.2f} | {per_core:.2f} | "
+            f"{r.mb_s(name, cpu=True):.2f} | {target} |"
         )
+    return rows
+
+
+def _words_line(w: WordStats) -> str:
+    return (
+        f"{w.words:,} words (GPT-2's split, as the word cache cuts them), of which "
+        f"{w.distinct:,} distinct ({w.distinct / w.words:.1%}); the word cache run once over "
+        f"the corpus in one process (as `--workers 1` runs it) found {w.hit_rate:.1%} of the "
+        f"words cached and sent {w.misses:,} to `tokenizers`; {w.whole_docs} documents went "
+        "to `tokenizers` whole (a character the cache's split does not take)"
+    )
+
+
+def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple) -> str:
+    r, other = results
+    c, w = r.corpus, r.words
+
+    def taken(corpus: Corpus) -> str:
+        return "; ".join(
+            f"{name}: {s['taken']} documents, {s['taken_bytes'] / MB:.1f} MB (of "
+            f"{s['distinct']} distinct in {s['files']} files)"
+            for name, s in corpus.sources.items()
+        )
+
+    python_share = (
+        sum(s["taken_bytes"] for name, s in c.sources.items() if not name.startswith("/"))
+        / c.text_bytes
+    )
+    per_core = r.mb_s("prepare") / r.cores
+    verdict = (
+        f"The target, 5 MB/s per core for the default command, is {_met(per_core >= TOKENIZE_TARGET)}"
+        f": {per_core:.2f} MB/s per core on this fresh text."
+    )
     return "\n".join(
         [
             *_header(command, load),
-            f"- Corpus: the {len(builtin_documents('pydoc'))} pydoc documents repeated to "
-            f"{r.n_docs} documents, {r.text_bytes / MB:.1f} MB of text ({r.file_bytes / MB:.1f}"
-            f" MB as JSON lines), {r.n_tokens:,} tokens with EOS; the demo's tokenizer "
-            f"(byte-level BPE trained on pydoc, vocabulary {DEMO_VOCAB}); MB = 10^6 bytes of "
-            f"UTF-8 document text; cores = {r.cores} (os.sched_getaffinity)",
+            f"- Corpus: {c.text_bytes / MB:.1f} MB of document text (MB = 10^6 bytes of UTF-8), "
+            f"{c.n_docs:,} documents, no document twice ({c.file_bytes / MB:.1f} MB as JSON "
+            f"lines, sha256 {c.sha256[:16]}...), made by `build_fresh_corpus` in "
+            "bench/data_pipeline.py from the text files on this machine (see below); "
+            f"{r.n_tokens:,} tokens with EOS; the demo's tokenizer (byte-level BPE trained on "
+            f"pydoc, vocabulary {DEMO_VOCAB}); cores = {r.cores} (os.sched_getaffinity)",
+            f"- Words: {_words_line(w)}",
             "",
-            "| | median time | MB/s | MB/s per core | MB per CPU-second "
-            "| target >= 5 MB/s per core |",
-            "|---|---|---|---|---|---|",
-            *rows,
+            *_tokenize_table(r),
             "",
-            f"Medians of {args.runs} runs, each running the rows in turn. The prepare rows run "
+            f"Word cache's benefit on this text: the default command is "
+            f"{r.mb_s('prepare') / r.mb_s('prepare_nocache'):.2f}x the peer's throughput "
+            f"(wall), {r.mb_s('prepare', True) / r.mb_s('prepare_nocache', True):.2f}x per "
+            f"CPU-second; one process with the cache is "
+            f"{r.mb_s('prepare_1') / r.mb_s('prepare_nocache'):.2f}x the peer (wall, the peer "
+            f"using `tokenizers`' own threads on every core), "
+            f"{r.mb_s('prepare_1', True) / r.mb_s('prepare_nocache', True):.2f}x per "
+            f"CPU-second. {verdict}",
+            "",
+            "The same, on fresh text without the Python packages: the /usr/share/doc and man-page "
+            f"documents only, drawn the same way ({other.corpus.text_bytes / MB:.1f} MB, "
+            f"{other.corpus.n_docs:,} documents, sha256 {other.corpus.sha256[:16]}..., "
+            f"{other.n_tokens:,} tokens with EOS); {_words_line(other.words)}:",
+            "",
+            *_tokenize_table(other),
+            "",
+            f"Here the default command is {other.mb_s('prepare') / other.mb_s('prepare_nocache'):.2f}x "
+            f"the peer (wall), {other.mb_s('prepare', True) / other.mb_s('prepare_nocache', True):.2f}x "
+            f"per CPU-second; {other.mb_s('prepare') / other.cores:.2f} MB/s per core, target "
+            f"{_met(other.mb_s('prepare') / other.cores >= TOKENIZE_TARGET)}.",
+            "",
+            f"Medians of {args.runs} runs, each running every row of both tables in turn. Each "
+            "row runs "
             "the whole command, `python -m opt data prepare CORPUS.jsonl --tokenizer "
             "tokenizer.json --out PREFIX --no-progress [flags]`, as a user would: process "
             "start, reading and parsing the JSON lines, tokenizing, writing "
             "PREFIX.bin/.idx/.json with fsync. The word cache (`opt/data/fast_encode.py`) "
             "splits words with numpy and looks them up in a dict of the ids `tokenizers` gave "
             "them; only new words go to `tokenizers`. By default one worker process per usable "
-            "core runs it (`opt/data/encode_pool.py`), with the parent reading and writing. "
-            "All three prepare rows wrote byte-identical token files in every run (sha256 "
-            "compared). MB/s per core divides by every core the process may use "
-            f"(os.sched_getaffinity: {r.cores}), also for the one-process row. MB per "
-            "CPU-second divides by the CPU time (user + system) of every thread and process "
-            "involved, workers included, which other processes on a shared machine do not "
-            "inflate. The corpus repeats the same documents, so after each worker's first "
-            "batch every word is cached: the cold rows give the other end, a new encoder on "
-            "the distinct documents once in this process (every word new at its first use; "
-            "the ids compared equal to the peer's).",
+            "core runs it (`opt/data/encode_pool.py`), each with its own cache, with the parent "
+            "reading and writing. The peer, `--no-word-cache`, is `tokenizers`' "
+            "`encode_batch_fast` on batches of 1024 documents, parallel on every core by its "
+            "own thread pool. All three rows wrote byte-identical PREFIX.bin and PREFIX.idx in "
+            "every run, and so did the two rows of the second table (sha256 compared: "
+            f"{r.digests['.bin'][:16]}... and {r.digests['.idx'][:16]}...). MB/s per core "
+            f"divides by every core the process may use ({r.cores}), also for the one-process "
+            "row. MB per CPU-second divides by the CPU time (user + system) of every thread "
+            "and process involved, workers included, which other processes on a shared "
+            "machine do not inflate.",
+            "",
+            "How the corpus was made (`build_fresh_corpus`, cached in "
+            f"{c.path.parent}/ and reused between runs): every file under "
+            + ", ".join(
+                f"{root} ({'every text file' if suffixes is None else ' '.join(suffixes)})"
+                for _name, root, suffixes, _skip in CORPUS_SOURCES
+            )
+            + ", in sorted order, .gz files decompressed; kept if UTF-8, without NUL, not "
+            f"blank and at most {MAX_DOC_BYTES >> 20} MiB; {c.skipped:,} files failed that. "
+            "Deduplicated by the sha256 of the text: "
+            f"{c.duplicates:,} files repeated an earlier file's content and were dropped, "
+            f"leaving {c.candidates:,} distinct documents ({c.candidate_bytes / MB:.1f} MB). "
+            "Those were put in the order of their sha256 (which mixes the sources) and taken "
+            f"until {args.corpus_mb:g} MB of text: {taken(c)}. Python source and its "
+            f"documentation are {python_share:.0%} of the text, /usr/share/doc (changelogs, "
+            "licences, READMEs, HTML manuals) and the man pages' troff source the rest: code, "
+            "HTML and troff markup, not web prose. Near-duplicates that differ in some bytes "
+            "(licences, changelogs of sibling packages) survive the exact-content dedupe. The "
+            "second corpus is the same recipe on the last two sources alone "
+            f"({other.corpus.candidates:,} distinct documents, "
+            f"{other.corpus.candidate_bytes / MB:.1f} MB), taken until {args.corpus_mb:g} MB: "
+            f"{taken(other.corpus)}.",
         ]
     )
 
@@ -421,6 +708,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--runs", type=int, help=f"tokenization runs, at least {MIN_RUNS} (default 5; quick 2)"
+    )
+    parser.add_argument(
+        "--corpus-dir",
+        type=Path,
+        default=CORPUS_DIR,
+        help=f"where the fresh corpus is built once and reused (default: {CORPUS_DIR})",
     )
     parser.add_argument("--skip-wait", action="store_true", help="only the tokenization part")
     parser.add_argument("--skip-tokenize", action="store_true", help="only the data-wait part")
@@ -454,8 +747,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         if not args.skip_tokenize:
             load = os.getloadavg()
-            result = measure_tokenize(args, tmp)
-            body = tokenize_body(args, result, command, (load, os.getloadavg()))
+            results = measure_tokenize(args, tmp)
+            body = tokenize_body(args, results, command, (load, os.getloadavg()))
             sections.append((TOKENIZE_TITLE, body))
     for title, body in sections:
         print(f"\n{title}\n\n{body}")
