@@ -42,10 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)"
     )
+    ev.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds any collective may wait under a process group (default 600)",
+    )
     ev.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from opt.dist import init_distributed, launched_world_size, rank_and_world
     from opt.eval.report import markdown, write_results
     from opt.eval.runner import EvalSpec, evaluate_checkpoint
     from opt.eval.tasks import parse_tasks
@@ -63,8 +70,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
     )
-    results = evaluate_checkpoint(args.checkpoint, spec, args.tokenizer)
-    paths = write_results(results, args.out)
-    print(markdown(results).split("\n## ", 1)[0].rstrip())
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    distributed = launched_world_size() > 1
+    if distributed:  # data parallel: each rank scores a share of the examples
+        init_distributed(args.timeout, "cpu")
+    try:
+        results = evaluate_checkpoint(args.checkpoint, spec, args.tokenizer)
+        if rank_and_world()[0] == 0:
+            paths = write_results(results, args.out)
+            print(markdown(results).split("\n## ", 1)[0].rstrip())
+            print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0

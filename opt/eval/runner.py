@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from opt.dist import rank_and_world
 from opt.errors import OptError
 from opt.eval.prompts import Rendered, Template, select_templates
 from opt.eval.scoring import Request, Scorer, predictions
@@ -137,13 +138,19 @@ def build_requests(
 def evaluate(
     model, tokenizer, prefix_id: int, spec: EvalSpec, prepared: list[Prepared] | None = None
 ) -> dict:
-    """Score every task; the results as ``results.json`` holds them."""
+    """Score every task; the results as ``results.json`` holds them.
+
+    Under a process group (torchrun, `opt launch local`) the examples are sharded over the
+    ranks, each holding the whole model: rank r scores every world-th request from r, and
+    the scores are gathered, so every rank returns what one process would."""
     prepared = prepare(spec) if prepared is None else prepared
+    rank, world = rank_and_world()
     scorer = Scorer(model, prefix_id, spec.batch_size)
     tasks = {}
     for prep in prepared:
         items = build_requests(prep, spec, tokenizer)
-        lls = scorer.loglikelihoods([req for *_, req in items])
+        mine = scorer.loglikelihoods([req for *_, req in items[rank::world]])
+        lls = _interleave(_gather(mine), len(items))
         outcomes: dict[int, list[tuple[int, int, int]]] = {
             t: [] for t in range(len(prep.templates))
         }
@@ -156,9 +163,29 @@ def evaluate(
         "shots": spec.shots,
         "seed": spec.seed,
         "limit": spec.limit,
-        "truncated_contexts": scorer.truncated,
+        "truncated_contexts": sum(_gather(scorer.truncated)),
         "tasks": tasks,
     }
+
+
+def _gather(obj) -> list:
+    """``obj`` from every rank, in rank order (``[obj]`` without a process group)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _interleave(shards: list[list], n: int) -> list:
+    """Undo the ``items[rank::world]`` split."""
+    out = [None] * n
+    for rank, shard in enumerate(shards):
+        out[rank :: len(shards)] = shard
+    return out
 
 
 def summarise_task(
