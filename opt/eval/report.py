@@ -110,10 +110,8 @@ def chart(results: dict, path: str | Path, metric: str = "acc") -> None:
         ax.set_ylim(0, 100)
         ax.set_ylabel(f"{metric} (%)")
         shots = results["shots"]
-        ax.set_title(
-            f"{results.get('checkpoint', 'model')}: {shots}-shot, split {results['split']}",
-            fontsize=9,
-        )
+        model = "/".join(Path(results.get("checkpoint", "model")).parts[-2:])  # run/step
+        ax.set_title(f"{model}: {shots}-shot, split {results['split']}", fontsize=9)
         ax.grid(axis="y", color="#e6e6e6", lw=0.6)
         ax.legend(loc="upper right", fontsize=8, frameon=False)
         fig.tight_layout()
