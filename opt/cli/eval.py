@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Rank classification over each prompt's answer choices by log-likelihood, for "
             "every original-task PromptSource template of each task; per prompt accuracy "
-            "with a bootstrap 95%% CI, per task the median, IQR, min and max over prompts. "
+            "with a bootstrap 95% CI, per task the median, IQR, min and max over prompts. "
             "Writes results.json, results.md and results.png into --out."
         ),
     )
