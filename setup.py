@@ -8,6 +8,8 @@ setup(
     description="Pretraining OPT-style decoder-only language models, 125M to 175B, with a divergence supervisor.",
     python_requires=">=3.10",
     packages=find_packages(include=["opt", "opt.*"]),
+    # PromptSource's templates (data, not a package) and their licence, for `opt eval`.
+    package_data={"opt.eval": ["templates/LICENSE", "templates/NOTICE", "templates/*/*/*.yaml"]},
     install_requires=[
         # A range that the on-disk CPU wheel satisfies; the install commands pin torch first.
         "torch>=2.6",
@@ -21,6 +23,8 @@ setup(
         "tomli-w>=1.0",  # writing the resolved config back as TOML
         "matplotlib>=3.7",  # the logbook report's chart (imported only when one is rendered)
         "py-spy>=0.3",  # `opt launch slurm`: the stacks of hung ranks, read from outside
+        "pyyaml>=6",  # `opt eval`: PromptSource's templates.yaml
+        "jinja2>=3",  # `opt eval`: rendering PromptSource templates
     ],
     extras_require={
         "dev": [
