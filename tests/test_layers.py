@@ -16,7 +16,7 @@ LAYERS = {
     1: ("errors", "fsutil", "dist", "hardware", "device", "host_memory", "faults"),
     2: ("config", "models"),
     3: ("data", "parallel", "checkpoint", "supervisor"),
-    4: ("job", "dry_run", "run"),
+    4: ("job", "dry_run", "run", "eval"),
     5: ("train",),
     6: ("launch", "plan", "convert", "cli", "score", "__main__"),
 }

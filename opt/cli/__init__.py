@@ -12,11 +12,22 @@ import argparse
 import os
 import sys
 
-from opt.cli import configs, convert, data, intervene, launch, logbook, plan, score, train
+from opt.cli import (
+    configs,
+    convert,
+    data,
+    generate,
+    intervene,
+    launch,
+    logbook,
+    plan,
+    score,
+    train,
+)
 from opt.errors import REFUSED_EXIT, OptError
 
 # In the order `opt --help` lists them.
-COMMAND_GROUPS = (configs, data, train, convert, logbook, intervene, plan, launch, score)
+COMMAND_GROUPS = (configs, data, train, convert, logbook, intervene, plan, launch, score, generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
