@@ -12,11 +12,35 @@ import argparse
 import os
 import sys
 
-from opt.cli import configs, convert, data, eval, intervene, launch, logbook, plan, score, train
+from opt.cli import (
+    configs,
+    convert,
+    data,
+    eval,
+    generate,
+    intervene,
+    launch,
+    logbook,
+    plan,
+    score,
+    train,
+)
 from opt.errors import REFUSED_EXIT, OptError
 
 # In the order `opt --help` lists them.
-COMMAND_GROUPS = (configs, data, train, convert, logbook, intervene, plan, launch, score, eval)
+COMMAND_GROUPS = (
+    configs,
+    data,
+    train,
+    convert,
+    logbook,
+    intervene,
+    plan,
+    launch,
+    score,
+    eval,
+    generate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

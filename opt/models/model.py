@@ -8,11 +8,15 @@ opt/parallel. Three properties make that possible:
   left, so a pipeline stage is this model with blocks (and the embedding or head) removed;
 - the attention kernel and the tied head are modules of their own, so they can be swapped;
 - modules can be built on the meta device and filled later by ``init_weights``.
+
+Inference adds one optional argument, a :class:`KVCache`: ``forward`` with a cache (or a
+padding mask) takes the cached path, and without either it is the training path unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,61 @@ class ScaledDotProductAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every position a model has seen, for decoding token by token.
+
+    Allocated once for ``capacity`` positions: each forward writes its keys and values in
+    place (no concatenation, so a step allocates nothing that grows), and ``valid`` records
+    which positions hold real tokens, so that a left-padded batch attends past its padding.
+    """
+
+    keys: dict[str, torch.Tensor]  # layer id -> (B, H, capacity, Dh)
+    values: dict[str, torch.Tensor]
+    valid: torch.Tensor  # (B, capacity) bool: a real token, not padding
+    length: int = 0  # positions filled
+
+    @classmethod
+    def allocate(cls, model: OPTModel, batch: int, capacity: int) -> KVCache:
+        args, weight = model.args, model.embed_positions.weight
+        shape = (batch, args.n_heads, capacity, args.head_dim)
+
+        def buffers() -> dict[str, torch.Tensor]:
+            return {
+                name: torch.empty(shape, dtype=weight.dtype, device=weight.device)
+                for name in model.layers
+            }
+
+        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=weight.device)
+        return cls(buffers(), buffers(), valid)
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+
+@dataclass(frozen=True)
+class CachedAttention:
+    """One layer's part of a cached forward: store the new keys and values at ``start`` and
+    attend over every position so far, under ``mask`` (B, 1, T, start + T) when plain
+    causal attention is not enough."""
+
+    keys: torch.Tensor  # (B, H, capacity, Dh)
+    values: torch.Tensor
+    start: int
+    mask: torch.Tensor | None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
+        k, v = self.keys[:, :, :end], self.values[:, :, :end]
+        if self.mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        # No padding: a single new token sees everything; a first chunk is plain causal.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -46,13 +105,16 @@ class Attention(nn.Module):
         self.sdpa = ScaledDotProductAttention()
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cached: CachedAttention | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds only its heads.
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        y = self.sdpa(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, H, T, Dh)
+        if cached is None:
+            y = self.sdpa(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, H, T, Dh)
+        else:
+            y = cached(q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, D)
         return self.out_proj(y)
 
@@ -79,12 +141,14 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(args.d_model)
         self.ffn = FeedForward(args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(  # (B, T, D) -> (B, T, D)
+        self, x: torch.Tensor, cached: CachedAttention | None = None
+    ) -> torch.Tensor:
         drop = self.dropout if self.training else 0.0
         if self.pre_norm:
-            x = x + F.dropout(self.attn(self.attn_norm(x)), drop, self.training)
+            x = x + F.dropout(self.attn(self.attn_norm(x), cached=cached), drop, self.training)
             return x + F.dropout(self.ffn(self.ffn_norm(x)), drop, self.training)
-        x = self.attn_norm(x + F.dropout(self.attn(x), drop, self.training))
+        x = self.attn_norm(x + F.dropout(self.attn(x, cached=cached), drop, self.training))
         return self.ffn_norm(x + F.dropout(self.ffn(x), drop, self.training))
 
 
@@ -104,6 +168,16 @@ class LMHead(nn.Module):
     ) -> torch.Tensor:
         logits = F.linear(h, weight)  # (B, T, D) -> (B, T, V)
         return logits if targets is None else cross_entropy(logits, targets)
+
+
+def causal_padding_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
+    """Which keys (of ``valid`` (B, S) real-token flags) each query at positions start..S-1
+    attends to: those at or before it that are real tokens, and always itself, so that a
+    padding query's row is never empty (an empty row makes NaN, and the padding's keys and
+    values would carry it into every real row: weight 0 times NaN). (B, 1, T, S) bool."""
+    keys = torch.arange(valid.shape[1], device=valid.device)
+    queries = keys[start:, None]  # (T, 1)
+    return ((keys <= queries) & valid[:, None, None, :]) | (keys == queries)
 
 
 # Wrappers (activation checkpointing, torch.compile) insert these into parameter names.
@@ -144,17 +218,26 @@ class OPTModel(nn.Module):
         )
         self.lm_head = LMHead()
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) int -> (B, T, D)
+    def embed(  # (B, T) int -> (B, T, D)
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token plus position embeddings; ``positions`` ((T,) or (B, T), counted from 0)
+        default to 0..T-1, a batch that is neither padded nor continuing a cache."""
         seq = tokens.shape[1]
-        if seq > self.args.max_positions:
+        last = seq - 1 if positions is None else int(positions.max())
+        if last >= self.args.max_positions:
             raise OptError(
-                f"sequence length {seq} exceeds the model's max_positions={self.args.max_positions}"
+                f"sequence length {last + 1} exceeds the model's "
+                f"max_positions={self.args.max_positions}"
             )
         # Called as a module (not F.embedding) so a tensor-parallel plan's hooks run.
         h = self.embed_tokens(tokens)
         if self.project_in is not None:
             h = self.project_in(h)
-        positions = torch.arange(POSITION_OFFSET, seq + POSITION_OFFSET, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(POSITION_OFFSET, seq + POSITION_OFFSET, device=tokens.device)
+        else:
+            positions = positions + POSITION_OFFSET
         return h + self.embed_positions(positions)
 
     def head(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,13 +250,62 @@ class OPTModel(nn.Module):
         # Targets by keyword: a tensor-parallel plan lays out the positional inputs only.
         return self.lm_head(h, self.embed_tokens.weight, targets=targets)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits, or with ``targets`` the mean next-token loss (computed inside forward so
-        that a wrapper's hooks, FSDP's unsharding included, cover the tied head)."""
+        that a wrapper's hooks, FSDP's unsharding included, cover the tied head).
+
+        With a ``cache`` or a ``padding_mask`` this is inference: see :meth:`hidden_states`.
+        """
+        if cache is not None or padding_mask is not None:
+            return self.head(self.hidden_states(tokens, cache, padding_mask), targets)
         h = self.embed(tokens) if self.embed_positions is not None else tokens
         for layer in self.layers.values():
             h = layer(h)
         return self.head(h, targets) if self.lm_head is not None else h
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last block's output (B, T, D) for ``tokens`` (B, T) following the positions
+        already in ``cache`` (none without one), which it extends. Inference, on the whole
+        model: dropout must be off (``eval()``).
+
+        ``padding_mask`` (B, T) marks real tokens True; padding (on the left, for a batch of
+        prompts of different lengths) is attended by nothing after it, and positions count
+        real tokens only, as transformers' OPT counts them (the cumulative sum of the mask),
+        so a padded row computes what it would alone.
+        """
+        batch, seq = tokens.shape
+        if cache is None:
+            cache = KVCache.allocate(self, batch, seq)
+        start, end = cache.length, cache.length + seq
+        if end > cache.capacity:
+            raise OptError(f"{end} positions overflow a KV cache of {cache.capacity}")
+        cache.valid[:, start:end] = True if padding_mask is None else padding_mask
+        valid = cache.valid[:, :end]
+        padded = not bool(valid.all())
+        if padded:
+            # Padding sits at position -1 (row 1 of the table, fairseq's padding row).
+            positions = (valid.cumsum(1) * valid - 1)[:, start:]
+            mask = causal_padding_mask(valid, start)
+        else:
+            positions = torch.arange(start, end, device=tokens.device)
+            mask = None
+        h = self.embed(tokens, positions)
+        for name, layer in self.layers.items():
+            h = layer(h, CachedAttention(cache.keys[name], cache.values[name], start, mask))
+        cache.length = end
+        return h
 
     def init_rule(self, name: str) -> tuple[str, float]:
         """OPT's init for one parameter: (normal, 0.006) for weights, with the projections
