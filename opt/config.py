@@ -396,8 +396,9 @@ class DownstreamConfig(Section):
     """Evaluate every this many steps; 0: only at checkpoints (with at_checkpoints)."""
     at_checkpoints: bool = True
     """Evaluate after every checkpoint save."""
-    prompts: str | list[str] = "all"
-    """"all", or the template names to use (with a single task)."""
+    prompts: str = "all"
+    """"all" (every original-task template), or comma-separated template names of a single
+    task, as `opt eval --prompts`."""
     shots: int = Field(0, ge=0)
     """Demonstrations before each scored input, drawn from the train split."""
     limit: int | None = Field(64, gt=0)

@@ -153,7 +153,7 @@ def test_bad_downstream_config_is_one_line_and_exit_2(tmp_path, pydoc_dataset, e
         ({"downstream.tasks": ["rte"], "downstream.data": "d", "downstream.every_steps": 0,
           "downstream.at_checkpoints": False}, "never evaluated"),
         ({"downstream.tasks": ["rte", "cb"], "downstream.data": "d",
-          "downstream.prompts": ["GPT-3 style"]}, "templates of one task"),
+          "downstream.prompts": "GPT-3 style"}, "templates of one task"),
         ({"downstream.every_steps": -1}, "downstream.every_steps"),
         ({"downstream.limit": 0}, "downstream.limit"),
     ],

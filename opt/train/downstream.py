@@ -59,9 +59,8 @@ def plan_downstream(cfg: DownstreamConfig, tp: int, pp: int) -> DownstreamPlan |
     data = Path(cfg.data)
     if not data.is_dir():
         raise OptError(f"downstream.data: no such folder: {data}")
-    prompts = cfg.prompts if isinstance(cfg.prompts, str) else ",".join(cfg.prompts)
     spec = EvalSpec(
-        tasks=tasks, data_dir=data, split=cfg.split, prompts=prompts, shots=cfg.shots,
+        tasks=tasks, data_dir=data, split=cfg.split, prompts=cfg.prompts, shots=cfg.shots,
         limit=cfg.limit, batch_size=cfg.batch_size,
     )  # fmt: skip
     try:
