@@ -173,3 +173,40 @@ def test_the_event_reads_in_the_logbook():
         "downstream accuracy (validation, 0-shot, median over prompts): rte 50.0% "
         "(IQR 10.0%, 40.0%-70.0%, 10 prompts x 64 examples)"
     )
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_split_the_examples(tmp_path, pydoc_dataset):
+    """FSDP over two ranks: each scores half the requests on gathered parameters; the
+    numbers are those one process gets from the checkpoint with `opt eval`, and the
+    training losses are bitwise those of the same run without downstream evals."""
+    args = _args(tmp_path, pydoc_dataset, "dp2", **{
+        "downstream.tasks": TASKS, "downstream.data": str(DATA), "downstream.limit": 5,
+        "train.max_steps": 4, "parallel.timeout_s": 120.0,
+    })[2:]  # fmt: skip
+    result = run_cli("launch", "local", "--nproc", "2", "configs/demo.toml", *args, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = _args(tmp_path, pydoc_dataset, "dp2-plain", **{
+        "train.max_steps": 4, "parallel.timeout_s": 120.0,
+    })[2:]  # fmt: skip
+    result = run_cli("launch", "local", "--nproc", "2", "configs/demo.toml", *plain, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert _training_record(runs / "dp2") == _training_record(runs / "dp2-plain")
+    events = [e for e in read_events(tmp_path / "logbook" / "dp2" / "events.jsonl")
+              if isinstance(e, DownstreamEval)]  # fmt: skip
+    assert [e.step for e in events] == [4]  # the checkpoint only (every_steps = 0)
+    out = tmp_path / "eval"
+    one = run_cli("eval", str(tmp_path / "checkpoints" / "dp2" / "step_00000004"),
+                  "--tasks", ",".join(TASKS), "--data", str(DATA), "--limit", "5",
+                  "--out", str(out), timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    offline = json.loads((out / "results.json").read_text())["tasks"]
+    for name in TASKS:
+        acc, got = offline[name]["acc"], events[0].tasks[name]
+        assert (got.median, got.iqr, got.min, got.max) == (
+            acc["median"],
+            acc["iqr"],
+            acc["min"],
+            acc["max"],
+        )

@@ -120,13 +120,20 @@ class DownstreamEvaluator:
             model.eval()
             rng = torch.random.fork_rng(devices, device_type=self.device.type)
             with rng, self.compute_context():
-                for unit in fsdp:  # the scorer calls the blocks, not the root's forward
+                # Every rank gathers every FSDP unit's parameters once, and keeps them for
+                # the evaluation: the ranks run different numbers of forwards (their shares
+                # differ), so no forward may all-gather. The scorer calls the blocks, not the
+                # root's forward, so the root's unit is gathered here too.
+                for unit in fsdp:
+                    unit.set_reshard_after_forward(False, recurse=False)
+                for unit in fsdp:
                     unit.unshard()
                 results = evaluate(model, self.tokenizer, self.prefix_id, self.plan.spec,
                                    self.plan.prepared)  # fmt: skip
         finally:
             model.train(mode)
-            for unit in fsdp:
+            for unit in fsdp:  # as apply_fsdp set them without pipeline parallelism
+                unit.set_reshard_after_forward(True, recurse=False)
                 unit.reshard()
         tasks = {}
         for name, task in results["tasks"].items():
