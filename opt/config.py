@@ -380,6 +380,52 @@ class ValidationConfig(Section):
     not set: all of it."""
 
 
+class DownstreamConfig(Section):
+    """Downstream accuracy in the training loop: `opt eval`'s rank classification on a few
+    tasks (every prompt, the T0 view), of the weights being trained. Not the held-out loss
+    (that is [validation])."""
+
+    tasks: list[str] = []
+    """Tasks to evaluate (`opt eval --tasks` names: rte, cb, copa, wic, wsc); empty: off."""
+    data: str | None = None
+    """Folder holding <task>/<split>.jsonl (or a saved dataset) per task, as `opt eval
+    --data`; needed when tasks are set, checked when the job starts."""
+    split: str = "validation"
+    """The split scored."""
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every this many steps; 0: only at checkpoints (with at_checkpoints)."""
+    at_checkpoints: bool = True
+    """Evaluate after every checkpoint save."""
+    prompts: str = "all"
+    """"all" (every original-task template), or comma-separated template names of a single
+    task, as `opt eval --prompts`."""
+    shots: int = Field(0, ge=0)
+    """Demonstrations before each scored input, drawn from the train split."""
+    limit: int | None = Field(64, gt=0)
+    """Examples per task (the first ones of the split, the same each time); not set: all."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per forward."""
+
+    @model_validator(mode="after")
+    def _coherent(self) -> DownstreamConfig:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"downstream.tasks names a task twice: {self.tasks}")
+        if self.tasks and self.data is None:
+            raise ValueError("downstream.tasks needs downstream.data (the task data folder)")
+        if self.tasks and not self.every_steps and not self.at_checkpoints:
+            raise ValueError(
+                "downstream.tasks set but never evaluated: set downstream.every_steps or "
+                "downstream.at_checkpoints"
+            )
+        if self.prompts != "all" and len(self.tasks) > 1:
+            raise ValueError("downstream.prompts names templates of one task; give one task")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+
 class MetricsConfig(Section):
     log_every: int = Field(10, gt=0)
     """Console and TensorBoard logging interval in steps."""
@@ -503,6 +549,7 @@ class JobConfig(BaseModel):
     loss_scale: LossScaleConfig = Field(default_factory=LossScaleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)

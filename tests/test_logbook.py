@@ -23,6 +23,7 @@ from opt.run.logbook.events import (
     AllocationStart,
     CheckpointSkipped,
     ConfigChange,
+    DownstreamEval,
     GaveUp,
     Hyperparameters,
     Intervention,
@@ -37,6 +38,7 @@ from opt.run.logbook.events import (
     RunStop,
     StopForHuman,
     StragglerDetected,
+    TaskAccuracy,
     ValidLoss,
 )
 from opt.run.logbook.redact import REDACTED
@@ -89,6 +91,9 @@ def one_of_each() -> list:
         GaveUp(job_id="17", cause="timeout", requeues_used=3, limit=3, step=60),
         StragglerDetected(step=150, tokens=307200, rank=9, host="n2", seconds_per_block=0.031,
                           median_seconds_per_block=0.0124, ratio=2.5, windows=3, every=50),
+        DownstreamEval(step=200, tokens=409600, split="validation", shots=0, seconds=2.5,
+                       tasks={"rte": TaskAccuracy(median=0.52, iqr=0.04, min=0.47, max=0.6,
+                                                  prompts=10, examples=64)}),
     ]  # fmt: skip
 
 
@@ -271,6 +276,9 @@ V0 = {
                 "limit": 2, "hosts": [], "allocation_hosts": ["n1"], "detail": "gone"},
     "straggler": {"step": 150, "rank": 9, "host": "n2", "seconds_per_block": 0.031,
                   "median_seconds_per_block": 0.0124, "ratio": 2.5, "windows": 3, "every": 50},
+    "downstream_eval": {"step": 200, "split": "validation", "shots": 0, "seconds": 2.5,
+                        "tasks": {"rte": {"median": 0.5, "iqr": 0.0, "min": 0.5, "max": 0.5,
+                                          "prompts": 1, "examples": 8}}},
 }  # fmt: skip
 
 

@@ -120,9 +120,10 @@ class Scorer:
     @torch.inference_mode()
     def _logprobs(self, tokens, where_b, where_t, targets) -> torch.Tensor:
         model = self.model
-        h = model.embed(tokens)  # (B, T, D)
+        h = model.embed(tokens.to(model.embed_tokens.weight.device))  # (B, T, D)
         for layer in model.layers.values():
             h = layer(h)
-        picked = h[torch.tensor(where_b), torch.tensor(where_t)]  # (N, D)
+        picked = h[torch.tensor(where_b, device=h.device), torch.tensor(where_t, device=h.device)]
         logits = model.head(picked[None])[0].float()  # (N, V)
-        return F.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
+        targets = torch.tensor(targets, device=logits.device)[:, None]
+        return F.log_softmax(logits, dim=-1).gather(1, targets)[:, 0].cpu()

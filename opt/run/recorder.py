@@ -25,6 +25,7 @@ from opt.run.energy import EnergyMeter
 from opt.run.logbook.events import (
     CheckpointSkipped,
     ConfigChange,
+    DownstreamEval,
     Event,
     InterventionCompletedAfterRestart,
     RunStart,
@@ -48,6 +49,7 @@ class RunRecorder:
         self.series = Series(cfg.logbook.dir, cfg.run.name) if self.lead else None
         self.energy = EnergyMeter(device, world_size, cfg.logbook.pue, cfg.logbook.carbon_intensity)
         self.last_validation: tuple[int, float] | None = None  # (step, held-out loss)
+        self.last_downstream: DownstreamEval | None = None
 
     def log(self, event: Event) -> None:
         if self.logbook is not None:
@@ -165,6 +167,11 @@ class RunRecorder:
         """The newest validation loss: status.json carries it from its next write on."""
         self.last_validation = (step, loss)
 
+    def downstream(self, event: DownstreamEval) -> None:
+        """A downstream evaluation: into the logbook, and status.json from its next write."""
+        self.last_downstream = event
+        self.log(event)
+
     def status(self, state: str, step: int, tokens: int, max_steps: int, **fields) -> None:
         """Rewrite status.json (every step, while running), with the last validation loss
         and its step once there is one."""
@@ -173,6 +180,11 @@ class RunRecorder:
         if self.last_validation is not None:
             fields = {"valid_step": self.last_validation[0],
                       "valid_loss": self.last_validation[1], **fields}  # fmt: skip
+        if self.last_downstream is not None:
+            event = self.last_downstream
+            tasks = {name: t.model_dump() for name, t in event.tasks.items()}
+            fields = {"downstream": {"step": event.step, "split": event.split,
+                                     "shots": event.shots, "tasks": tasks}, **fields}  # fmt: skip
         newest = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
         status.write_status(
             self.run_dir,

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from opt.run.logbook.events import DownstreamEval
 from opt.train.evaluate import Evaluation
 
 
@@ -85,6 +86,23 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/ppl", ppl, step)
+            self.writer.flush()
+
+    def log_downstream(self, event: DownstreamEval) -> None:
+        """One downstream evaluation to the console and TensorBoard
+        (``downstream/<task>/{median,iqr,min,max}_acc``: accuracy over the prompts). Its time
+        is not training time. Not in metrics.jsonl: the logbook holds it."""
+        self.mark += event.seconds
+        tasks = " | ".join(
+            f"{name} {t.median:.3f} (IQR {t.iqr:.3f})" for name, t in event.tasks.items()
+        )
+        print(f"step {event.step:>7d} | downstream median acc | {tasks} | "
+              f"{event.seconds:.2f} s", flush=True)  # fmt: skip
+        if self.writer is not None:
+            for name, t in event.tasks.items():
+                for stat in ("median", "iqr", "min", "max"):
+                    self.writer.add_scalar(f"downstream/{name}/{stat}_acc", getattr(t, stat),
+                                           event.step)  # fmt: skip
             self.writer.flush()
 
     def close(self) -> None:

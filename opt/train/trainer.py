@@ -37,7 +37,7 @@ from opt.parallel.grads import (
     sync_tied_embedding_grads,
 )
 from opt.run.control import ControlFiles
-from opt.run.logbook.events import StragglerDetected
+from opt.run.logbook.events import DownstreamEval, StragglerDetected
 from opt.run.preemption import StopOnSignal
 from opt.run.recorder import RunRecorder
 from opt.run.status import FINISHED, RUNNING, STOPPED_ON_SIGNAL, STOPPED_STRAGGLER, Stop
@@ -47,6 +47,8 @@ from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
 from opt.train.activation_watch import LastLayerWatch
 from opt.train.agreement import Shares, agree
+from opt.train.data_setup import resolve_tokenizer_file
+from opt.train.downstream import DownstreamEvaluator, plan_downstream
 from opt.train.evaluate import Evaluation, Evaluator, MicroBatches
 from opt.train.interventions import Interventions
 from opt.train.metrics import MetricsLogger
@@ -94,6 +96,8 @@ class Trainer:
         # Everything that needs no memory is checked first: a bad layout costs nothing.
         self.job = job = check_job(cfg, dist.launched_world_size())
         self.model_args, self.dims, self.grad_accum = job.model_args, job.dims, job.grad_accum
+        # Downstream tasks checked before anything is built: a bad name or folder costs nothing.
+        downstream_plan = plan_downstream(cfg.downstream, self.dims.tp, self.dims.pp)
         self.where = where = build.place(job)
         self.device, self.rank = where.device, where.rank
         self.loader, dataset_prefix = build.build_data(job, where)
@@ -141,6 +145,13 @@ class Trainer:
             self.evaluator = Evaluator(
                 held_out, self.forward_losses, self.model_parts,
                 holds_loss=self.shares.holds_loss, device=self.device, report=self._validated,
+            )  # fmt: skip
+        self.downstream = None
+        if downstream_plan is not None:
+            self.downstream = DownstreamEvaluator(
+                cfg.downstream, downstream_plan, self.model_parts,
+                resolve_tokenizer_file(cfg, dataset_prefix), device=self.device,
+                compute_context=self._compute_context, report=self._downstream_evaluated,
             )  # fmt: skip
         self.checkpoints = CheckpointManager(
             cfg.checkpoint,
@@ -275,6 +286,13 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log_validation(evaluation)
         self.recorder.validated(evaluation.step, evaluation.loss)
+
+    def _downstream_evaluated(self, event: DownstreamEval) -> None:
+        """Every downstream evaluation to the console and TensorBoard (rank 0), the
+        logbook and status.json."""
+        if self.metrics is not None:
+            self.metrics.log_downstream(event)
+        self.recorder.downstream(event.model_copy(update={"tokens": self.tokens_seen}))
 
     def _validation_due(self, last: bool) -> bool:
         every = self.step % self.cfg.validation.every == 0
@@ -438,7 +456,8 @@ class Trainer:
                     if metrics is not None:
                         metrics.log(self.step, tokens_since_log, _log_values(result))
                     tokens_since_log = 0
-                if self.checkpoints.due(self.step, last):
+                saved = self.checkpoints.due(self.step, last)
+                if saved:
                     if metrics is not None:
                         metrics.pause()
                     self.checkpoints.save(self.step)
@@ -456,6 +475,9 @@ class Trainer:
                     self._judge(evaluation)
                     if self.stop is not None or self.step < result.step:
                         continue  # the held-out loss regressed: stopped or rolled back
+                if self.downstream is not None and self.downstream.due(self.step, saved):
+                    self.downstream.evaluate(self.step)
+                    self._beat()
                 self.recorder.status(RUNNING, self.step, self.tokens_seen, self.max_steps,
                                      loss=result.loss)  # fmt: skip
                 if result.stop_signal and self.should_continue_training():

@@ -12,6 +12,7 @@ from opt.run.logbook.events import (
     AllocationEnd,
     AllocationStart,
     CheckpointSkipped,
+    DownstreamEval,
     Event,
     GaveUp,
     Hyperparameters,
@@ -190,6 +191,16 @@ def _(e: StragglerDetected) -> str:
         f"per block forward, {e.ratio:.2f}x the median {e.median_seconds_per_block * 1e3:.3g} ms, "
         f"for {e.windows} consecutive windows of {e.every} steps"
     )
+
+
+@describe.register
+def _(e: DownstreamEval) -> str:
+    tasks = "; ".join(
+        f"{name} {t.median:.1%} (IQR {t.iqr:.1%}, {t.min:.1%}-{t.max:.1%}, {t.prompts} prompts "
+        f"x {t.examples} examples)"
+        for name, t in e.tasks.items()
+    )
+    return f"downstream accuracy ({e.split}, {e.shots}-shot, median over prompts): {tasks}"
 
 
 @describe.register

@@ -44,6 +44,18 @@ class ValidLoss(Record):
     loss: float
 
 
+class TaskAccuracy(Record):
+    """A downstream task's accuracy over its prompts (the T0 view): the spread of the
+    per-prompt accuracies, over ``prompts`` prompts of ``examples`` examples each (at most)."""
+
+    median: float
+    iqr: float
+    min: float
+    max: float
+    prompts: int
+    examples: int
+
+
 class Event(Record):
     v: int = SCHEMA_VERSION
     time: str = Field(default_factory=utc_now)
@@ -108,6 +120,17 @@ class StragglerDetected(Event):
     ratio: float
     windows: int
     every: int
+
+
+class DownstreamEval(Event):
+    """Downstream accuracy of the weights at ``step`` (``[downstream]``): rank
+    classification of ``split`` under every chosen prompt, ``shots``-shot."""
+
+    kind: Literal["downstream_eval"] = "downstream_eval"
+    split: str
+    shots: int
+    tasks: dict[str, TaskAccuracy]
+    seconds: float
 
 
 # ----- the supervisor --------------------------------------------------------------------
@@ -273,6 +296,7 @@ class GaveUp(Event):
 AnyEvent = Annotated[
     RunStart | ConfigChange | RunStop | CheckpointSkipped | Intervention | ManualIntervention
     | StopForHuman | Outcome | InterventionCompletedAfterRestart | Note | JobSubmitted
-    | AllocationStart | AllocationEnd | Requeue | NodeExcluded | GaveUp | StragglerDetected,
+    | AllocationStart | AllocationEnd | Requeue | NodeExcluded | GaveUp | StragglerDetected
+    | DownstreamEval,
     Field(discriminator="kind"),
 ]  # fmt: skip
