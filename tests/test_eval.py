@@ -353,7 +353,7 @@ def test_opt_eval_end_to_end_on_a_trained_checkpoint(tmp_path, pydoc_dataset):
     out2 = tmp_path / "eval-2ranks"
     two = torchrun(2, "-m", "opt", "eval", str(checkpoint), "--tasks", "rte,cb,copa,wic,wsc",
                    "--data", str(DATA), "--shots", "1", "--limit", "6", "--out", str(out2),
-                   "--timeout", "120", timeout=300)  # fmt: skip
+                   "--timeout", "300", timeout=600)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((out2 / "results.json").read_text()) == results
     assert two.stdout.count("| rte | 10 | 6 |") == 1  # rank 0 alone prints and writes
