@@ -1,6 +1,7 @@
 """The lm-evaluation-harness backend (opt/eval/lm_eval_backend.py): on a small random model
-converted to Hugging Face format, our per-request log-likelihoods equal lm-eval's own HF
-backend's, and the command line runs a local task end to end. Everything is offline: the
+converted to Hugging Face format, our per-request log-likelihoods (and rolling document
+log-likelihoods, and greedy generations) equal lm-eval's own HF backend's, and the command
+line runs a local task end to end. Everything is offline: the
 tokenizer is trained here, the requests and the task file are made here."""
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def dirs(tmp_path_factory):
     with torch.no_grad():  # non-trivial biases and LayerNorm affines
         gen = torch.Generator().manual_seed(0)
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
     ckpt, hf = root / "ckpt", root / "hf"
     save_checkpoint(
         ckpt,
@@ -277,3 +278,24 @@ def test_command_line_runs_a_local_task(dirs, tmp_path):
     [results] = list(out.rglob("results*.json"))
     acc = json.loads(results.read_text())["results"]["opt_toy_mc"]
     assert 0 <= acc["acc,none"] <= 1 and 0 <= acc["acc_norm,none"] <= 1
+
+
+def test_generate_until_equals_lm_eval_hf_backend(dirs, ours):
+    """Greedy continuations, cut at the ``until`` strings or after ``max_gen_toks`` tokens,
+    as lm-eval's HF backend (transformers' generate) produces them on the same weights."""
+    gen_kwargs = [
+        {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False},
+        {"until": ["#", " hills"], "max_gen_toks": 20},
+    ]
+    args = [(_text(600 + s, 4 + 3 * s), gen_kwargs[s % 2]) for s in range(6)]
+    mine = ours.generate_until(_requests("generate_until", args))
+    theirs = _hf(dirs[1], max_length=MAX_POSITIONS).generate_until(
+        _requests("generate_until", [(c, dict(k)) for c, k in args])
+    )
+    assert mine == theirs
+    assert all("#" not in m and " hills" not in m for m in mine[1::2])
+    # The random model's continuations do contain the stop strings: the cuts are tested.
+    full = ours.generate_until(
+        _requests("generate_until", [(c, {"max_gen_toks": 20}) for c, _ in args[1::2]])
+    )
+    assert sum(len(f) > len(m) for f, m in zip(full, mine[1::2], strict=True)) >= 2

@@ -12,8 +12,10 @@ lm-eval is an optional dependency (``pip install -e .[lm-eval]``): this module i
 the top, and nothing else in opt imports this module, so opt works without it.
 
 Text is tokenized without special tokens, and every sequence starts with OPT's ``</s>``
-document prefix, as in pretraining and in `opt eval` (lm-eval's Hugging Face backend with
-``add_bos_token=True`` does the same for OPT, whose tokenizer's BOS is ``</s>``). A context
+document prefix, as in pretraining and in `opt eval` (lm-eval's Hugging Face backend does
+the same in ``loglikelihood`` on OPT, whose HF tokenizer prepends ``</s>``; its rolling
+windows put their prefix token before that one, so they match ours only with
+``add_bos_token=False``). A context
 and continuation are split as lm-eval splits them: trailing spaces of the context move to the
 continuation, and the continuation's tokens are those of ``context + continuation`` after the
 context's, so a merge across the boundary is scored as the model would see it.
@@ -24,7 +26,10 @@ context's, so a merge across the boundary is scored as the model would see it.
   ``max_positions``, each token predicted once with as much context as fits, the first
   window after the ``</s>`` prefix (the windows lm-eval's docstring and HF backend use).
 - ``generate_until``: :func:`opt.eval.generate.generate` (greedy unless ``do_sample`` and a
-  positive temperature), cut at the ``until`` strings.
+  positive temperature; top-k, top-p; sampled runs seeded by the ``seed`` model arg),
+  requests with the same arguments decoded as left-padded batches, cut at the ``until``
+  strings. A prompt that does not fit ``max_positions`` with ``max_gen_toks`` new tokens is
+  refused (lm-eval's HF backend cuts it from the left instead).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from opt.errors import OptError
+from opt.eval.generate import generate
 from opt.eval.scoring import Request, Scorer
 
 log = logging.getLogger(__name__)
@@ -140,13 +146,6 @@ class OptLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        try:
-            from opt.eval.generate import generate
-        except ImportError as err:
-            raise NotImplementedError(
-                "generate_until needs opt.eval.generate (`opt generate`), which this opt "
-                f"does not have ({err})"
-            ) from err
         # Requests with the same generation arguments are decoded together.
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
