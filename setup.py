@@ -32,7 +32,11 @@ setup(
             "pytest-timeout",
             "ruff==0.17.6",  # pinned: the suite runs it, and a new release may add rules
             "transformers>=4.40",
+            # tests/test_lm_eval.py: our backend against lm-eval's own Hugging Face backend
+            "lm-eval[hf]>=0.4.13,<0.5",
         ],
+        # `python -m opt.eval.lm_eval_backend`: opt as an lm-evaluation-harness model
+        "lm-eval": ["lm-eval>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["opt=opt.cli:main"]},
 )

@@ -48,7 +48,7 @@ def predictions(
 class Scorer:
     """Sums of continuation log-probabilities under a plain (single-device) OPT model."""
 
-    def __init__(self, model, prefix_id: int, batch_size: int = 16, pad_id: int = 1):
+    def __init__(self, model, prefix_id: int | None, batch_size: int = 16, pad_id: int = 1):
         if batch_size < 1:
             raise OptError(f"batch size must be at least 1, not {batch_size}")
         self.model = model
@@ -60,13 +60,22 @@ class Scorer:
 
     def loglikelihoods(self, requests: list[Request]) -> list[list[float]]:
         """For each request, the summed log-probability of each continuation."""
+        return [[s for s, _ in scored] for scored in self.scores(requests)]
+
+    def scores(self, requests: list[Request]) -> list[list[tuple[float, bool]]]:
+        """For each request and continuation: the summed log-probability, and whether every
+        continuation token is the model's most likely next token (lm-eval's ``is_greedy``).
+        With ``prefix_id`` None the context is taken as given (it must not be empty)."""
+        prefix = () if self.prefix_id is None else (self.prefix_id,)
         rows: list[tuple[int, ...]] = []  # model inputs, deduplicated per request
         # (request, choice) -> (row, first scored position, tokens)
         reads: list[tuple[int, int, int, int, tuple[int, ...]]] = []
         for r, req in enumerate(requests):
             if any(len(c) == 0 for c in req.continuations):
                 raise OptError("an answer choice tokenizes to nothing")
-            full = [(self.prefix_id, *req.context, *c) for c in req.continuations]
+            if not prefix and not req.context:
+                raise OptError("a request without a prefix token needs a context")
+            full = [(*prefix, *req.context, *c) for c in req.continuations]
             inputs = [f[:-1] for f in full]
             # Longest first: a shorter input that is a prefix of a kept one reuses its row.
             kept: list[int] = []
@@ -76,10 +85,13 @@ class Scorer:
                     rows.append(inputs[c])
                     host = len(rows) - 1
                     kept.append(host)
-                start = len(req.context)  # position predicting the first continuation token
+                # The position predicting the first continuation token.
+                start = len(prefix) + len(req.context) - 1
                 reads.append((r, c, host, start, req.continuations[c]))
         scores = self._row_scores(rows, reads)
-        out = [[0.0] * len(req.continuations) for req in requests]
+        out: list[list[tuple[float, bool]]] = [[] for _ in requests]
+        for req, row in zip(requests, out, strict=True):
+            row.extend([(0.0, True)] * len(req.continuations))
         for (r, c, *_), s in zip(reads, scores, strict=True):
             out[r][c] = s
         return out
@@ -89,6 +101,7 @@ class Scorer:
         for i, read in enumerate(reads):
             by_row.setdefault(read[2], []).append(i)
         scores = [0.0] * len(reads)
+        greedy = [True] * len(reads)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # little padding
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]
@@ -112,18 +125,23 @@ class Scorer:
                         where_t.append(start - o + t)
                         targets.append(token)
                         owner.append(read_index)
-            logprobs = self._logprobs(tokens, where_b, where_t, targets)
-            for read_index, lp in zip(owner, logprobs.tolist(), strict=True):
+            logprobs, top = self._logprobs(tokens, where_b, where_t, targets)
+            logprobs, top = logprobs.tolist(), top.tolist()
+            for read_index, lp, g in zip(owner, logprobs, top, strict=True):
                 scores[read_index] += lp
-        return scores
+                greedy[read_index] = greedy[read_index] and g
+        return list(zip(scores, greedy, strict=True))
 
     @torch.inference_mode()
-    def _logprobs(self, tokens, where_b, where_t, targets) -> torch.Tensor:
+    def _logprobs(self, tokens, where_b, where_t, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per scored token: its log-probability, and whether it is the argmax."""
         model = self.model
         h = model.embed(tokens.to(model.embed_tokens.weight.device))  # (B, T, D)
         for layer in model.layers.values():
             h = layer(h)
-        picked = h[torch.tensor(where_b, device=h.device), torch.tensor(where_t, device=h.device)]
+        device = h.device
+        picked = h[torch.tensor(where_b, device=device), torch.tensor(where_t, device=device)]
         logits = model.head(picked[None])[0].float()  # (N, V)
-        targets = torch.tensor(targets, device=logits.device)[:, None]
-        return F.log_softmax(logits, dim=-1).gather(1, targets)[:, 0].cpu()
+        targets = torch.tensor(targets, device=device)
+        logprobs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        return logprobs, logits.argmax(-1) == targets
