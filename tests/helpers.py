@@ -62,6 +62,42 @@ def toml_value(value) -> str:
     return repr(value)
 
 
+def train_tiny_checkpoint(tmp_path: Path, dataset: Path, run: str, steps: int = 2) -> Path:
+    """A checkpoint of a tiny demo-shaped run, trained through the CLI for ``steps`` steps."""
+    values = {
+        **TINY_OVERRIDES,
+        "data.path": str(dataset),
+        "run.dir": str(tmp_path / "runs"),
+        "checkpoint.dir": str(tmp_path / "checkpoints"),
+        "logbook.dir": str(tmp_path / "logbook"),
+        "run.name": run,
+        "train.max_steps": steps,
+        "checkpoint.every": steps,
+    }
+    args = ["train", "configs/demo.toml"]
+    for key, value in values.items():
+        args += [f"--{key}", toml_value(value)]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "checkpoints" / run / f"step_{steps:08d}"
+
+
+# transformers' OPTConfig fields of a small model for the parity tests, and its two variants.
+SMALL_HF = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "ffn_dim": 256,
+    "vocab_size": 500,
+    "max_position_embeddings": 64,
+}
+HF_VARIANTS = {
+    "pre_ln": {},
+    # OPT-350M's shape: post-LN, no final LayerNorm, narrow word embeddings projected in/out.
+    "350m_like": {"do_layer_norm_before": False, "word_embed_proj_dim": 32},
+}
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:

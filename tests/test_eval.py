@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, TINY_OVERRIDES, run_cli, toml_value, torchrun
+from helpers import REPO, run_cli, torchrun, train_tiny_checkpoint
 
 from opt.errors import OptError
 from opt.eval.prompts import load_templates, select_templates
@@ -309,22 +309,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_examples
 
 
 def _train_tiny(tmp_path: Path, dataset: Path) -> Path:
-    values = {
-        **TINY_OVERRIDES,
-        "data.path": str(dataset),
-        "run.dir": str(tmp_path / "runs"),
-        "checkpoint.dir": str(tmp_path / "checkpoints"),
-        "logbook.dir": str(tmp_path / "logbook"),
-        "run.name": "evaltiny",
-        "train.max_steps": 2,
-        "checkpoint.every": 2,
-    }
-    args = ["train", "configs/demo.toml"]
-    for key, value in values.items():
-        args += [f"--{key}", toml_value(value)]
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
-    return tmp_path / "checkpoints" / "evaltiny" / "step_00000002"
+    return train_tiny_checkpoint(tmp_path, dataset, "evaltiny")
 
 
 @pytest.mark.slow

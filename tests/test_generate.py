@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from helpers import TINY_OVERRIDES, import_or_skip_group, run_cli, toml_value
+from helpers import HF_VARIANTS, SMALL_HF, import_or_skip_group, run_cli, train_tiny_checkpoint
 
 from opt.checkpoint import load_model, save_checkpoint
 from opt.convert.hf import args_from_hf_config, to_hf
@@ -30,19 +30,7 @@ from opt.models.model import KVCache, OPTModel, build_model
 
 transformers = import_or_skip_group("transformers", "the generation parity tests")
 
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "ffn_dim": 256,
-    "vocab_size": 500,
-    "max_position_embeddings": 64,
-}
-VARIANTS = {
-    "pre_ln": {},
-    # OPT-350M's shape: post-LN, no final LayerNorm, narrow word embeddings projected in/out.
-    "350m_like": {"do_layer_norm_before": False, "word_embed_proj_dim": 32},
-}
+SMALL, VARIANTS = SMALL_HF, HF_VARIANTS
 # Prompts of different lengths (each starting with </s> = 2, as generate() starts them).
 PROMPTS = [
     [2, 17, 301, 45, 9, 88, 120, 7, 64, 230, 11],
@@ -358,22 +346,7 @@ def test_help():
 
 @pytest.mark.slow
 def test_cli_end_to_end_on_a_trained_checkpoint(tmp_path, pydoc_dataset):
-    values = {
-        **TINY_OVERRIDES,
-        "data.path": str(pydoc_dataset),
-        "run.dir": str(tmp_path / "runs"),
-        "checkpoint.dir": str(tmp_path / "checkpoints"),
-        "logbook.dir": str(tmp_path / "logbook"),
-        "run.name": "gen",
-        "train.max_steps": 2,
-        "checkpoint.every": 2,
-    }
-    train = ["train", "configs/demo.toml"]
-    for key, value in values.items():
-        train += [f"--{key}", toml_value(value)]
-    trained = run_cli(*train)
-    assert trained.returncode == 0, trained.stderr
-    checkpoint = tmp_path / "checkpoints" / "gen" / "step_00000002"
+    checkpoint = train_tiny_checkpoint(tmp_path, pydoc_dataset, "gen")
 
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("import os\n\nclass A:\n")

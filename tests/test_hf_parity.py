@@ -11,7 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from helpers import import_or_skip_group
+from helpers import HF_VARIANTS, SMALL_HF, import_or_skip_group
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,19 +31,7 @@ from opt.models.sizes import MODEL_SIZES, ModelArgs
 
 transformers = import_or_skip_group("transformers", "the transformers parity tests")
 
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "ffn_dim": 256,
-    "vocab_size": 500,
-    "max_position_embeddings": 64,
-}
-VARIANTS = {
-    "pre_ln": {},
-    # OPT-350M's shape: post-LN, no final LayerNorm, narrow word embeddings projected in/out.
-    "350m_like": {"do_layer_norm_before": False, "word_embed_proj_dim": 32},
-}
+SMALL, VARIANTS = SMALL_HF, HF_VARIANTS
 TOKENIZER = b'{"version": "1.0", "model": {"type": "BPE"}}'
 
 
