@@ -82,6 +82,12 @@ def _tally(results: list[HeldOut]) -> str:
     return text + "; misses: " + ", ".join(f"{h.run.name} ({h.error:+.1%})" for h in misses)
 
 
+def _ranked(c: planner.Candidate) -> tuple:
+    """What a ranking row is: the layout, its step time and its memory."""
+    return (c.tp, c.pp, c.stages_per_rank, c.micro_batch, c.activation_checkpoint,
+            c.sequence_parallel, c.data_parallel, c.step_s, c.memory["total"])  # fmt: skip
+
+
 def planner_speed(repeats: int) -> list[tuple[str, ...]]:
     rows = [("model and cluster", "layouts", "fitting", "first call s", "median of next s",
              "same ranking, every rank checked")]  # fmt: skip
@@ -93,18 +99,14 @@ def planner_speed(repeats: int) -> list[tuple[str, ...]]:
             start = time.perf_counter()
             fits, excluded = planner.plan(job, cluster)
             times.append(time.perf_counter() - start)
-        ranking = [(c.tp, c.pp, c.stages_per_rank, c.micro_batch, c.activation_checkpoint,
-                    c.sequence_parallel, c.data_parallel, c.step_s, c.memory["total"])
-                   for c in fits]  # fmt: skip
+        ranking = [_ranked(c) for c in fits]
         original = planner._ranks_to_check
         planner._ranks_to_check = lambda ranks: list(range(len(ranks)))
         try:
             full, _ = planner.plan(job, cluster)
         finally:
             planner._ranks_to_check = original
-        same = ranking == [(c.tp, c.pp, c.stages_per_rank, c.micro_batch,
-                            c.activation_checkpoint, c.sequence_parallel, c.data_parallel,
-                            c.step_s, c.memory["total"]) for c in full]  # fmt: skip
+        same = ranking == [_ranked(c) for c in full]
         rows.append((name, str(len(fits) + len(excluded)), str(len(fits)), f"{times[0]:.2f}",
                      f"{statistics.median(times[1:]):.2f}", "yes" if same else "NO"))  # fmt: skip
     return rows
