@@ -5,6 +5,7 @@ checkpoint. The example files in tests/data/eval are made up for these tests."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -317,7 +318,8 @@ def test_opt_eval_end_to_end_on_a_trained_checkpoint(tmp_path, pydoc_dataset):
     checkpoint = _train_tiny(tmp_path, pydoc_dataset)
     out = tmp_path / "eval"
     result = run_cli("eval", str(checkpoint), "--tasks", "rte,cb,copa,wic,wsc", "--data",
-                     str(DATA), "--shots", "1", "--limit", "6", "--out", str(out))  # fmt: skip
+                     str(DATA), "--shots", "1", "--limit", "6", "--out", str(out),
+                     "--log-samples")  # fmt: skip
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["shots"] == 1 and results["checkpoint"] == str(checkpoint)
@@ -343,6 +345,32 @@ def test_opt_eval_end_to_end_on_a_trained_checkpoint(tmp_path, pydoc_dataset):
     assert json.loads((out2 / "results.json").read_text()) == results
     assert two.stdout.count("| rte | 10 | 6 |") == 1  # rank 0 alone prints and writes
 
+    # Four ranks: two data-parallel groups of two tensor-parallel ranks, the model split as
+    # training splits it. The reductions over the split add in another order than one
+    # process does, so the log-likelihoods agree to fp32 rounding, not bitwise.
+    out4 = tmp_path / "eval-dp2-tp2"
+    four = torchrun(4, "-m", "opt", "eval", str(checkpoint), "--tasks", "rte,cb,copa,wic,wsc",
+                    "--data", str(DATA), "--shots", "1", "--limit", "6", "--out", str(out4),
+                    "--tp", "2", "--log-samples", "--timeout", "300", timeout=600)  # fmt: skip
+    assert four.returncode == 0, four.stderr[-3000:]
+    split = json.loads((out4 / "results.json").read_text())
+    assert split["tp"] == 2 and split["tasks"].keys() == results["tasks"].keys()
+    one = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    tp2 = [json.loads(line) for line in (out4 / "samples.jsonl").read_text().splitlines()]
+    assert len(one) == len(tp2) == sum(p["n"] for t in results["tasks"].values()
+                                       for p in t["prompts"])  # fmt: skip
+    for a, b in zip(one, tp2, strict=True):
+        assert (a["task"], a["prompt"], a["example"]) == (b["task"], b["prompt"], b["example"])
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], rel=1e-5, abs=1e-5)
+        if min_gap(a["loglikelihoods"]) > 1e-4:  # no near-tie that rounding could flip
+            assert b["pred"] == a["pred"]
+
+
+def min_gap(values: list[float]) -> float:
+    """The smallest difference between two of ``values``."""
+    ordered = sorted(values)
+    return min(b - a for a, b in itertools.pairwise(ordered))
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -352,6 +380,7 @@ def test_opt_eval_end_to_end_on_a_trained_checkpoint(tmp_path, pydoc_dataset):
         (["--tasks", "rte", "--data", "/nonexistent/eval"], "data directory not found"),
         (["--tasks", "rte", "--split", "test"], "no 'test' split for task 'rte'"),
         (["--tasks", "rte", "--shots", "-1"], "--shots must be 0 or more"),
+        (["--tasks", "rte", "--tp", "2"], "--tp 2 must divide the number of processes (1)"),
     ],
 )
 def test_bad_eval_input_gets_one_line_and_exit_2(tmp_path, args, message):

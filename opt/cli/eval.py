@@ -43,6 +43,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)"
     )
     ev.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree under torchrun: the model is split over groups of TP "
+        "consecutive ranks as in training, the examples over the groups (default 1)",
+    )
+    ev.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to score (auto: cuda when there is one, each rank on its LOCAL_RANK GPU)",
+    )
+    ev.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="weights and activations (log-softmax is always fp32); default fp32",
+    )
+    ev.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write samples.jsonl: every scored example's choices, log-likelihoods and "
+        "predictions",
+    )
+    ev.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -52,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from opt.dist import init_distributed, launched_world_size, rank_and_world
     from opt.eval.report import markdown, write_results
     from opt.eval.runner import EvalSpec, evaluate_checkpoint
@@ -59,6 +86,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise OptError(f"--batch-size must be at least 1, not {args.batch_size}")
+    world = launched_world_size()
+    if args.tp < 1 or world % args.tp:
+        raise OptError(
+            f"--tp {args.tp} must divide the number of processes ({world}); "
+            f"start them with torchrun --nproc-per-node N"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OptError("--device cuda: no CUDA device is visible")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     spec = EvalSpec(
         tasks=tuple(parse_tasks(args.tasks)),
         data_dir=Path(args.data),
@@ -69,12 +105,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         limit=args.limit,
         batch_size=args.batch_size,
+        log_samples=args.log_samples,
     )
-    distributed = launched_world_size() > 1
-    if distributed:  # data parallel: each rank scores a share of the examples
-        init_distributed(args.timeout, "cpu")
+    distributed = world > 1
+    if distributed:  # each group of --tp ranks scores a share of the examples
+        device = init_distributed(args.timeout, "cuda" if cuda else "cpu")
+    else:
+        device = torch.device("cuda" if cuda else "cpu")
     try:
-        results = evaluate_checkpoint(args.checkpoint, spec, args.tokenizer)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        results = evaluate_checkpoint(
+            args.checkpoint, spec, args.tokenizer, tp=args.tp, device=device, dtype=dtype
+        )
         if rank_and_world()[0] == 0:
             paths = write_results(results, args.out)
             print(markdown(results).split("\n## ", 1)[0].rstrip())

@@ -12,13 +12,23 @@ from pathlib import Path
 from opt.fsutil import atomic_write
 
 RESULTS_JSON, RESULTS_MD, RESULTS_CHART = "results.json", "results.md", "results.png"
+SAMPLES_JSONL = "samples.jsonl"  # with --log-samples
 
 
 def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write the three files into ``out_dir`` (created); returns their paths by kind."""
+    """Write the three files (and ``samples.jsonl`` when the results carry samples) into
+    ``out_dir`` (created); returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "chart": out / RESULTS_CHART}
+    samples = results.get("samples")
+    results = {k: v for k, v in results.items() if k != "samples"}
+    if samples is not None:  # one line per scored (prompt, example), task by task
+        paths["samples"] = out / SAMPLES_JSONL
+        lines = [
+            json.dumps({"task": task, **row}) for task, rows in samples.items() for row in rows
+        ]
+        atomic_write(paths["samples"], "".join(line + "\n" for line in lines))
     atomic_write(paths["json"], json.dumps(results, indent=2) + "\n")
     atomic_write(paths["markdown"], markdown(results))
     chart(results, paths["chart"])

@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from opt.dist import rank_and_world
 from opt.errors import OptError
 from opt.eval.prompts import Rendered, Template, select_templates
@@ -31,6 +33,7 @@ class EvalSpec:
     seed: int = 0
     limit: int | None = None
     batch_size: int = 16
+    log_samples: bool = False  # keep every scored example's log-likelihoods (samples.jsonl)
 
 
 @dataclass
@@ -136,36 +139,54 @@ def build_requests(
 
 
 def evaluate(
-    model, tokenizer, prefix_id: int, spec: EvalSpec, prepared: list[Prepared] | None = None
+    model,
+    tokenizer,
+    prefix_id: int,
+    spec: EvalSpec,
+    prepared: list[Prepared] | None = None,
+    tp: int = 1,
 ) -> dict:
-    """Score every task; the results as ``results.json`` holds them.
+    """Score every task; the results as ``results.json`` holds them (with ``samples`` when
+    ``spec.log_samples``).
 
     Under a process group (torchrun, `opt launch local`) the examples are sharded over the
-    ranks, each holding the whole model: rank r scores every world-th request from r, and
-    the scores are gathered, so every rank returns what one process would."""
+    data-parallel ranks: rank r of the world // tp groups scores every (world // tp)-th
+    request from r, and the scores are gathered, so every rank returns what one process
+    would. The ``tp`` ranks of a group (consecutive global ranks: tensor parallelism is the
+    innermost mesh dimension) hold one model between them and score the same requests."""
     prepared = prepare(spec) if prepared is None else prepared
     rank, world = rank_and_world()
+    dp_rank, dp = rank // tp, world // tp
     scorer = Scorer(model, prefix_id, spec.batch_size)
-    tasks = {}
+    tasks, samples = {}, {}
     for prep in prepared:
         items = build_requests(prep, spec, tokenizer)
-        mine = scorer.loglikelihoods([req for *_, req in items[rank::world]])
-        lls = _interleave(_gather(mine), len(items))
+        mine = scorer.loglikelihoods([req for *_, req in items[dp_rank::dp]])
+        lls = _interleave(_gather(mine)[::tp], len(items))
         outcomes: dict[int, list[tuple[int, int, int]]] = {
             t: [] for t in range(len(prep.templates))
         }
+        rows = []
         for (t, i, rendered, _), ll in zip(items, lls, strict=True):
             pred, pred_norm = predictions(ll, rendered.choices)
             outcomes[t].append((i, int(pred == rendered.gold), int(pred_norm == rendered.gold)))
+            if spec.log_samples:
+                rows.append({
+                    "prompt": prep.templates[t].name, "example": i,
+                    "choices": list(rendered.choices), "gold": rendered.gold,
+                    "loglikelihoods": ll, "pred": pred, "pred_norm": pred_norm,
+                })  # fmt: skip
         tasks[prep.task.name] = summarise_task(prep, outcomes, spec.seed)
-    return {
+        samples[prep.task.name] = rows
+    out = {
         "split": spec.split,
         "shots": spec.shots,
         "seed": spec.seed,
         "limit": spec.limit,
-        "truncated_contexts": sum(_gather(scorer.truncated)),
+        "truncated_contexts": sum(_gather(scorer.truncated)[::tp]),
         "tasks": tasks,
     }
+    return {**out, "samples": samples} if spec.log_samples else out
 
 
 def _gather(obj) -> list:
@@ -213,17 +234,54 @@ def summarise_task(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, spec: EvalSpec, tokenizer_path: str | Path | None = None
+    checkpoint: str | Path,
+    spec: EvalSpec,
+    tokenizer_path: str | Path | None = None,
+    tp: int = 1,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Load a checkpoint (any layout it was saved under) and its tokenizer, and evaluate."""
+    """Load a checkpoint (any layout it was saved under) and its tokenizer, and evaluate;
+    with ``tp`` > 1 (under a process group) the model is split over groups of ``tp``
+    consecutive ranks as training splits it, and each group scores a share of the examples."""
     from opt import checkpoint as ckpt
     from opt.data.tokenizer import eos_id, load_tokenizer
 
     prepared = prepare(spec)
     checkpoint = Path(checkpoint)
-    model = ckpt.load_model(checkpoint).eval()
+    device = device or torch.device("cpu")
+    if tp == 1:
+        model = ckpt.load_model(checkpoint, device)
+    else:
+        model = _tensor_parallel_model(checkpoint, tp, device)
+    model = model.to(dtype).eval()
     tokenizer = load_tokenizer(tokenizer_path or checkpoint)
     if tokenizer.get_vocab_size() > model.args.vocab_size:
         raise OptError("the tokenizer produces ids outside this model's vocabulary")
-    results = evaluate(model, tokenizer, eos_id(tokenizer), spec, prepared)
-    return {"checkpoint": str(checkpoint), **results}
+    results = evaluate(model, tokenizer, eos_id(tokenizer), spec, prepared, tp)
+    return {"checkpoint": str(checkpoint), "tp": tp, **results}
+
+
+def _tensor_parallel_model(checkpoint: Path, tp: int, device: torch.device):
+    """This rank's tensor-parallel share of the checkpoint's model (Megatron's split, as in
+    training, without sequence parallelism), its weights read from the checkpoint."""
+    from opt import checkpoint as ckpt
+    from opt.models.model import OPTModel
+    from opt.parallel.dims import ParallelDims
+    from opt.parallel.rules import tensor_parallel_problem
+    from opt.parallel.tensor_parallel import apply_tensor_parallel
+
+    world = rank_and_world()[1]
+    if world % tp:
+        raise OptError(f"--tp {tp} does not divide the {world} processes")
+    args = ckpt.load_model_args(checkpoint)
+    problem = tensor_parallel_problem(args, tp)
+    if problem:
+        raise OptError(problem.replace("parallel.tp", "--tp"))
+    meshes = ParallelDims(world, tp=tp).build_meshes(device.type)
+    with torch.device("meta"):
+        model = OPTModel(args)
+    apply_tensor_parallel(model, meshes["tp"], sequence_parallel=False)
+    model.to_empty(device=device)
+    ckpt.load_model_weights(checkpoint, model)
+    return model

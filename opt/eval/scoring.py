@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from opt.errors import OptError
 
@@ -46,7 +47,8 @@ def predictions(
 
 
 class Scorer:
-    """Sums of continuation log-probabilities under a plain (single-device) OPT model."""
+    """Sums of continuation log-probabilities under an OPT model: whole, or this rank's
+    tensor-parallel share of one (every rank of its group then scores the same requests)."""
 
     def __init__(self, model, prefix_id: int | None, batch_size: int = 16, pad_id: int = 1):
         if batch_size < 1:
@@ -141,7 +143,10 @@ class Scorer:
             h = layer(h)
         device = h.device
         picked = h[torch.tensor(where_b, device=device), torch.tensor(where_t, device=device)]
-        logits = model.head(picked[None])[0].float()  # (N, V)
+        logits = model.head(picked[None])[0]  # (N, V)
+        if isinstance(logits, DTensor):  # tensor parallel: sharded over the vocabulary
+            logits = logits.full_tensor()  # (scored tokens x V): small, unlike (B x T x V)
+        logits = logits.float()
         targets = torch.tensor(targets, device=device)
         logprobs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
         return logprobs, logits.argmax(-1) == targets
