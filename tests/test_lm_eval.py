@@ -288,6 +288,8 @@ def test_generate_until_equals_lm_eval_hf_backend(dirs, ours):
         {"until": ["#", " hills"], "max_gen_toks": 20},
     ]
     args = [(_text(600 + s, 4 + 3 * s), gen_kwargs[s % 2]) for s in range(6)]
+    # Contexts longer than the positions left for generation: both cut them from the left.
+    args += [(_text(700 + s, 55 + 10 * s), gen_kwargs[s % 2]) for s in range(2)]
     mine = ours.generate_until(_requests("generate_until", args))
     theirs = _hf(dirs[1], max_length=MAX_POSITIONS).generate_until(
         _requests("generate_until", [(c, dict(k)) for c, k in args])

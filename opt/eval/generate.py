@@ -154,12 +154,17 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     batch_size: int = 8,
+    truncate: bool = False,
 ) -> list[Generation]:
     """Continue each prompt by up to ``max_new_tokens`` tokens: greedy when ``temperature``
     is 0, else sampled (:class:`Sampling`) from a generator seeded with ``seed`` (the same
     seed, prompts and batch size give the same texts). A continuation ends at the end of a
     document (``</s>``) or once it contains one of the ``stop`` strings, where its text is
-    cut. Prompts are decoded ``batch_size`` at a time, longest first (less padding)."""
+    cut. Prompts are decoded ``batch_size`` at a time, longest first (less padding).
+
+    A prompt that leaves no room for ``max_new_tokens`` in the model's positions is refused,
+    or with ``truncate`` cut from the left to ``max_positions - max_new_tokens`` tokens,
+    ``</s>`` prefix included (lm-eval's Hugging Face backend cuts generation contexts so)."""
     sampling = Sampling(temperature, top_p, top_k)
     if not prompts:
         raise OptError("no prompts to continue")
@@ -172,6 +177,13 @@ def generate(
     # OPT starts every document after a </s>; an empty prompt is an unconditional start.
     encoded = [[eos, *tokenizer.encode(p).ids] for p in prompts]
     limit = model.args.max_positions
+    if truncate:
+        if max_new_tokens >= limit:
+            raise OptError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in this "
+                f"model's max_positions={limit}"
+            )
+        encoded = [ids[-(limit - max_new_tokens) :] for ids in encoded]
     for i, ids in enumerate(encoded):
         if len(ids) - 1 + max_new_tokens > limit:
             raise OptError(

@@ -175,6 +175,7 @@ class OptLM(LM):
                 seed=self.seed,
                 stop=until,
                 batch_size=self.batch_size,
+                truncate=True,  # a long few-shot context keeps its end, as lm-eval's hf does
             )
             for i, g in zip(members, generations, strict=True):
                 out[i] = g.text
