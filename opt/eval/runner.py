@@ -158,11 +158,15 @@ def evaluate(
     rank, world = rank_and_world()
     dp_rank, dp = rank // tp, world // tp
     scorer = Scorer(model, prefix_id, spec.batch_size)
+    # Every task's requests in one call: the batches then sort by length across tasks, and
+    # fewer of them are part-filled than task by task.
+    per_task = [build_requests(prep, spec, tokenizer) for prep in prepared]
+    every = [item for items in per_task for item in items]
+    mine = scorer.loglikelihoods([req for *_, req in every[dp_rank::dp]])
+    scored = iter(_interleave(_gather(mine)[::tp], len(every)))
     tasks, samples = {}, {}
-    for prep in prepared:
-        items = build_requests(prep, spec, tokenizer)
-        mine = scorer.loglikelihoods([req for *_, req in items[dp_rank::dp]])
-        lls = _interleave(_gather(mine)[::tp], len(items))
+    for prep, items in zip(prepared, per_task, strict=True):
+        lls = [next(scored) for _ in items]
         outcomes: dict[int, list[tuple[int, int, int]]] = {
             t: [] for t in range(len(prep.templates))
         }
