@@ -311,28 +311,26 @@ class Ours:
         )
 
     def run(self, keep: bool = False) -> tuple[float, float, dict]:
-        """(seconds in evaluate, of which scoring, results); ``keep``: also the lls."""
+        """(seconds in evaluate, of which scoring, results); ``keep``: also the lls (from
+        the results' samples, ``--log-samples``)."""
+        import dataclasses
+
         from opt.eval import scoring
 
-        timer, kept = Timer(), []
+        timer = Timer()
         original_build, original_ll = self.runner.build_requests, scoring.Scorer.loglikelihoods
-
-        def loglikelihoods(scorer, requests):
-            out = original_ll(scorer, requests)
-            if keep:
-                kept.append(out)
-            return out
-
         self.runner.build_requests = timer.wrap(original_build)
-        scoring.Scorer.loglikelihoods = timer.wrap(loglikelihoods)
+        scoring.Scorer.loglikelihoods = timer.wrap(original_ll)
+        spec = dataclasses.replace(self.spec, log_samples=keep)
         try:
             start = time.perf_counter()
-            results = self.runner.evaluate(self.model, self.tokenizer, self.eos, self.spec)
+            results = self.runner.evaluate(self.model, self.tokenizer, self.eos, spec)
             seconds = time.perf_counter() - start
         finally:
             self.runner.build_requests, scoring.Scorer.loglikelihoods = original_build, original_ll
-        if keep:  # one loglikelihoods call per task, in TASK_NAMES order
-            results["_lls"] = dict(zip(TASK_NAMES, kept, strict=True))
+        if keep:  # per task, in the scored items' order (template by template)
+            samples = results.pop("samples")
+            results["_lls"] = {t: [r["loglikelihoods"] for r in samples[t]] for t in TASK_NAMES}
         return seconds, timer.seconds, results
 
 
