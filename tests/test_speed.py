@@ -61,6 +61,28 @@ def test_chunked_cross_entropy_equals_the_full_logits_path_in_fp32(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_chunked_cross_entropy_skips_ignored_targets_as_the_full_logits_path_does(chunk):
+    """Positions whose target is -100 (fine-tuning's prompt tokens) are left out of the mean
+    and get no gradient, as ``F.cross_entropy`` leaves them out."""
+
+    def ignoring(loss_fn):
+        def wrapped(hidden, weight, targets):
+            targets = targets.clone()
+            targets[0, :25] = -100  # a prompt, then its answer
+            targets[2, 10:] = -100  # an answer, then padding
+            return loss_fn(hidden, weight, targets)
+
+        return wrapped
+
+    expected = _grads(ignoring(_plain), None)
+    got = _grads(ignoring(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk)), None)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not got[1][0, :25].any() and got[1][0, 25:].abs().sum() > 0
+    assert expected[0] != _grads(_plain, None)[0]  # the ignored positions did count there
+
+
 @pytest.mark.parametrize(
     "dtype, via_fp32",
     [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)],

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from opt.models.kernels import gemm, linear_via_fp32
 from opt.models.model import LMHead
 
+IGNORE_INDEX = -100  # F.cross_entropy's default: a position whose target is not scored
+
 
 def _autocast_dtype(device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
@@ -88,14 +90,20 @@ def chunked_cross_entropy(
     bf16_via_fp32: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``: hidden (B, T, D),
-    weight (V, D), targets (B, T) -> a scalar, as ``F.cross_entropy`` of the full logits."""
+    weight (V, D), targets (B, T) -> a scalar, as ``F.cross_entropy`` of the full logits,
+    over the targets that are not ``IGNORE_INDEX``."""
     dtype = _autocast_dtype(hidden.device)
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    scored = targets != IGNORE_INDEX
+    if not bool(scored.all()):
+        # Fine-tuning scores the answers only: the other positions' rows never reach the
+        # head (their hidden-state gradient is zero), which also saves their GEMMs.
+        hidden, targets = hidden[scored], targets[scored]
     with torch.autocast(hidden.device.type, enabled=False):
         if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers
-            return _chunked_loss(hidden.flatten(0, 1), weight, targets.flatten(), chunk, dtype,
-                                 bf16_via_fp32)  # fmt: skip
+            return _chunked_loss(hidden, weight, targets, chunk, dtype, bf16_via_fp32)
         return _ChunkedLinearCrossEntropy.apply(
-            hidden.flatten(0, 1), weight, targets.flatten(), chunk, dtype, bf16_via_fp32
+            hidden, weight, targets, chunk, dtype, bf16_via_fp32
         )
 
 
