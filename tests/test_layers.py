@@ -17,7 +17,7 @@ LAYERS = {
     2: ("config", "models"),
     3: ("data", "parallel", "checkpoint", "supervisor"),
     4: ("job", "dry_run", "run", "eval"),
-    5: ("train",),
+    5: ("train", "finetune"),
     6: ("launch", "plan", "convert", "cli", "score", "__main__"),
 }
 LAYER_NAMES = {1: "base", 2: "description", 3: "mechanisms", 4: "run", 5: "training", 6: "drivers"}

@@ -102,18 +102,31 @@ def load_templates(
 ) -> list[Template]:
     """The templates of ``dataset``/``subset`` from ``root`` (default: the shipped ones),
     in file order."""
-    import yaml
-
     root = TEMPLATES_DIR if root is None else Path(root)
     path = root / dataset / (subset or "") / "templates.yaml"
     if not path.is_file():
         raise OptError(f"no PromptSource templates for {dataset}/{subset}: {path} not found")
+    return load_template_file(path)[2]
+
+
+def load_template_file(path: Path) -> tuple[str | None, str | None, list[Template]]:
+    """(dataset, subset, templates) of one PromptSource ``templates.yaml``: the dataset and
+    subset it names at its top (None where absent), its templates in file order."""
+    import yaml
+
+    path = Path(path)
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader())
+    except OSError as err:
+        raise OptError(f"cannot read {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise OptError(f"cannot read {path}: {err}") from None
+    if not isinstance(doc, dict):
+        raise OptError(f"{path} is not a PromptSource templates file (no mapping at its top)")
     templates = []
     for key, entry in (doc.get("templates") or {}).items():
+        if not isinstance(entry, dict) or not {"name", "jinja"} <= entry.keys():
+            raise OptError(f"{path}: template {key!r} needs a 'name' and a 'jinja'")
         meta = entry.get("metadata") or {}
         templates.append(
             Template(
@@ -126,7 +139,13 @@ def load_templates(
                 reference=entry.get("reference") or "",
             )
         )
-    return templates
+    subset = doc.get("subset")
+    dataset = doc.get("dataset")
+    return (
+        None if dataset is None else str(dataset),
+        None if subset is None else str(subset),
+        templates,
+    )
 
 
 def select_templates(templates: list[Template], names: str | list[str] | None) -> list[Template]:

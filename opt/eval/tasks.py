@@ -81,9 +81,9 @@ def load_examples(task: Task, data_dir: str | Path, split: str) -> list[dict]:
     names = [f"{split}.jsonl"] + (["val.jsonl"] if split == "validation" else [])
     jsonl = next((folder / n for n in names if (folder / n).is_file()), None)
     if jsonl is not None:
-        rows = _read_jsonl(jsonl)
-    elif _is_saved_dataset(folder, split):
-        rows = _read_saved_dataset(folder, split)
+        rows = read_jsonl(jsonl)
+    elif is_saved_dataset(folder, split):
+        rows = read_saved_dataset(folder, split)
     else:
         raise OptError(
             f"no {split!r} split for task {task.name!r}: expected {folder / names[0]} or a saved dataset"
@@ -94,7 +94,7 @@ def load_examples(task: Task, data_dir: str | Path, split: str) -> list[dict]:
     return examples
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -109,13 +109,13 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _is_saved_dataset(folder: Path, split: str) -> bool:
+def is_saved_dataset(folder: Path, split: str) -> bool:
     return (folder / "dataset_dict.json").is_file() or (
         folder / split / "dataset_info.json"
     ).is_file()
 
 
-def _read_saved_dataset(folder: Path, split: str) -> list[dict]:
+def read_saved_dataset(folder: Path, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
