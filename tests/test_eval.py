@@ -271,6 +271,39 @@ def test_batch_size_does_not_change_the_results():
     assert results[0]["tasks"]["copa"]["prompts"][1]["n"] == 3  # effect questions in the 5
 
 
+def test_a_users_task_is_its_templates_file_and_its_data_as_they_are():
+    """``NAME=TEMPLATES.yaml``: the templates render the examples' own fields (nothing is
+    mapped), the data come from DATA/NAME/<split>.jsonl, chance from the choices."""
+    from opt.data.tokenizer import train_tokenizer
+
+    root = REPO / "tests" / "data" / "finetune"
+    [task] = parse_tasks(f"sentiment={root / 'sentiment' / 'templates.yaml'}")
+    originals = [t.name for t in task.templates() if t.original_task]
+    tokenizer = train_tokenizer([(root / "sentiment" / "train.jsonl").read_text()], 300)
+    args = ModelArgs(n_layers=2, n_heads=2, d_model=32, vocab_size=300, max_positions=256,
+                     init_std=0.3)  # fmt: skip
+    model = build_model(args, seed=1).eval()
+    spec = EvalSpec(tasks=(task,), data_dir=root, split="train", limit=8)
+    result = evaluate(model, tokenizer, 2, spec)["tasks"]["sentiment"]
+    assert [p["name"] for p in result["prompts"]] == originals and len(originals) >= 3
+    assert result["chance"] == 0.5 and result["n_choices"] is None
+    assert all(p["n"] > 0 for p in result["prompts"]) and result["acc"]["median"] is not None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mine=/nonexistent/templates.yaml", "templates file not found"),
+        ("rte=tests/data/finetune/sentiment/templates.yaml", "is a known task's"),
+        ("rte,cb,rte", "a task is named twice"),
+        ("my task=x.yaml", "use letters, digits and underscores"),
+    ],
+)
+def test_bad_user_tasks_are_named(spec, message):
+    with pytest.raises(OptError, match=message):
+        parse_tasks(spec)
+
+
 # --- few-shot and statistics -------------------------------------------------------------
 
 

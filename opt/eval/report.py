@@ -85,7 +85,7 @@ def markdown(results: dict) -> str:
 
 def chart(results: dict, path: str | Path, metric: str = "acc") -> None:
     """One column per task: a dot per prompt, a bar at the median, a dashed line at chance
-    (one over the number of choices)."""
+    (a uniform guess over each scored item's choices)."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -110,8 +110,9 @@ def chart(results: dict, path: str | Path, metric: str = "acc") -> None:
             if task[metric] is not None:
                 ax.hlines(100 * task[metric]["median"], x - 0.42, x + 0.42, color="#d62728", lw=2.5,
                           zorder=2, label="median over prompts" if x == 0 else None)  # fmt: skip
-            ax.hlines(100 / task["n_choices"], x - 0.4, x + 0.4, color="#7f7f7f", lw=1,
-                      linestyles="dashed", zorder=2, label="chance" if x == 0 else None)  # fmt: skip
+            if task.get("chance") is not None:
+                ax.hlines(100 * task["chance"], x - 0.4, x + 0.4, color="#7f7f7f", lw=1,
+                          linestyles="dashed", zorder=2, label="chance" if x == 0 else None)  # fmt: skip
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels(
             [f"{name}\n({sum(1 for p in t['prompts'] if p['n'])} prompts)" for name, t in tasks]

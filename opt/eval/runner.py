@@ -180,7 +180,9 @@ def evaluate(
                     "choices": list(rendered.choices), "gold": rendered.gold,
                     "loglikelihoods": ll, "pred": pred, "pred_norm": pred_norm,
                 })  # fmt: skip
-        tasks[prep.task.name] = summarise_task(prep, outcomes, spec.seed)
+        choices = [len(rendered.choices) for _, _, rendered, _ in items]
+        chance = sum(1 / n for n in choices) / len(choices) if choices else None
+        tasks[prep.task.name] = summarise_task(prep, outcomes, spec.seed, chance)
         samples[prep.task.name] = rows
     out = {
         "split": spec.split,
@@ -214,10 +216,14 @@ def _interleave(shards: list[list], n: int) -> list:
 
 
 def summarise_task(
-    prep: Prepared, outcomes: dict[int, list[tuple[int, int, int]]], seed: int
+    prep: Prepared,
+    outcomes: dict[int, list[tuple[int, int, int]]],
+    seed: int,
+    chance: float | None = None,
 ) -> dict:
     """Per prompt: accuracy (summed log-likelihood) and acc_norm with bootstrap 95% CIs; per
-    task: their spread over the prompts that scored at least one example."""
+    task: their spread over the prompts that scored at least one example, and ``chance``,
+    the accuracy of a uniform guess over each scored item's choices."""
     prompts = []
     for t, template in enumerate(prep.templates):
         rows = sorted(outcomes[t])
@@ -230,7 +236,8 @@ def summarise_task(
     scored = [p for p in prompts if p["n"]]
     return {
         "n_examples": len(prep.examples),
-        "n_choices": len(prep.task.labels),
+        "n_choices": len(prep.task.labels) or None,  # None: a user's task
+        "chance": chance,
         "prompts": prompts,
         "acc": spread([p["acc"] for p in scored]) if scored else None,
         "acc_norm": spread([p["acc_norm"] for p in scored]) if scored else None,

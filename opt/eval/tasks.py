@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opt.errors import OptError
-from opt.eval.prompts import Template, load_templates
+from opt.eval.prompts import Template, load_template_file, load_templates
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,26 @@ class Task:
     fields: tuple[str, ...]  # what every example must hold (beyond the label)
     labels: tuple  # the raw labels SuperGLUE's own files use, in label-index order
     superglue_dir: str  # the folder name in SuperGLUE's zip
+    templates_file: Path | None = None  # a task of the user's: its templates.yaml
 
     def templates(self) -> list[Template]:
+        if self.templates_file is not None:
+            return load_template_file(self.templates_file)[2]
         return load_templates(self.dataset, self.subset)
+
+
+def user_task(name: str, templates_file: str | Path) -> Task:
+    """A task the user defines: a PromptSource-format ``templates.yaml`` whose templates
+    render the examples as they are (``label`` or whatever fields they read; nothing is
+    mapped), and data under ``DATA_DIR/<name>/`` as for the known tasks."""
+    path = Path(templates_file)
+    if not name.isidentifier():
+        raise OptError(f"task name {name!r}: use letters, digits and underscores")
+    if name in TASKS:
+        raise OptError(f"task name {name!r} is a known task's; name yours otherwise")
+    if not path.is_file():
+        raise OptError(f"task {name!r}: templates file not found: {path}")
+    return Task(name, "", None, (), (), name, path)
 
 
 TASKS = {
@@ -59,11 +76,17 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def parse_tasks(spec: str) -> list[Task]:
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
+def parse_tasks(spec: str | list[str]) -> list[Task]:
+    """Tasks from ``rte,cb`` (known names) and ``NAME=TEMPLATES.yaml`` (a user's task)."""
+    items = spec.split(",") if isinstance(spec, str) else spec
+    items = [n.strip() for n in items if n.strip()]
+    if not items:
         raise OptError("no tasks given")
-    return [get_task(n) for n in names]
+    tasks = [user_task(*n.split("=", 1)) if "=" in n else get_task(n) for n in items]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise OptError(f"a task is named twice: {', '.join(names)}")
+    return tasks
 
 
 def load_examples(task: Task, data_dir: str | Path, split: str) -> list[dict]:
@@ -140,6 +163,8 @@ def _normalise(task: Task, row: dict, where: str) -> dict:
     missing = [f for f in task.fields if f not in row]
     if missing:
         raise OptError(f"{where}: a {task.name} example needs field {missing[0]!r}")
+    if not task.labels:  # a user's task: its templates read the fields as they are
+        return row
     label = row.get("label", -1)
     if isinstance(label, bool) or not isinstance(label, int):
         if label not in task.labels:
