@@ -172,3 +172,33 @@ def test_sparse_embedding_gradient_equals_the_dense_one(args):
         grads[sparse] = model.embed_tokens.weight.grad
     assert grads[True].layout == torch.strided
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [{}, {"pre_norm": False, "word_embed_dim": 16}])
+def test_packed_examples_compute_what_each_computes_alone(shape):
+    """Fine-tuning packs examples into one row: with positions restarting per example and
+    attention kept inside each (``segments``), every example's logits and loss are those of
+    the example run alone, and padding changes nothing."""
+    args = ModelArgs(n_layers=2, n_heads=2, d_model=32, vocab_size=97, max_positions=32,
+                     init_std=0.3, **shape)  # fmt: skip
+    model = build_model(args, seed=5).eval()
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 7, 3]
+    examples = [torch.randint(4, 97, (n,), generator=gen) for n in lengths]
+    pad = 4
+    tokens = torch.cat([*examples, torch.ones(pad, dtype=torch.long)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pad, dtype=torch.long)])
+    segments = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]
+                         + [torch.zeros(pad, dtype=torch.long)])  # fmt: skip
+    with torch.no_grad():
+        packed = model(tokens, positions=positions[None], segments=segments[None])[0]
+        start = 0
+        for ids in examples:
+            alone = model(ids[None])[0]
+            torch.testing.assert_close(
+                packed[start : start + len(ids)], alone, rtol=1e-5, atol=1e-5
+            )
+            start += len(ids)
+        # Without the segments the second example would read the first: the mask matters.
+        unmasked = model(tokens, positions=positions[None])[0]
+        assert not torch.allclose(unmasked[5:12], packed[5:12], atol=1e-3)

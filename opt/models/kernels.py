@@ -105,15 +105,18 @@ def linear_via_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return F.linear(x, weight, bias)
 
 
-def attention_via_fp32(q, k, v, dropout_p: float, is_causal: bool = True) -> torch.Tensor:
-    """Causal SDPA; under CPU bf16 autocast on exact fp32 copies, output rounded to bf16
-    (not for DTensor queries)."""
+def attention_via_fp32(
+    q, k, v, dropout_p: float, is_causal: bool = True, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal SDPA (or under ``mask``); under CPU bf16 autocast on exact fp32 copies, output
+    rounded to bf16 (not for DTensor queries)."""
+    kwargs = {"is_causal": is_causal} if mask is None else {"attn_mask": mask}
     if _in_cpu_bf16_autocast() and not isinstance(q, DTensor):
         with torch.autocast("cpu", enabled=False):
             q, k, v = (_bf16_exact_fp32(t) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kwargs)
             return y.to(torch.bfloat16)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kwargs)
 
 
 class Bf16ViaFp32Linear(nn.Linear):
@@ -124,8 +127,8 @@ class Bf16ViaFp32Linear(nn.Linear):
 
 
 class Bf16ViaFp32Attention(ScaledDotProductAttention):
-    def forward(self, q, k, v, dropout_p: float) -> torch.Tensor:
-        return attention_via_fp32(q, k, v, dropout_p)
+    def forward(self, q, k, v, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return attention_via_fp32(q, k, v, dropout_p, mask=mask)
 
 
 class Bf16ViaFp32Head(LMHead):

@@ -31,9 +31,12 @@ POSITION_OFFSET = 2
 
 
 class ScaledDotProductAttention(nn.Module):
-    """Causal attention of (B, H, T, Dh) queries, keys and values: PyTorch's fused kernel."""
+    """Causal attention of (B, H, T, Dh) queries, keys and values: PyTorch's fused kernel;
+    with ``mask`` (B, 1, T, T) bool, attention where it is True (packed examples)."""
 
-    def forward(self, q, k, v, dropout_p: float) -> torch.Tensor:
+    def forward(self, q, k, v, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
@@ -105,14 +108,21 @@ class Attention(nn.Module):
         self.sdpa = ScaledDotProductAttention()
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, cached: CachedAttention | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cached: CachedAttention | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds only its heads.
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if cached is None:
-            y = self.sdpa(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, H, T, Dh)
+            drop = self.attn_dropout if self.training else 0.0
+            # (B, H, T, Dh); the mask only when there is one, so pretraining's call is as it was
+            y = self.sdpa(q, k, v, drop) if mask is None else self.sdpa(q, k, v, drop, mask)
         else:
             y = cached(q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, D)
@@ -142,13 +152,19 @@ class Block(nn.Module):
         self.ffn = FeedForward(args)
 
     def forward(  # (B, T, D) -> (B, T, D)
-        self, x: torch.Tensor, cached: CachedAttention | None = None
+        self,
+        x: torch.Tensor,
+        cached: CachedAttention | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         drop = self.dropout if self.training else 0.0
         if self.pre_norm:
-            x = x + F.dropout(self.attn(self.attn_norm(x), cached=cached), drop, self.training)
+            a = self.attn(self.attn_norm(x), cached=cached, mask=mask)
+            x = x + F.dropout(a, drop, self.training)
             return x + F.dropout(self.ffn(self.ffn_norm(x)), drop, self.training)
-        x = self.attn_norm(x + F.dropout(self.attn(x, cached=cached), drop, self.training))
+        x = self.attn_norm(
+            x + F.dropout(self.attn(x, cached=cached, mask=mask), drop, self.training)
+        )
         return self.ffn_norm(x + F.dropout(self.ffn(x), drop, self.training))
 
 
@@ -168,6 +184,15 @@ class LMHead(nn.Module):
     ) -> torch.Tensor:
         logits = F.linear(h, weight)  # (B, T, D) -> (B, T, V)
         return logits if targets is None else cross_entropy(logits, targets)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each packed example: a query sees the keys at or before it
+    that carry its segment id ((B, T) ints; padding is one segment of its own, so no row is
+    empty). (B, 1, T, T) bool."""
+    seq = segments.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1) & causal
 
 
 def causal_padding_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
@@ -257,17 +282,26 @@ class OPTModel(nn.Module):
         *,
         cache: KVCache | None = None,
         padding_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits, or with ``targets`` the mean next-token loss (computed inside forward so
         that a wrapper's hooks, FSDP's unsharding included, cover the tied head).
 
+        Packed examples (fine-tuning): ``positions`` (B, T) restart at 0 for each example
+        and ``segments`` (B, T) number them, so no token attends outside its own example.
         With a ``cache`` or a ``padding_mask`` this is inference: see :meth:`hidden_states`.
         """
         if cache is not None or padding_mask is not None:
             return self.head(self.hidden_states(tokens, cache, padding_mask), targets)
-        h = self.embed(tokens) if self.embed_positions is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h)
+        h = self.embed(tokens, positions) if self.embed_positions is not None else tokens
+        if segments is None:
+            for layer in self.layers.values():
+                h = layer(h)
+        else:
+            mask = segment_mask(segments)
+            for layer in self.layers.values():
+                h = layer(h, mask=mask)
         return self.head(h, targets) if self.lm_head is not None else h
 
     def hidden_states(
