@@ -426,6 +426,23 @@ class DownstreamConfig(Section):
         return bool(self.tasks)
 
 
+class FinetuneConfig(Section):
+    """Multitask prompted fine-tuning (T0): train on a prompted mixture (`opt.finetune`)
+    instead of token files, the loss on the answers only. Start from pretrained weights
+    with checkpoint.init_from."""
+
+    mixture: str | None = None
+    """The mixture file (TOML: datasets, their PromptSource templates and task clusters, the
+    held-out clusters); not set: pretraining on data.path."""
+    packing: bool = True
+    """Pack whole examples into each row, attention kept inside each example (positions
+    restart, segment masks); false: one example per row, padded. Packing needs
+    parallel.pp = 1 (a pipeline passes only hidden states between its stages)."""
+    survey: bool = True
+    """At job start, tokenize every example under every template it renders with: an answer
+    too long for data.seq_len fails there, not at the step that reaches it."""
+
+
 class MetricsConfig(Section):
     log_every: int = Field(10, gt=0)
     """Console and TensorBoard logging interval in steps."""
@@ -550,9 +567,25 @@ class JobConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _finetune_layout(self) -> JobConfig:
+        packing = self.finetune.mixture is not None and self.finetune.packing
+        if packing and self.parallel.pp > 1:
+            raise ValueError(
+                "finetune.packing needs parallel.pp = 1 (pipeline stages pass only hidden "
+                "states, not the examples' boundaries); set finetune.packing = false"
+            )
+        if packing and self.parallel.sequence_parallel:
+            raise ValueError(
+                "finetune.packing does not work with parallel.sequence_parallel yet (the "
+                "per-example positions are laid out per row); turn one of them off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _drill_has_what_it_needs(self) -> JobConfig:

@@ -213,7 +213,7 @@ class CheckpointManager:
         if self.cfg.init_from is None:
             return None
         source = Path(self.cfg.init_from)
-        self._check_same_shape(source)
+        self._check_same_shape(source, dropout_may_differ=True)
         io.load_model_weights(source, self.model_parts)
         return source
 
@@ -245,8 +245,14 @@ class CheckpointManager:
             raise OptError(problem)
         return Path(resume)
 
-    def _check_same_shape(self, source: Path) -> None:
-        if io.load_model_args(source) != self.model_args:
+    def _check_same_shape(self, source: Path, dropout_may_differ: bool = False) -> None:
+        """The checkpoint's model is this run's; a fresh run from other weights (fine-tuning)
+        may set its own dropout, which is no part of the weights."""
+        saved = io.load_model_args(source)
+        if dropout_may_differ:
+            mine = self.model_args
+            saved = saved.replace(dropout=mine.dropout, attn_dropout=mine.attn_dropout)
+        if saved != self.model_args:
             raise OptError(f"checkpoint {source} holds a different model shape than this run's")
 
     # ----- rollback --------------------------------------------------------------------------

@@ -36,6 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{HANG_EXIT} when a rank's hang watchdog ended it (stacks in <run dir>/hangs/).",
     )
     config_arguments(train, cmd_train)
+    finetune = sub.add_parser(
+        "finetune",
+        help="multitask prompted fine-tuning (T0) from a TOML config with a [finetune] mixture",
+        description="`opt train` for a config whose [finetune] section names a prompted "
+        "mixture (finetune.mixture) and that starts from pretrained weights "
+        "(checkpoint.init_from): the same overrides, layouts, supervisor, logbook and "
+        "resume. Refused, with one line, without finetune.mixture.",
+    )
+    config_arguments(finetune, cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    args.require_finetune = True
+    return cmd_train(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -47,6 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = expand(args.overrides)
     dry_run, world_size, as_json = _pop_dry_run_flags(overrides)
     cfg = load_config(args.config, overrides)
+    if getattr(args, "require_finetune", False) and cfg.finetune.mixture is None:
+        raise OptError(
+            "opt finetune needs finetune.mixture (a [finetune] section naming a mixture "
+            "file); for pretraining use opt train"
+        )
     if dry_run:
         from opt.dry_run import dry_run_report, format_report
 

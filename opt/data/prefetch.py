@@ -69,7 +69,9 @@ class PrefetchingLoader:
     def _pinned(self, batches: Batches) -> Batches:
         if not self.pin_memory:
             return batches
-        return [(i.pin_memory(), t.pin_memory()) for i, t in batches]
+        # (inputs, targets) tuples, or fine-tuning's batches that pin themselves
+        return [tuple(t.pin_memory() for t in b) if isinstance(b, tuple) else b.pin_memory()
+                for b in batches]  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()

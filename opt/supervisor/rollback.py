@@ -8,7 +8,7 @@ dies half-way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from opt.config import SupervisorConfig
@@ -92,8 +92,9 @@ def plan_rollback(
     target_pos: int,
     factors: Factors,
     batch_tokens: int,
-    samples_per_step: int,
+    samples_per_step: int = 0,
     skips: Sequence[Sequence[int]] = (),
+    step_range: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> RollbackPlan:
     """What rolling back from ``anomaly_step`` to the checkpoint of ``target_step`` (whose
     data stream stands at ``target_pos``) does, for a rung's ``moves``; ``skips``: the
@@ -101,13 +102,20 @@ def plan_rollback(
 
     skip_data drops the samples of the ``skip_data_steps`` steps up to the anomaly (the
     steps that led to it, the anomalous one included: a bad batch spikes its own step) and
-    of the ``skip_data_ahead`` steps after it, which a block of bad documents fills too."""
+    of the ``skip_data_ahead`` steps after it, which a block of bad documents fills too.
+    ``step_range(first, last)``, where given, says which positions steps first..last read
+    from the target (a packed fine-tuning step reads a varying number); otherwise they are
+    counted as ``samples_per_step`` each, past ``skips``."""
     lower = "lower_lr_clip" in moves
     skipped_data = skipped_steps = None
     if "skip_data" in moves:
         first = max(anomaly_step - cfg.skip_data_steps, target_step) + 1
         last = anomaly_step + cfg.skip_data_ahead
-        skipped_data = step_samples(target_pos, target_step, first, last, samples_per_step, skips)
+        if step_range is not None:
+            skipped_data = step_range(first, last)
+        else:
+            skipped_data = step_samples(target_pos, target_step, first, last, samples_per_step,
+                                        skips)  # fmt: skip
         skipped_steps = (first, last)
     return RollbackPlan(
         target_step=target_step,

@@ -113,6 +113,11 @@ def build_validation(
     cfg, valid = job.cfg, job.cfg.validation
     if not valid.enabled:
         return None, "validation: off (validation.enabled = false)"
+    if cfg.finetune.mixture is not None:
+        return None, (
+            "validation: off: fine-tuning has no held-out token set; held-out tasks are "
+            "evaluated by [downstream]"
+        )
     dataset = held_out_dataset(cfg, train_prefix)
     if dataset is None:
         return None, (

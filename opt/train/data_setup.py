@@ -10,6 +10,8 @@ from opt.data.dataset import DatasetPaths, TokenDataset, valid_prefix
 from opt.data.prepare import ensure_builtin_dataset
 from opt.data.sampler import BatchLoader, SampleStream
 from opt.errors import OptError
+from opt.finetune.mixture import load_mixture
+from opt.finetune.stream import FinetuneLoader, PromptedStream, survey
 from opt.models.sizes import ModelArgs
 
 
@@ -28,9 +30,53 @@ def dataset_prefix(cfg: JobConfig, model_args: ModelArgs) -> Path:
     return prefix
 
 
+def finetune_tokenizer_file(cfg: JobConfig) -> Path:
+    """The tokenizer a fine-tuning run encodes its prompts with: ``data.tokenizer``, else
+    the one stored with the pretrained weights (``checkpoint.init_from``)."""
+    if cfg.data.tokenizer is not None:
+        path = Path(cfg.data.tokenizer)
+    elif cfg.checkpoint.init_from is not None:
+        path = Path(cfg.checkpoint.init_from)
+    else:
+        raise OptError(
+            "finetune.mixture needs a tokenizer: set checkpoint.init_from (the pretrained "
+            "checkpoint, which stores its tokenizer) or data.tokenizer"
+        )
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise OptError(f"no tokenizer for finetune.mixture at {file}; set data.tokenizer")
+    return file
+
+
+def build_finetune_loader(
+    cfg: JobConfig, model_args: ModelArgs, dp_rank: int = 0, dp_size: int = 1
+) -> tuple[FinetuneLoader, Path]:
+    """The prompted mixture's loader (checked, and surveyed if asked, before any step) and
+    its tokenizer file."""
+    from opt.data.tokenizer import load_tokenizer
+
+    mixture = load_mixture(cfg.finetune.mixture)
+    tokenizer_file = finetune_tokenizer_file(cfg)
+    tokenizer = load_tokenizer(tokenizer_file)
+    if tokenizer.get_vocab_size() > model_args.vocab_size:
+        raise OptError(
+            f"tokenizer {tokenizer_file} has {tokenizer.get_vocab_size()} tokens, more than "
+            f"{cfg.model.name}'s {model_args.vocab_size}"
+        )
+    if cfg.finetune.survey:
+        survey(mixture, tokenizer, cfg.data.seq_len)
+    stream = PromptedStream(mixture, tokenizer, cfg.data.seq_len)
+    loader = FinetuneLoader(stream, cfg.train.micro_batch_size, dp_rank, dp_size,
+                            packing=cfg.finetune.packing)  # fmt: skip
+    return loader, tokenizer_file
+
+
 def build_loader(
     cfg: JobConfig, model_args: ModelArgs, dp_rank: int = 0, dp_size: int = 1
-) -> tuple[BatchLoader, Path]:
+) -> tuple[BatchLoader | FinetuneLoader, Path]:
+    """This rank's loader and the token files' prefix (fine-tuning: the tokenizer file)."""
+    if cfg.finetune.mixture is not None:
+        return build_finetune_loader(cfg, model_args, dp_rank, dp_size)
     prefix = dataset_prefix(cfg, model_args)
     dataset = TokenDataset(prefix)
     if dataset.vocab_size > model_args.vocab_size:
@@ -56,7 +102,7 @@ def held_out_dataset(cfg: JobConfig, train_prefix: Path) -> TokenDataset | None:
     """The held-out set validation reads (``validation.path``, or ``<data.path>-valid``
     where it exists), or None: validation off, or no held-out set to derive. It must be
     tokenized like the training set; a derived one must be the split of this very set."""
-    if not cfg.validation.enabled:
+    if not cfg.validation.enabled or cfg.finetune.mixture is not None:
         return None
     derived = cfg.validation.path is None
     prefix = valid_prefix(train_prefix) if derived else Path(cfg.validation.path)
@@ -81,6 +127,8 @@ def held_out_dataset(cfg: JobConfig, train_prefix: Path) -> TokenDataset | None:
 
 def resolve_tokenizer_file(cfg: JobConfig, prefix: Path) -> Path | None:
     """tokenizer.json to store beside checkpoints so `opt score` can read text back."""
+    if cfg.finetune.mixture is not None:
+        return finetune_tokenizer_file(cfg)
     candidate = Path(cfg.data.tokenizer) if cfg.data.tokenizer is not None else prefix.parent
     if candidate.is_dir():
         candidate = candidate / "tokenizer.json"

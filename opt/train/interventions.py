@@ -130,10 +130,12 @@ class Interventions:
         """Hide the untrusted checkpoints, log the plan, then carry it out in-process."""
         self.checkpoints.finish()
         saved = self.checkpoints.read_states(target)
+        target_step, target_pos = int(saved["progress"]["step"]), int(saved["data"]["pos"])
+        skips = self.loader.stream.state_dict()["skips"]
         plan = plan_rollback(
-            self.cfg, moves, step, int(saved["progress"]["step"]), int(saved["data"]["pos"]),
-            self.factors, self.batch_tokens, self.loader.samples_per_step(self.grad_accum),
-            skips := self.loader.stream.state_dict()["skips"],
+            self.cfg, moves, step, target_step, target_pos, self.factors, self.batch_tokens,
+            step_range=lambda first, last: self._step_positions(target_pos, target_step,
+                                                                first, last),
         )  # fmt: skip
         after = self.hyperparameters().model_copy(
             update={"lr_scale": plan.lr_scale, "grad_clip": plan.grad_clip}
@@ -167,6 +169,16 @@ class Interventions:
                 optimizer.state.clear()
             self.supervisor.rewarmup_start = plan.target_step
         self.checkpoints.delete_hidden()
+
+    def _step_positions(self, pos: int, done: int, first: int, last: int) -> tuple[int, int]:
+        """Stream positions [start, end) that steps ``first..last`` read, the stream standing
+        at ``pos`` after step ``done`` (with the skips it has now). A packed fine-tuning
+        step reads as many examples as fit, so its loader finds them by reading."""
+        if hasattr(self.loader, "step_positions"):
+            return self.loader.step_positions(pos, done, first, last, self.grad_accum)
+        per_step = self.loader.samples_per_step(self.grad_accum)
+        skips = self.loader.stream.state_dict()["skips"]
+        return step_samples(pos, done, first, last, per_step, skips)
 
     def _stop(self, reason: str, event: dict) -> Stop:
         if reason == KILL_SWITCH_REASON:
@@ -207,9 +219,7 @@ class Interventions:
             first = max(first, step + 1)
             if first <= last:
                 pos = self.loader.state_dict()["pos"]
-                per_step = self.loader.samples_per_step(self.grad_accum)
-                skips = self.loader.stream.state_dict()["skips"]
-                start, end = step_samples(pos, step, first, last, per_step, skips)
+                start, end = self._step_positions(pos, step, first, last)
                 self.loader.stream.skip(start, end)
                 event["skipped_data"] = (start, end)
                 event["skipped_steps"] = (first, last)

@@ -26,6 +26,7 @@ from opt.config import JobConfig
 from opt.data.prefetch import PrefetchingLoader
 from opt.device import mfu_peak
 from opt.faults import maybe_inject_fault
+from opt.finetune.stream import IGNORE_INDEX
 from opt.job import check_job
 from opt.models import kernels
 from opt.models.flops import training_flops_per_token
@@ -86,6 +87,15 @@ class Progress:
         self.tokens_seen = int(state["tokens_seen"])
 
 
+def answer_weight(batch, dp: int, grad_accum: int) -> float:
+    """Fine-tuning's loss weight per answer token of a micro-batch: a micro-batch's mean
+    over its answer tokens, times their count and ``dp * grad_accum / (the global batch's
+    answer tokens)``, then divided by ``grad_accum`` as every micro-batch's loss is and
+    averaged over the data-parallel ranks as every gradient is, gives each answer token of
+    the global batch the same weight (T0's per-token mean; packed rows hold unequal counts)."""
+    return dp * grad_accum / batch.step_loss_tokens
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -111,6 +121,7 @@ class Trainer:
         self.model = self.model_parts[0]
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.model_parts]
         self.optimizer = self.optimizers[0]
+        self._pipeline_answer_weight: float | None = None  # fine-tuning, per step
         self.pp_schedule = build.build_pipeline(job, where, self.parallel, self._pipeline_loss)
         self.embed_group = build.embedding_group(job, where)
         self.fused_loss = self.parallel.fused_loss  # the head and the loss in one, chunked
@@ -217,28 +228,59 @@ class Trainer:
         stack.enter_context(kernels.attention_backend(self.cfg.train.attention))
         return stack
 
-    def forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Loss of one micro-batch, backpropagated with the 1/grad_accum weight."""
+    def forward_backward_step(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        packed: dict[str, torch.Tensor] | None = None,
+        weight: float | None = None,
+    ) -> torch.Tensor:
+        """Loss of one micro-batch, backpropagated with the 1/grad_accum weight.
+
+        Fine-tuning: ``packed`` holds the rows' ``positions`` and ``segments`` (packed
+        examples), and the mean over this micro-batch's answer tokens is multiplied by
+        ``weight`` (:func:`answer_weight`), so that the step's gradient is that of the mean
+        over every answer token of the global batch, whatever the layout."""
+        kwargs = packed or {}
         if self.fused_loss:
             with self._compute_context():
-                loss = self.model(inputs, targets)
+                loss = self.model(inputs, targets, **kwargs)
+            loss = loss if weight is None else loss * weight
             self.scaler.scale_loss(loss / self.grad_accum).backward()
             return loss.detach()
         with self._compute_context():
-            logits = self.model(inputs)  # (B, T, V), vocab-sharded under TP
+            logits = self.model(inputs, **kwargs)  # (B, T, V), vocab-sharded under TP
         with self._loss_context():
             loss = cross_entropy(logits, targets)
+            loss = loss if weight is None else loss * weight
             self.scaler.scale_loss(loss / self.grad_accum).backward()
         return _full(loss.detach())
 
+    def _microbatch_inputs(self, batch) -> tuple:
+        """(inputs, targets, packed, weight) on the device for forward_backward_step, from
+        pretraining's (inputs, targets) or fine-tuning's batch."""
+        if isinstance(batch, tuple):
+            inputs, targets = batch
+            on = (inputs.to(self.device, non_blocking=True),
+                  targets.to(self.device, non_blocking=True))  # fmt: skip
+            return (*on, None, None)
+        batch = batch.to(self.device, non_blocking=True)
+        packed = {"positions": batch.positions, "segments": batch.segments}
+        weight = batch.loss_tokens * answer_weight(batch, self.dims.dp, self.grad_accum)
+        return batch.tokens, batch.targets, packed if self.cfg.finetune.packing else None, weight
+
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale_loss(cross_entropy(logits, targets))
+        loss = cross_entropy(logits, targets)
+        if self._pipeline_answer_weight is not None:  # fine-tuning: see forward_backward_step
+            loss = loss * (targets != IGNORE_INDEX).sum() * self._pipeline_answer_weight
+        return self.scaler.scale_loss(loss)
 
     def _run_pipeline(self, microbatches: list, run) -> list[torch.Tensor]:
         """One run of the schedule (``step`` or ``eval``) over the micro-batches: each one's
         loss on the last stage, none elsewhere."""
-        inputs = torch.cat([i for i, _ in microbatches]).to(self.device)
-        targets = torch.cat([t for _, t in microbatches]).to(self.device)
+        pairs = [mb if isinstance(mb, tuple) else (mb.tokens, mb.targets) for mb in microbatches]
+        inputs = torch.cat([i for i, _ in pairs]).to(self.device)
+        targets = torch.cat([t for _, t in pairs]).to(self.device)
         args = (inputs,) if self.parallel.has_first_stage else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": targets, "losses": losses} if self.parallel.has_last_stage else {}
@@ -305,15 +347,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         microbatches = list(self.loader.next_microbatches(self.grad_accum))
         if self.pp_schedule is not None:
+            first = microbatches[0]
+            self._pipeline_answer_weight = (
+                None if isinstance(first, tuple)
+                else answer_weight(first, self.dims.dp, self.grad_accum)
+            )  # fmt: skip
             loss = self.pipeline_forward_backward(microbatches)
         else:
-            losses = [
-                self.forward_backward_step(
-                    inputs.to(self.device, non_blocking=True),
-                    targets.to(self.device, non_blocking=True),
-                )
-                for inputs, targets in microbatches
-            ]
+            losses = [self.forward_backward_step(*self._microbatch_inputs(mb))
+                      for mb in microbatches]  # fmt: skip
             loss = torch.stack(losses).mean()
         step = self.step + 1
         drill = self.supervisor.drill_at(step) if self.supervisor else None
