@@ -12,6 +12,7 @@ import pytest
 from opt import config
 from opt.config import JobConfig, load_config, parse_overrides, to_toml
 from opt.errors import OptError
+from opt.finetune.mixture import load_mixture
 from opt.job import gradient_accumulation_steps, max_steps, resolve_model_args
 from opt.models.sizes import get_model_args
 
@@ -33,7 +34,7 @@ BATCH_TOKENS_M = {"opt-125m": 0.5, "opt-350m": 0.5, "opt-1.3b": 1, "opt-2.7b": 1
 
 
 def test_there_is_a_config_per_size_and_a_demo():
-    assert {p.stem for p in CONFIGS} == set(PEAK_LR) | {"demo", "demo-unstable"}
+    assert {p.stem for p in CONFIGS} == set(PEAK_LR) | {"demo", "demo-unstable", "finetune-demo"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -41,6 +42,10 @@ def test_shipped_configs_load_and_follow_the_paper(path):
     cfg = load_config(path)
     args = resolve_model_args(cfg)
     assert gradient_accumulation_steps(cfg) >= 1
+    if path.stem == "finetune-demo":  # the demo's weights, on the example mixture
+        assert cfg.checkpoint.init_from == "checkpoints/demo/step_00000200"
+        assert load_mixture(cfg.finetune.mixture).num_examples > 0
+        return
     # Validation on the held-out split beside data.path (and at every save, by the rule).
     assert cfg.validation.enabled and cfg.validation.path is None
     if path.stem.startswith("demo"):
