@@ -162,9 +162,6 @@ def build_inputs(root: Path, examples: int, sentences: list[str]) -> dict:
     """Checkpoint, HF directory, our data directory, lm-eval task files; the scored items."""
     from pydoc_data.topics import topics
 
-    import transformers
-    from tokenizers import processors
-
     from opt.checkpoint import save_checkpoint
     from opt.convert.hf import to_hf
     from opt.data.tokenizer import train_tokenizer
@@ -185,17 +182,7 @@ def build_inputs(root: Path, examples: int, sentences: list[str]) -> dict:
         extra_files={"tokenizer.json": tokenizer.to_str().encode()},
     )
     del model
-    to_hf(ckpt, hf)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s> $A", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
-    )
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="</s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    ).save_pretrained(hf)
+    to_hf(ckpt, hf)  # with an OPT-style tokenizer that starts every text with </s>
 
     data, tasks_dir = root / "data", root / "lm_eval_tasks"
     for task in TASK_NAMES:

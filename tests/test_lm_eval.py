@@ -31,7 +31,6 @@ transformers = import_or_skip_group("transformers", "the lm-eval backend tests")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
-from tokenizers import processors  # noqa: E402
 
 from opt.checkpoint import save_checkpoint  # noqa: E402
 from opt.convert.hf import args_from_hf_config, to_hf  # noqa: E402
@@ -92,8 +91,8 @@ def _text(seed: int, n_words: int) -> str:
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    """(our checkpoint, the same weights as a transformers directory with an OPT-style
-    tokenizer that starts every text with ``</s>``, as facebook/opt's does)."""
+    """(our checkpoint, the same weights as a transformers directory: ``to_hf`` gives it an
+    OPT-style tokenizer that starts every text with ``</s>``, as facebook/opt's does)."""
     root = tmp_path_factory.mktemp("lm_eval")
     tokenizer = train_tokenizer([_text(s, 60) for s in range(40)], vocab_size=400)
     args = args_from_hf_config({"model_type": "opt", **CONFIG})
@@ -110,17 +109,7 @@ def dirs(tmp_path_factory):
         model_args=args,
         extra_files={"tokenizer.json": tokenizer.to_str().encode()},
     )
-    to_hf(ckpt, hf)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s> $A", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
-    )
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="</s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    ).save_pretrained(hf)
+    to_hf(ckpt, hf)  # with an OPT-style tokenizer: </s> first, as facebook/opt's
     return ckpt, hf
 
 

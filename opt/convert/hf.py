@@ -341,6 +341,39 @@ def _tokenizer_files(directory: Path) -> dict[str, bytes]:
     return {n: (directory / n).read_bytes() for n in TOKENIZER_FILES if (directory / n).is_file()}
 
 
+def _exported_tokenizer_files(ckpt_dir: Path, args: ModelArgs) -> dict[str, bytes]:
+    """The checkpoint's tokenizer files for a transformers directory. One that came from
+    transformers (it has a tokenizer_config.json) goes back as it came; one opt trained (a
+    bare tokenizer.json) is given what facebook/opt's tokenizer has: every text starts with
+    ``</s>`` (as every pretraining document did), and a tokenizer_config.json naming the
+    special tokens, so that ``AutoTokenizer`` loads it and lm-eval's or anyone's scoring
+    through transformers reads what ours reads."""
+    files = _tokenizer_files(ckpt_dir)
+    if "tokenizer.json" not in files or "tokenizer_config.json" in files:
+        return files
+    from tokenizers import Tokenizer, processors
+
+    tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode())
+    eos = tokenizer.token_to_id("</s>")
+    if eos is None:
+        return files  # not an OPT-style vocabulary: left as it is
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", eos)]
+    )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "</s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "model_max_length": args.max_positions,
+    }
+    return {
+        "tokenizer.json": tokenizer.to_str().encode(),
+        "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+    }
+
+
 def from_hf(hf_dir: str | Path, ckpt_dir: str | Path) -> ModelArgs:
     """Import a transformers OPT directory (config.json + safetensors) as our checkpoint."""
     hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
@@ -376,7 +409,7 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path) -> ModelArgs:
         # safetensors creates the file 0600; give it the umask-derived mode config.json got,
         # so a shared model directory is readable by the people it is shared with.
         os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
-        for name, data in _tokenizer_files(ckpt_dir).items():
+        for name, data in _exported_tokenizer_files(ckpt_dir, args).items():
             (tmp / name).write_bytes(data)
         os.replace(tmp, hf_dir)  # allowed over an empty directory
     except BaseException:
