@@ -353,7 +353,10 @@ def _exported_tokenizer_files(ckpt_dir: Path, args: ModelArgs) -> dict[str, byte
         return files
     from tokenizers import Tokenizer, processors
 
-    tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode())
+    try:
+        tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode())
+    except Exception:  # the tokenizers library's own error types: not one it can read
+        return files  # passed through as it is, as any file opt does not understand
     eos = tokenizer.token_to_id("</s>")
     if eos is None:
         return files  # not an OPT-style vocabulary: left as it is
