@@ -163,6 +163,22 @@ def test_downstream_config_is_checked(values, message):
         load_config(None, values=values)
 
 
+def test_pipeline_and_sequence_parallel_layouts_are_refused_and_user_tasks_accepted(tmp_path):
+    from opt.train.downstream import plan_downstream
+
+    cfg = load_config(None, values={"downstream.tasks": ["rte"], "downstream.data": str(DATA)})
+    for tp, pp, sp in [(1, 2, False), (2, 1, True)]:
+        with pytest.raises(OptError, match="not supported with pipeline or sequence"):
+            plan_downstream(cfg.downstream, tp, pp, sp)
+    assert plan_downstream(cfg.downstream, 2, 1, False) is not None  # tensor parallel is fine
+    templates = REPO / "tests" / "data" / "finetune" / "sentiment" / "templates.yaml"
+    mine = load_config(None, values={"downstream.tasks": [f"sentiment={templates}"],
+                                     "downstream.data": str(REPO / "tests" / "data" / "finetune"),
+                                     "downstream.split": "train"})  # fmt: skip
+    plan = plan_downstream(mine.downstream, 1, 1)
+    assert [t.name for t in plan.spec.tasks] == ["sentiment"]
+
+
 def test_the_event_reads_in_the_logbook():
     e = DownstreamEval(
         step=40, split="validation", shots=0, seconds=1.5,
@@ -176,28 +192,32 @@ def test_the_event_reads_in_the_logbook():
 
 
 @pytest.mark.slow
-def test_two_data_parallel_ranks_split_the_examples(tmp_path, pydoc_dataset):
-    """FSDP over two ranks: each scores half the requests on gathered parameters; the
-    numbers are those one process gets from the checkpoint with `opt eval`, and the
-    training losses are bitwise those of the same run without downstream evals."""
-    args = _args(tmp_path, pydoc_dataset, "dp2", **{
+@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+def test_two_ranks_score_the_examples_as_one_process(tmp_path, pydoc_dataset, layout):
+    """FSDP over two ranks: each scores half the requests on gathered parameters; two
+    tensor-parallel ranks: both score every request on their halves of the model, the
+    logits gathered over the vocabulary at the scored positions. The numbers are those one
+    process gets from the checkpoint with `opt eval`, and the training losses are bitwise
+    those of the same run without downstream evals."""
+    split = {"parallel.tp": 2} if layout == "tp2" else {}
+    args = _args(tmp_path, pydoc_dataset, layout, **{
         "downstream.tasks": TASKS, "downstream.data": str(DATA), "downstream.limit": 5,
-        "train.max_steps": 4, "parallel.timeout_s": 120.0,
+        "train.max_steps": 4, "parallel.timeout_s": 120.0, **split,
     })[2:]  # fmt: skip
     result = run_cli("launch", "local", "--nproc", "2", "configs/demo.toml", *args, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    plain = _args(tmp_path, pydoc_dataset, "dp2-plain", **{
-        "train.max_steps": 4, "parallel.timeout_s": 120.0,
+    plain = _args(tmp_path, pydoc_dataset, f"{layout}-plain", **{
+        "train.max_steps": 4, "parallel.timeout_s": 120.0, **split,
     })[2:]  # fmt: skip
     result = run_cli("launch", "local", "--nproc", "2", "configs/demo.toml", *plain, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "runs"
-    assert _training_record(runs / "dp2") == _training_record(runs / "dp2-plain")
-    events = [e for e in read_events(tmp_path / "logbook" / "dp2" / "events.jsonl")
+    assert _training_record(runs / layout) == _training_record(runs / f"{layout}-plain")
+    events = [e for e in read_events(tmp_path / "logbook" / layout / "events.jsonl")
               if isinstance(e, DownstreamEval)]  # fmt: skip
     assert [e.step for e in events] == [4]  # the checkpoint only (every_steps = 0)
     out = tmp_path / "eval"
-    one = run_cli("eval", str(tmp_path / "checkpoints" / "dp2" / "step_00000004"),
+    one = run_cli("eval", str(tmp_path / "checkpoints" / layout / "step_00000004"),
                   "--tasks", ",".join(TASKS), "--data", str(DATA), "--limit", "5",
                   "--out", str(out), timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]

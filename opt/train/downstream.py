@@ -4,11 +4,12 @@ checkpoint save.
 
 Everything that can be wrong is checked when the job starts, before the model is built:
 the task names, the data (every task's split read, its templates chosen), the tokenizer,
-and the layout. Tensor and pipeline parallelism are refused for now: the scorer runs the
-whole model on each rank (opt/eval/scoring.py), and a sharded one would need its logits
-gathered. Under data parallelism (the only parallelism left, so the data-parallel group is
-the whole world) the examples are split over the ranks and their scores gathered, as
-`opt eval` does; FSDP's parameters are gathered for the evaluation and resharded after.
+and the layout. Pipeline and sequence parallelism are refused for now (a stage holds part
+of the model; a sequence-sharded residual stream cannot be read at the scored positions).
+The examples are split over the data-parallel ranks and their scores gathered, as
+`opt eval` does; a tensor-parallel group scores the same examples, its logits gathered over
+the vocabulary shards at the scored positions only (opt/eval/scoring.py); FSDP's
+parameters are gathered for the evaluation and resharded after.
 
 Nothing of the training state changes: the model runs in eval mode (no dropout) under
 inference mode, and the RNG is forked around it; the activation and straggler watches only
@@ -30,7 +31,7 @@ from torch.distributed.fsdp import FSDPModule
 from opt.config import DownstreamConfig
 from opt.errors import OptError
 from opt.eval.runner import EvalSpec, Prepared, evaluate, prepare
-from opt.eval.tasks import get_task
+from opt.eval.tasks import parse_tasks
 from opt.run.logbook.events import DownstreamEval, TaskAccuracy
 
 
@@ -42,18 +43,21 @@ class DownstreamPlan:
     prepared: list[Prepared]
 
 
-def plan_downstream(cfg: DownstreamConfig, tp: int, pp: int) -> DownstreamPlan | None:
+def plan_downstream(
+    cfg: DownstreamConfig, tp: int, pp: int, sequence_parallel: bool = False
+) -> DownstreamPlan | None:
     """Check ``[downstream]`` against the data and the layout (one OptError line), or None
     when no task is set."""
     if not cfg.enabled:
         return None
-    if tp > 1 or pp > 1:
+    if pp > 1 or (tp > 1 and sequence_parallel):
         raise OptError(
-            f"downstream.tasks is not supported with tensor or pipeline parallelism yet "
-            f"(parallel.tp={tp}, parallel.pp={pp}); evaluate checkpoints with `opt eval`"
+            f"downstream.tasks is not supported with pipeline or sequence parallelism yet "
+            f"(parallel.pp={pp}, parallel.sequence_parallel={sequence_parallel}); evaluate "
+            "checkpoints with `opt eval`"
         )
     try:
-        tasks = tuple(get_task(name) for name in cfg.tasks)
+        tasks = tuple(parse_tasks(cfg.tasks))
     except OptError as err:
         raise OptError(f"downstream.tasks: {err}") from None
     data = Path(cfg.data)
@@ -84,6 +88,7 @@ class DownstreamEvaluator:
         device: torch.device,
         compute_context: Callable[[], AbstractContextManager],
         report: Callable[[DownstreamEval], None] | None = None,
+        tp: int = 1,
     ) -> None:
         from opt.data.tokenizer import eos_id, load_tokenizer
 
@@ -104,6 +109,7 @@ class DownstreamEvaluator:
         self.device = device
         self.compute_context = compute_context
         self.report = report
+        self.tp = tp  # a tensor-parallel group scores the same examples (tp innermost)
 
     def due(self, step: int, saved: bool) -> bool:
         """Whether the step just taken (and saved, if ``saved``) is evaluated."""
@@ -129,7 +135,7 @@ class DownstreamEvaluator:
                 for unit in fsdp:
                     unit.unshard()
                 results = evaluate(model, self.tokenizer, self.prefix_id, self.plan.spec,
-                                   self.plan.prepared)  # fmt: skip
+                                   self.plan.prepared, tp=self.tp)  # fmt: skip
         finally:
             model.train(mode)
             for unit in fsdp:  # as apply_fsdp set them without pipeline parallelism

@@ -107,7 +107,9 @@ class Trainer:
         self.job = job = check_job(cfg, dist.launched_world_size())
         self.model_args, self.dims, self.grad_accum = job.model_args, job.dims, job.grad_accum
         # Downstream tasks checked before anything is built: a bad name or folder costs nothing.
-        downstream_plan = plan_downstream(cfg.downstream, self.dims.tp, self.dims.pp)
+        downstream_plan = plan_downstream(
+            cfg.downstream, self.dims.tp, self.dims.pp, cfg.parallel.sequence_parallel
+        )
         self.where = where = build.place(job)
         self.device, self.rank = where.device, where.rank
         self.loader, dataset_prefix = build.build_data(job, where)
@@ -163,6 +165,7 @@ class Trainer:
                 cfg.downstream, downstream_plan, self.model_parts,
                 resolve_tokenizer_file(cfg, dataset_prefix), device=self.device,
                 compute_context=self._compute_context, report=self._downstream_evaluated,
+                tp=self.dims.tp,
             )  # fmt: skip
         self.checkpoints = CheckpointManager(
             cfg.checkpoint,
