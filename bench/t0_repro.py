@@ -37,7 +37,14 @@ Numbers: per arm and seed, the held-out median, IQR and min–max of the per-pro
 (``opt eval``'s results.json); between arms, a paired bootstrap (the same resampled examples
 for every prompt and both arms, from ``opt eval --log-samples``) of the difference in median
 accuracy over prompts, and of the difference in IQR and in range. The script asserts nothing
-about them: they are what was measured.
+about them: they are what was measured. A diagnostic T0 did not report: per prompt, the AUC
+of the log-likelihood margin between the two answers (50 = no signal), which shows whether
+the scores separate the classes when a prompt's bias to one answer pins accuracy at 50%.
+
+Size: 600 steps of 2048 tokens (lr 1e-3, a tiny model's rate, decaying to 1e-4) per run; at
+150 steps (a first try) the training loss on the answers was still 1.7 nats per token and
+every arm sat at exactly 50% on every held-out prompt, so the default is four times that;
+the whole script is about 10 minutes on 2 cores with 2 seeds.
 """
 
 from __future__ import annotations
@@ -303,7 +310,7 @@ log_every = 50
     return tmp / "ck" / name / f"step_{steps:08d}"
 
 
-def evaluate(tmp: Path, checkpoint: Path, name: str) -> tuple[dict, np.ndarray]:
+def evaluate(tmp: Path, checkpoint: Path, name: str) -> tuple[dict, np.ndarray, list]:
     """``opt eval`` on the held-out task: its results.json entry and the per-(prompt, example)
     correctness (acc: summed log-likelihood), prompts in template order."""
     out = tmp / "eval-out" / name
@@ -313,10 +320,22 @@ def evaluate(tmp: Path, checkpoint: Path, name: str) -> tuple[dict, np.ndarray]:
     task = json.loads((out / "results.json").read_text())["tasks"]["entail"]
     names = [p["name"] for p in task["prompts"]]
     correct = np.zeros((len(names), task["n_examples"]))
+    margin = np.zeros_like(correct)  # log-likelihood of the entailed answer minus the other
+    gold = np.zeros(task["n_examples"], dtype=int)
     for line in (out / "samples.jsonl").read_text().splitlines():
         row = json.loads(line)
-        correct[names.index(row["prompt"]), row["example"]] = row["pred"] == row["gold"]
-    return task, correct
+        t, i = names.index(row["prompt"]), row["example"]
+        correct[t, i] = row["pred"] == row["gold"]
+        margin[t, i] = row["loglikelihoods"][0] - row["loglikelihoods"][1]
+        gold[i] = row["gold"]
+    return task, correct, [auc(m[gold == 0], m[gold == 1]) for m in margin]
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(margin of an entailed example > margin of a non-entailed one), ties counted half:
+    whether the scores separate the classes, whatever answer the prompt is biased to."""
+    greater = (pos[:, None] > neg[None, :]).mean()
+    return float(greater + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, tuple]:
@@ -359,7 +378,7 @@ def said(results: list[tuple], sign: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
+    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps per run")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per fine-tuned arm")
     parser.add_argument("--train-examples", type=int, default=600, help="per training dataset")
     parser.add_argument("--heldout-examples", type=int, default=240)
@@ -382,14 +401,16 @@ def main() -> None:
             print(f"{arm} seed {seed} done at {time.monotonic() - start:.0f} s", flush=True)
     wall, load_end = time.monotonic() - start, os.getloadavg()
 
-    rows = [("arm", "seed", "median", "IQR", "min", "max", "per-prompt accuracies")]
-    for (arm, seed), (task, correct) in runs.items():
+    rows = [("arm", "seed", "median", "IQR", "min", "max", "per-prompt accuracies",
+             "AUC median [min, max]")]  # fmt: skip
+    for (arm, seed), (task, correct, aucs) in runs.items():
         s = spread(correct.mean(1))
         if abs(s["median"] - task["acc"]["median"]) > 1e-9:
             print(f"warning: samples.jsonl disagrees with results.json for {arm} {seed}")
         rows.append((arm, "–" if seed is None else str(seed), pct(s["median"]), pct(s["iqr"]),
                      pct(s["min"]), pct(s["max"]),
-                     " ".join(pct(a) for a in correct.mean(1))))  # fmt: skip
+                     " ".join(pct(a) for a in correct.mean(1)),
+                     f"{pct(np.median(aucs))} [{pct(min(aucs))}, {pct(max(aucs))}]"))  # fmt: skip
     base = runs[("pretrained", None)][1]
     verdict = {"a": [], "b_iqr": [], "b_range": []}
     cmp_rows = [("seed", "all − pretrained: median", "one − pretrained: median",
