@@ -453,8 +453,7 @@ def main() -> None:
         "Why an effect may not show at this scale: opt-tiny has 4 layers of width 128 (about "
         "1.8M parameters with its embeddings), pretrained for 200 steps on Python's "
         "documentation, so it brings little English and no reasoning to the fine-tuning; T0's "
-        "effects were measured at 3B and 11B parameters (Sanh et al. report that the 3B model "
-        "already gains less). The tasks are synthetic and few (4 training datasets, not 38), "
+        "effects were measured on T5+LM models of 3B and 11B parameters. The tasks are synthetic and few (4 training datasets, not 38), "
         "the runs short, and 240 held-out examples give intervals of about ±6 points per "
         "prompt.",
         "",
