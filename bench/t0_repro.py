@@ -337,7 +337,7 @@ def evaluate(tmp: Path, checkpoint: Path, name: str) -> tuple[dict, np.ndarray, 
         correct[t, i] = row["pred"] == row["gold"]
         margin[t, i] = row["loglikelihoods"][0] - row["loglikelihoods"][1]
         gold[i] = row["gold"]
-    return task, correct, [auc(m[gold == 0], m[gold == 1]) for m in margin]
+    return task, correct, [auc(m[gold == 0], m[gold == 1]) for m in margin], gold
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -347,12 +347,18 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(greater + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, tuple]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, gold: np.ndarray, seed: int = 0
+) -> dict[str, tuple]:
     """Point value and percentile interval of (a - b) in median, IQR and range of per-prompt
-    accuracy, resampling the examples (the same draw for every prompt and both arms)."""
+    accuracy, resampling the examples (the same draw for every prompt and both arms) within
+    each gold label, as the data were made balanced: a plain resample unbalances them, and a
+    prompt that always gives one answer then moves off 50% with it, which opens a spread
+    between prompts biased to different answers that the data do not have."""
     rng = np.random.default_rng(seed)
-    n = a.shape[1]
-    idx = rng.integers(0, n, size=(RESAMPLES, n))
+    idx = np.concatenate(
+        [rng.choice(np.flatnonzero(gold == g), size=(RESAMPLES, int((gold == g).sum())))
+         for g in np.unique(gold)], axis=1)  # fmt: skip
 
     def stats(x: np.ndarray) -> np.ndarray:  # x: (..., prompts) accuracies
         q25, med, q75 = np.percentile(x, [25, 50, 75], axis=-1)
@@ -374,14 +380,19 @@ def diff(t: tuple) -> str:
 
 
 def said(results: list[tuple], sign: int) -> str:
-    """How many seeds show the effect with the interval excluding 0, in the point only, or
-    the other way."""
-    sure = sum(sign * lo > 0 and sign * hi > 0 for _, lo, hi in results)
+    """How many seeds show the effect: interval excluding 0 (and holding its own point
+    estimate), point estimate only, interval on the other side; and how many intervals miss
+    their point estimate (IQR and range are biased under resampling, which adds noise and so
+    spread: such an interval is not evidence either way)."""
+    good = [(p, lo, hi) for p, lo, hi in results if lo <= p <= hi]
+    sure = sum(sign * lo > 0 and sign * hi > 0 for _, lo, hi in good)
     point = sum(sign * p > 0 for p, _, _ in results)
-    against = sum(sign * lo < 0 and sign * hi < 0 for _, lo, hi in results)
+    against = sum(sign * lo < 0 and sign * hi < 0 for _, lo, hi in good)
+    n = len(results)
     return (
-        f"{sure} of {len(results)} seeds with the interval excluding 0, {point} of "
-        f"{len(results)} in the point estimate, {against} with the interval on the other side"
+        f"{sure} of {n} seeds with the interval excluding 0, {point} of {n} in the point "
+        f"estimate, {against} with the interval on the other side, {n - len(good)} with an "
+        "interval that misses its own point estimate"
     )
 
 
@@ -412,7 +423,7 @@ def main() -> None:
 
     rows = [("arm", "seed", "median", "IQR", "min", "max", "per-prompt accuracies",
              "AUC median [min, max]")]  # fmt: skip
-    for (arm, seed), (task, correct, aucs) in runs.items():
+    for (arm, seed), (task, correct, aucs, _) in runs.items():
         s = spread(correct.mean(1))
         if abs(s["median"] - task["acc"]["median"]) > 1e-9:
             print(f"warning: samples.jsonl disagrees with results.json for {arm} {seed}")
@@ -420,14 +431,15 @@ def main() -> None:
                      pct(s["min"]), pct(s["max"]),
                      " ".join(pct(a) for a in correct.mean(1)),
                      f"{pct(np.median(aucs))} [{pct(min(aucs))}, {pct(max(aucs))}]"))  # fmt: skip
-    base = runs[("pretrained", None)][1]
+    base, gold = runs[("pretrained", None)][1], runs[("pretrained", None)][3]
     verdict = {"a": [], "b_iqr": [], "b_range": []}
     cmp_rows = [("seed", "all − pretrained: median", "one − pretrained: median",
                  "all − one: median", "all − one: IQR", "all − one: range")]  # fmt: skip
     for seed in range(args.seeds):
         full, one = runs[("all", seed)][1], runs[("one", seed)][1]
-        vs_base, one_base, vs_one = (paired_bootstrap(full, base), paired_bootstrap(one, base),
-                                     paired_bootstrap(full, one))  # fmt: skip
+        vs_base, one_base, vs_one = (paired_bootstrap(full, base, gold),
+                                     paired_bootstrap(one, base, gold),
+                                     paired_bootstrap(full, one, gold))  # fmt: skip
         verdict["a"].append(vs_base["median"])
         verdict["b_iqr"].append(vs_one["iqr"])
         verdict["b_range"].append(vs_one["range"])
@@ -454,7 +466,7 @@ def main() -> None:
         aligned_table(rows),
         "",
         f"Differences in percentage points, point [{LEVEL:.0%} paired bootstrap over the "
-        f"{base.shape[1]} examples, {RESAMPLES} resamples]: (a) is a positive median "
+        f"{base.shape[1]} examples, resampled within each label, {RESAMPLES} resamples]: (a) is a positive median "
         "difference over `pretrained`; (b) is a negative IQR / range difference `all − one`.",
         "",
         aligned_table(cmp_rows),
