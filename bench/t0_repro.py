@@ -396,6 +396,22 @@ def said(results: list[tuple], sign: int) -> str:
     )
 
 
+def caveat(runs: dict, chance: float) -> list[str]:
+    """A sentence when every arm sits at chance: then a smaller spread is prompts agreeing
+    on giving one answer, not robustness."""
+    medians = [spread(c.mean(1))["median"] for _, c, _, _ in runs.values()]
+    aucs = [float(np.median(a)) for _, _, a, _ in runs.values()]
+    if max(abs(m - chance) for m in medians) > 0.02 or max(abs(a - 0.5) for a in aucs) > 0.05:
+        return []
+    return [
+        "Every arm's median accuracy is within 2 points of chance and its median AUC within 5 "
+        "of 50: no arm does the held-out task, and most prompts give one answer to every "
+        "example, so a smaller spread here (0 when all of an arm's prompts sit at 50%) is "
+        "prompts agreeing at chance, not robustness; (b) cannot be read from these runs.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps per run")
@@ -478,6 +494,7 @@ def main() -> None:
         "the runs short, and 240 held-out examples give intervals of about ±6 points per "
         "prompt.",
         "",
+        *caveat(runs, chance),
         f"(a) `all` above `pretrained` in median: {said(verdict['a'], +1)}.",
         f"(b) `all` below `one` in IQR: {said(verdict['b_iqr'], -1)}; in range: "
         f"{said(verdict['b_range'], -1)}.",
