@@ -157,3 +157,26 @@ def test_the_supervisor_skips_packed_fine_tuning_data_after_a_spike(tiny_config,
         0, 0, first, last, trainer.grad_accum
     )
     assert trainer.step == 30
+
+
+def test_a_rollback_to_the_starting_weights_is_not_judged_against_the_steps_it_undid(
+    tiny_config, tmp_path, pydoc_dataset
+):
+    """The only checkpoint is step 0, the pretrained weights, whose loss on the mixture is far
+    above that of the steps trained since. After rolling back there the spike history holds
+    nothing of the undone steps, so the replayed steps are not spikes (they were, one
+    rollback after another, until ``max_interventions`` stopped the run)."""
+    from opt.run.logbook.store import read_events
+    from opt.train.trainer import Trainer
+
+    cfg = tiny_config(**FINETUNE, data__tokenizer=_tokenizer(pydoc_dataset),
+                      model__dropout=0.0, train__max_steps=90, checkpoint__every=1000,
+                      supervisor__drill="spike@80", logbook__dir=str(tmp_path / "logbook"),
+                      supervisor__ladder=["rollback+lower_lr_clip"], optim__lr=3e-3,
+                      schedule__decay_tokens=SEQ_LEN * 8 * 1000)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    interventions = [e for e in read_events(cfg.logbook_dir / "events.jsonl")
+                     if e.kind == "intervention"]  # fmt: skip
+    assert [(e.step, e.rolled_back_to_step) for e in interventions] == [(80, 0)]
+    assert trainer.step == 90

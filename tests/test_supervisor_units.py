@@ -425,6 +425,26 @@ def test_a_rollback_measures_the_activations_afresh_and_keeps_the_trend_best():
     assert sup.detectors.trend_best == best
 
 
+def test_a_rollback_forgets_the_undone_steps_losses_so_the_restored_level_is_no_spike():
+    """Fine-tuning rolled back to the weights it started from: their loss on the new data
+    (10.5) is far above the undone steps' (0.14). Judged against those, every step after the
+    rollback would be a spike; after ``forget_after`` the history is the restored one's."""
+    cfg = SupervisorConfig()
+    detectors = Detectors(cfg, reference_loss=LN_V)
+    for step in range(1, 31):
+        detectors.observe(step, 0.14 + 0.001 * (step % 3), 1.0)
+    assert detectors.flags(31, 10.5, 1.0, False, False)[NAMES.index("loss_spike")]
+    detectors.forget_after(20)  # a rollback to step 20: steps 21-30 are undone
+    assert list(detectors.steps) == list(range(1, 21)) and len(detectors.losses) == 20
+    detectors.forget_after(0)  # to the starting weights: nothing of this run is left
+    assert not detectors.losses and not detectors.norms
+    assert not any(detectors.flags(1, 10.5, 1.0, False, False))  # no history: nothing fires
+    state = detectors.state_dict()
+    again = Detectors(cfg, reference_loss=LN_V)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+
+
 def test_the_best_steps_are_where_validation_and_the_trend_were_best():
     """Retention keeps a checkpoint at or before each: a gradual divergence rolls back there."""
     sup = Supervisor(SupervisorConfig(trend_window=5))

@@ -95,6 +95,7 @@ class Detectors:
         self.reference_loss = reference_loss  # ln V: the loss of predicting uniformly
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.norms: deque[float] = deque(maxlen=cfg.window)
+        self.steps: deque[int] = deque(maxlen=cfg.window)  # the step of each loss and norm
         self.activations: deque[float] = deque(maxlen=cfg.activation_window)
         self.activation_steps = 0  # measured healthy steps since the start or a rollback
         self.overflow_steps: deque[int] = deque()
@@ -201,6 +202,7 @@ class Detectors:
             return
         self.losses.append(loss)
         self.norms.append(grad_norm)
+        self.steps.append(step)
         if math.isfinite(activation_rms):
             self.activations.append(activation_rms)
             self.activation_steps += 1
@@ -217,6 +219,21 @@ class Detectors:
         self.activations.clear()
         self.activation_steps = 0
 
+    def forget_after(self, step: int) -> None:
+        """After a rollback to ``step``: the losses and norms of the steps undone leave the
+        spike history, which then holds only what the restored weights had seen, and a trend
+        best set by an undone step is no yardstick for the replay (a slow divergence is judged
+        against the best the restored run reaches). (A
+        rollback far back, to the weights a fine-tuning run started from, say, finds a loss
+        level far from the undone steps': judged against them, every step would spike.)"""
+        keep = [i for i, s in enumerate(self.steps) if s <= step]
+        self.losses = deque((self.losses[i] for i in keep), maxlen=self.cfg.window)
+        self.norms = deque((self.norms[i] for i in keep), maxlen=self.cfg.window)
+        self.steps = deque((self.steps[i] for i in keep), maxlen=self.cfg.window)
+        self.overflow_steps = deque(s for s in self.overflow_steps if s <= step)
+        if self.trend_best_step > step:  # a best the restored weights never reached
+            self.trend_best, self.trend_best_step = math.inf, 0
+
     def pre_incident_level(self) -> float:
         return statistics.median(self.losses) if self.losses else math.inf
 
@@ -229,6 +246,7 @@ class Detectors:
         return {
             "losses": list(self.losses),
             "norms": list(self.norms),
+            "steps": list(self.steps),
             "activations": list(self.activations),
             "activation_steps": self.activation_steps,
             "overflows": list(self.overflow_steps),
@@ -240,6 +258,9 @@ class Detectors:
     def load_state_dict(self, state: dict) -> None:
         self.losses = deque(state["losses"], maxlen=self.cfg.window)
         self.norms = deque(state["norms"], maxlen=self.cfg.window)
+        # Checkpoints from before the steps were kept: -1 (before any step) keeps them all.
+        steps = state.get("steps", [-1] * len(self.losses))
+        self.steps = deque(steps, maxlen=self.cfg.window)
         self.overflow_steps = deque(state["overflows"])
         # Checkpoints written before a detector existed have none of its history.
         self.activations = deque(state.get("activations", []), maxlen=self.cfg.activation_window)

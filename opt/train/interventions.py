@@ -144,6 +144,7 @@ class Interventions:
         # Loaded before anything is hidden or logged: until then a job killed here resumes
         # as if no decision had been taken (nothing on disk has changed).
         self.checkpoints.load(target, keep={"supervisor"})
+        self.supervisor.detectors.forget_after(plan.target_step)
         valid_after = self._validate(plan.target_step)  # of the weights rolled back to
         # Saved while the divergence was brewing: never resumed from again.
         hidden = self.checkpoints.hide_newer_than(target)
