@@ -109,6 +109,12 @@ def test_finetune_resumes_bitwise_and_each_layout_equals_one_process(
     for name, layout in [("dp2", ["--parallel.dp_shard", "2"]), ("tp2", ["--parallel.tp", "2"])]:
         split = runs.run(name, 4, *layout, dropout=0.0, nproc=2)
         torch.testing.assert_close(list(split.values()), list(alone.values()), rtol=0, atol=1e-5)
+    # A pipeline passes hidden states only, so it trains one example per row: two stages
+    # against one process, both unpacked (each micro-batch weighted by its answer tokens).
+    unpacked = ["--finetune.packing", "false"]
+    alone = runs.run("alone-unpacked", 4, *unpacked, dropout=0.0)
+    staged = runs.run("pp2", 4, *unpacked, "--parallel.pp", "2", dropout=0.0, nproc=2)
+    torch.testing.assert_close(list(staged.values()), list(alone.values()), rtol=0, atol=1e-5)
 
 
 def test_a_mixture_that_leaks_a_held_out_cluster_is_refused_with_one_line(tmp_path):
