@@ -402,8 +402,8 @@ PLAN_CASES = {
 def test_rollback_plans(rung, anomaly_step, planned):
     cfg = SupervisorConfig(lr_factor=0.5, clip_factor=0.6, skip_data_steps=3, skip_data_ahead=2)
     plan = plan_rollback(cfg, tuple(rung.split("+")), anomaly_step, target_step=25,
-                         target_pos=200, factors=Factors(lr_scale=0.8, grad_clip=1.0),
-                         batch_tokens=256, samples_per_step=8)  # fmt: skip
+                         factors=Factors(lr_scale=0.8, grad_clip=1.0), batch_tokens=256,
+                         step_range=lambda first, last: step_samples(200, 25, first, last, 8))  # fmt: skip
     assert (plan.target_step, plan.tokens_lost) == (25, (anomaly_step - 25) * 256)
     assert Planned(plan.lr_scale, plan.grad_clip, plan.skipped_steps, plan.skipped_data,
                    plan.reset_optimizer) == planned  # fmt: skip

@@ -157,6 +157,19 @@ class BatchLoader:
         """Stream entries one optimizer step consumes across all data-parallel ranks."""
         return self.micro_batch_size * grad_accum * self.dp_size
 
+    def step_positions(
+        self, pos: int, done_steps: int, first: int, last: int, grad_accum: int
+    ) -> tuple[int, int]:
+        """Stream positions [start, end) that steps ``first..last`` (1-based, inclusive)
+        read, the stream standing at ``pos`` after ``done_steps`` steps with the skips it
+        has now: a fixed number per step (what the supervisor skips; the fine-tuning loader
+        answers the same question for its packed steps by reading)."""
+        from opt.supervisor.rollback import step_samples
+
+        skips = self.stream.state_dict()["skips"]
+        return step_samples(pos, done_steps, first, last, self.samples_per_step(grad_accum),
+                            skips)  # fmt: skip
+
     def next_microbatches(self, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's ``grad_accum`` micro-batches of (inputs, targets), each (B, T) int64."""
         per_rank = self.micro_batch_size * grad_accum

@@ -89,33 +89,23 @@ def plan_rollback(
     moves: tuple[str, ...],
     anomaly_step: int,
     target_step: int,
-    target_pos: int,
     factors: Factors,
     batch_tokens: int,
-    samples_per_step: int = 0,
-    skips: Sequence[Sequence[int]] = (),
-    step_range: Callable[[int, int], tuple[int, int]] | None = None,
+    step_range: Callable[[int, int], tuple[int, int]],
 ) -> RollbackPlan:
-    """What rolling back from ``anomaly_step`` to the checkpoint of ``target_step`` (whose
-    data stream stands at ``target_pos``) does, for a rung's ``moves``; ``skips``: the
-    stream's skipped ranges so far.
+    """What rolling back from ``anomaly_step`` to the checkpoint of ``target_step`` does,
+    for a rung's ``moves``; ``step_range(first, last)``: the stream positions [start, end)
+    that steps first..last read from the target (the loader's ``step_positions``).
 
     skip_data drops the samples of the ``skip_data_steps`` steps up to the anomaly (the
     steps that led to it, the anomalous one included: a bad batch spikes its own step) and
-    of the ``skip_data_ahead`` steps after it, which a block of bad documents fills too.
-    ``step_range(first, last)``, where given, says which positions steps first..last read
-    from the target (a packed fine-tuning step reads a varying number); otherwise they are
-    counted as ``samples_per_step`` each, past ``skips``."""
+    of the ``skip_data_ahead`` steps after it, which a block of bad documents fills too."""
     lower = "lower_lr_clip" in moves
     skipped_data = skipped_steps = None
     if "skip_data" in moves:
         first = max(anomaly_step - cfg.skip_data_steps, target_step) + 1
         last = anomaly_step + cfg.skip_data_ahead
-        if step_range is not None:
-            skipped_data = step_range(first, last)
-        else:
-            skipped_data = step_samples(target_pos, target_step, first, last, samples_per_step,
-                                        skips)  # fmt: skip
+        skipped_data = step_range(first, last)
         skipped_steps = (first, last)
     return RollbackPlan(
         target_step=target_step,

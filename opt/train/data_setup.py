@@ -102,7 +102,7 @@ def held_out_dataset(cfg: JobConfig, train_prefix: Path) -> TokenDataset | None:
     """The held-out set validation reads (``validation.path``, or ``<data.path>-valid``
     where it exists), or None: validation off, or no held-out set to derive. It must be
     tokenized like the training set; a derived one must be the split of this very set."""
-    if not cfg.validation.enabled or cfg.finetune.mixture is not None:
+    if not cfg.validation.enabled:
         return None
     derived = cfg.validation.path is None
     prefix = valid_prefix(train_prefix) if derived else Path(cfg.validation.path)

@@ -42,7 +42,7 @@ from opt.run.recorder import RunRecorder
 from opt.run.recovery import pending_rollback
 from opt.run.status import FINISHED, STOPPED_FOR_HUMAN, Stop
 from opt.supervisor.detectors import Anomaly
-from opt.supervisor.rollback import Factors, plan_rollback, protected_step, step_samples
+from opt.supervisor.rollback import Factors, plan_rollback, protected_step
 from opt.supervisor.supervisor import KILL_SWITCH_REASON, Decision, Supervisor
 from opt.train.evaluate import Evaluation, Evaluator
 
@@ -133,9 +133,9 @@ class Interventions:
         target_step, target_pos = int(saved["progress"]["step"]), int(saved["data"]["pos"])
         skips = self.loader.stream.state_dict()["skips"]
         plan = plan_rollback(
-            self.cfg, moves, step, target_step, target_pos, self.factors, self.batch_tokens,
-            step_range=lambda first, last: self._step_positions(target_pos, target_step,
-                                                                first, last),
+            self.cfg, moves, step, target_step, self.factors, self.batch_tokens,
+            step_range=lambda first, last: self.loader.step_positions(
+                target_pos, target_step, first, last, self.grad_accum),
         )  # fmt: skip
         after = self.hyperparameters().model_copy(
             update={"lr_scale": plan.lr_scale, "grad_clip": plan.grad_clip}
@@ -170,16 +170,6 @@ class Interventions:
                 optimizer.state.clear()
             self.supervisor.rewarmup_start = plan.target_step
         self.checkpoints.delete_hidden()
-
-    def _step_positions(self, pos: int, done: int, first: int, last: int) -> tuple[int, int]:
-        """Stream positions [start, end) that steps ``first..last`` read, the stream standing
-        at ``pos`` after step ``done`` (with the skips it has now). A packed fine-tuning
-        step reads as many examples as fit, so its loader finds them by reading."""
-        if hasattr(self.loader, "step_positions"):
-            return self.loader.step_positions(pos, done, first, last, self.grad_accum)
-        per_step = self.loader.samples_per_step(self.grad_accum)
-        skips = self.loader.stream.state_dict()["skips"]
-        return step_samples(pos, done, first, last, per_step, skips)
 
     def _stop(self, reason: str, event: dict) -> Stop:
         if reason == KILL_SWITCH_REASON:
@@ -220,7 +210,7 @@ class Interventions:
             first = max(first, step + 1)
             if first <= last:
                 pos = self.loader.state_dict()["pos"]
-                start, end = self._step_positions(pos, step, first, last)
+                start, end = self.loader.step_positions(pos, step, first, last, self.grad_accum)
                 self.loader.stream.skip(start, end)
                 event["skipped_data"] = (start, end)
                 event["skipped_steps"] = (first, last)
