@@ -25,6 +25,9 @@ setup(
         "py-spy>=0.3",  # `opt launch slurm`: the stacks of hung ranks, read from outside
         "pyyaml>=6",  # `opt eval`: PromptSource's templates.yaml
         "jinja2>=3",  # `opt eval`: rendering PromptSource templates
+        "zstandard>=0.22",  # `opt data`: .jsonl.zst inputs, as the Pile ships them
+        "pyarrow>=14",  # `opt data`: Parquet and Hugging Face `datasets` saved to disk
+        "datasketch>=1.6",  # `opt data dedup`: MinHash LSH near-duplicate search
     ],
     extras_require={
         "dev": [
