@@ -12,6 +12,7 @@ from opt.data.prepare import prepare_dataset, save_tokenizer
 from opt.data.tokenizer import load_tokenizer, train_tokenizer
 from opt.errors import OptError
 from opt.host_memory import retain_freed_memory
+from opt.launch.prepare_shards import add_shard_arguments, run_sharded, sharded
 
 # Below this much text one process tokenizes about as soon as several: each worker costs
 # half a CPU-second to start and to fill its word cache (measured on 2 cores).
@@ -85,6 +86,7 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed of the held-out choice (default: 0)",
     )
+    add_shard_arguments(p)
     p.set_defaults(func=_prepare)
 
 
@@ -114,13 +116,16 @@ def _prepare(args: argparse.Namespace) -> int:
     size = total_bytes(sources)
     retain_freed_memory()  # batches allocate and free the same large arrays (see workers)
     workers = args.workers or (len(os.sched_getaffinity(0)) if size >= _PARALLEL_MIN_BYTES else 1)
+    source = {"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)}
+    if sharded(args):
+        return run_sharded(args, sources, tokenizer, source, workers)
     meta = prepare_dataset(
         iter_documents(sources, args.text_key),
         tokenizer,
         args.out,
         total_bytes=size,
         show_progress=not args.no_progress,
-        source={"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)},
+        source=source,
         word_cache=not args.no_word_cache,
         workers=workers,
         valid_fraction=args.valid_fraction,

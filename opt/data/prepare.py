@@ -72,6 +72,8 @@ def prepare_dataset(
     workers: int = 1,
     valid_fraction: float = 0.0,
     split_seed: int = 0,
+    extra: Mapping[str, Any] | None = None,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``documents`` (EOS after each) into ``<out_prefix>.{bin,idx,json}``.
 
@@ -87,14 +89,43 @@ def prepare_dataset(
     fraction of them, chosen by ``split_seed``) into ``<out_prefix>-valid``; both datasets'
     metadata record the split under ``"split"``. Without a split, a held-out set left there
     by an earlier split of ``out_prefix`` is removed: it may hold documents this one trains on.
+    ``extra`` and ``allow_empty`` are :func:`write_dataset`'s.
     """
+    if not 0 <= valid_fraction < 1:  # before any worker starts
+        raise OptError(f"the held-out fraction must be in [0, 1), not {valid_fraction}")
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype, eos = token_dtype(vocab_size), eos_id(tokenizer)
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_progress_bar(total_bytes, show_progress))
+        blocks = _encoded_blocks(documents, tokenizer, eos, dtype, word_cache, workers, stack)
+        return write_dataset(blocks, out_prefix, vocab_size, eos, source=source, bar=bar,
+                             valid_fraction=valid_fraction, split_seed=split_seed,
+                             extra=extra, allow_empty=allow_empty)  # fmt: skip
+
+
+def write_dataset(
+    blocks: Iterable[tuple[Block, int]],
+    out_prefix: str | Path,
+    vocab_size: int,
+    eos: int,
+    source: Mapping[str, Any] | None = None,
+    bar: tqdm | None = None,
+    valid_fraction: float = 0.0,
+    split_seed: int = 0,
+    extra: Mapping[str, Any] | None = None,
+    allow_empty: bool = False,
+) -> dict[str, Any]:
+    """Write token ``blocks`` (each with the bytes of text it came from, for ``bar``) as the
+    dataset ``out_prefix``, split and published as :func:`prepare_dataset` describes; return
+    its metadata. ``extra`` is added to the metadata; ``allow_empty`` accepts no documents
+    (a shard of a corpus may have none). :mod:`opt.data.shards` writes and merges shards
+    with it, so a merged dataset is this function's output as much as one process's is."""
     if not 0 <= valid_fraction < 1:
         raise OptError(f"the held-out fraction must be in [0, 1), not {valid_fraction}")
     paths = DatasetPaths.of(out_prefix)
     valid_paths = DatasetPaths.of(valid_prefix(out_prefix))
     paths.meta.parent.mkdir(parents=True, exist_ok=True)
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    dtype, eos = token_dtype(vocab_size), eos_id(tokenizer)
+    dtype = token_dtype(vocab_size)
     split = valid_fraction > 0
     with _AtomicFiles() as files:
         with contextlib.ExitStack() as stack:
@@ -102,13 +133,13 @@ def prepare_dataset(
             valid = (
                 _TokenWriter(stack.enter_context(files.create(valid_paths.bin))) if split else None
             )
-            bar = stack.enter_context(_progress_bar(total_bytes, show_progress))
-            blocks = _encoded_blocks(documents, tokenizer, eos, dtype, word_cache, workers, stack)
+            if bar is None:
+                bar = stack.enter_context(_progress_bar(None, False))
             held = (lambda i: held_out(i, valid_fraction, split_seed)) if split else None
             n_docs = _write_tokens(blocks, train, valid, held, dtype.itemsize, bar)
-        if n_docs == 0:
+        if n_docs == 0 and not allow_empty:
             raise OptError("empty corpus: no non-empty documents to prepare")
-        if train.n_docs == 0 or (valid is not None and valid.n_docs == 0):
+        if valid is not None and (train.n_docs == 0 or valid.n_docs == 0):
             raise OptError(
                 f"a held-out fraction of {valid_fraction} (seed {split_seed}) put "
                 f"{valid.n_docs} of the {n_docs} documents in the held-out set and "
@@ -119,6 +150,7 @@ def prepare_dataset(
             common["source"] = dict(source)
         meta = train.finish(files, paths.idx, common)
         if valid is None:
+            meta.update(extra or {})
             _write_meta(files, paths.meta, meta)
             files.publish(paths.meta, retire=valid_paths)
             return meta

@@ -1,0 +1,294 @@
+"""Sharded preparation (`opt data prepare --shards N`): shards in real processes, locally and
+on the real Slurm, merged into the dataset one process writes, byte for byte; a failed shard
+is redone alone, a missing or stale one stops the merge before anything is published."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, run_cli
+
+from opt.data.corpus import builtin_documents
+from opt.data.prepare import save_tokenizer
+from opt.data.shards import plan_shards, shard_prefix, shards_dir
+from opt.data.tokenizer import train_tokenizer
+from opt.errors import OptError
+
+pytestmark = pytest.mark.timeout(300)
+
+FILES = ("0.txt", "1.txt", "2.txt", "3.txt", "4.txt")
+NAMES = ("bin", "idx", "json")
+SPLIT = ["--valid-fraction", "0.1", "--split-seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    save_tokenizer(train_tokenizer(builtin_documents(), 512), path)
+    return path.parent
+
+
+def write_corpus(root: Path, big_mb: float = 0.0) -> Path:
+    """Five JSON-lines files of pydoc topics (empty documents among them); with ``big_mb``,
+    a sixth file, ``big.jsonl``, of that many MB of random word sequences (distinct text)."""
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    docs = builtin_documents()
+    for i, name in enumerate(FILES):
+        lines = [json.dumps({"text": d}) for d in docs[i * 16 : (i + 1) * 16]]
+        lines.insert(3, json.dumps({"text": ""}))
+        (corpus / name.replace(".txt", ".jsonl")).write_text("\n".join(lines) + "\n")
+    if big_mb:
+        words = " ".join(docs).split()
+        rng = random.Random(0)
+        with (corpus / "2b-big.jsonl").open("w") as f:  # sorts between 2 and 3
+            written = 0
+            while written < big_mb * 1e6:
+                line = json.dumps({"text": " ".join(rng.choices(words, k=400))}) + "\n"
+                written += f.write(line)
+    return corpus
+
+
+def prepare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("data", "prepare", *args, "--no-progress", cwd=cwd, timeout=240)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def files_of(prefix: Path) -> dict[str, bytes]:
+    return {
+        f"{p}.{n}": Path(f"{p}.{n}").read_bytes()
+        for p in (prefix, Path(f"{prefix}-valid"))
+        for n in NAMES
+    }
+
+
+def shard_stats(prefix: Path, count: int, indices=None) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of the files of the shards ``indices`` (default: all): a redone
+    shard's files are new files."""
+    stats = {}
+    for i in range(count) if indices is None else indices:
+        for n in NAMES:
+            st = Path(f"{shard_prefix(prefix, i, count)}.{n}").stat()
+            stats[f"{i}.{n}"] = (st.st_ino, st.st_mtime_ns)
+    return stats
+
+
+def one_process(tmp_path: Path, corpus: Path, tokenizer_dir: Path) -> dict[str, bytes]:
+    ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds", *SPLIT,
+               cwd=corpus.parent))  # fmt: skip
+    return files_of(corpus.parent / "one" / "ds")
+
+
+def sharded(corpus: Path, tokenizer_dir: Path, *mode: str, shards: int = 3):
+    return prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "sh/ds", *SPLIT,
+                   "--shards", str(shards), *mode, cwd=corpus.parent)  # fmt: skip
+
+
+def renamed(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k.replace("one/", "sh/"): v for k, v in files.items()}
+
+
+# ----- the plan -------------------------------------------------------------------------------
+def test_the_plan_cuts_contiguous_runs_balanced_by_size() -> None:
+    assert plan_shards([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert plan_shards([100, 1, 1, 1, 1], 2) == [(0, 1), (1, 5)]
+    assert plan_shards([1, 1, 1, 100], 3) == [(0, 2), (2, 3), (3, 4)]  # every shard a file
+    assert plan_shards([5, 5, 5], 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(OptError, match="4 shards of 3 input file"):
+        plan_shards([5, 5, 5], 4)
+
+
+# ----- local processes ------------------------------------------------------------------------
+def test_three_shards_merged_are_byte_identical_to_one_process(tmp_path, tokenizer_dir) -> None:
+    corpus = write_corpus(tmp_path)
+    expected = one_process(tmp_path, corpus, tokenizer_dir)
+    out = ok(sharded(corpus, tokenizer_dir, "--launch", "local"))
+    assert "preparing shards 0, 1, 2 of 3 in 3 processes" in out
+    assert files_of(tmp_path / "sh" / "ds") == renamed(expected)  # metadata included
+    meta = json.loads(Path(f"{shard_prefix(tmp_path / 'sh' / 'ds', 1, 3)}.json").read_text())
+    recipe = meta["shard"]["recipe"]
+    assert [Path(i["path"]).name for i in recipe["inputs"]] == [
+        f.replace(".txt", ".jsonl") for f in FILES
+    ]
+    assert recipe["text_key"] == "text" and recipe["shards"] == 3
+    assert all(i["bytes"] == (corpus / Path(i["path"]).name).stat().st_size
+               for i in recipe["inputs"])  # fmt: skip
+    # Run by hand, one shard at a time, then the merge: the same bytes again.
+    for index in range(3):
+        ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "hand/ds",
+                   "--shards", "3", "--shard-index", str(index), cwd=tmp_path))  # fmt: skip
+    ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "hand/ds", *SPLIT,
+               "--shards", "3", "--merge", cwd=tmp_path))  # fmt: skip
+    assert files_of(tmp_path / "hand" / "ds") == {
+        k.replace("one/", "hand/"): v for k, v in expected.items()
+    }
+
+
+def test_a_killed_shard_is_redone_alone_and_the_others_are_untouched(
+    tmp_path, tokenizer_dir
+) -> None:
+    corpus = write_corpus(tmp_path, big_mb=6)
+    expected = one_process(tmp_path, corpus, tokenizer_dir)
+    count = 6
+    prefix = tmp_path / "sh" / "ds"
+    for index in (0, 1, 3, 4, 5):
+        ok(sharded(corpus, tokenizer_dir, "--shard-index", str(index), shards=count))
+    # Shard 2 (the big file) in a real process, SIGKILLed while it writes.
+    argv = [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
+            str(tokenizer_dir), "--out", "sh/ds", "--shards", str(count), "--shard-index", "2",
+            "--workers", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    name = shard_prefix(prefix, 2, count).name
+    deadline = time.monotonic() + 120
+    while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "shard 2 never started writing"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not Path(f"{shard_prefix(prefix, 2, count)}.json").exists()
+    before = shard_stats(prefix, count, (0, 1, 3, 4, 5))
+
+    failed = sharded(corpus, tokenizer_dir, "--merge", shards=count)
+    assert failed.returncode == 2 and not (tmp_path / "sh" / "ds.json").exists()
+    assert "(shard 2 in sh/ds.shards)" in failed.stderr
+
+    out = ok(sharded(corpus, tokenizer_dir, "--launch", "local", shards=count))
+    assert f"preparing shards 2 of {count} in 1 processes" in out
+    assert shard_stats(prefix, count, (0, 1, 3, 4, 5)) == before
+    assert files_of(prefix) == renamed(expected)
+    # Everything is there now: the same command prepares nothing and merges the same bytes.
+    stats = shard_stats(prefix, count)
+    out = ok(sharded(corpus, tokenizer_dir, "--launch", "local", shards=count))
+    assert f"all {count} shards are prepared already" in out
+    assert shard_stats(prefix, count) == stats and files_of(prefix) == renamed(expected)
+
+
+def test_a_merge_with_a_missing_shard_fails_in_one_line_and_publishes_nothing(
+    tmp_path, tokenizer_dir
+) -> None:
+    corpus = write_corpus(tmp_path)
+    old = one_process(tmp_path, corpus, tokenizer_dir)
+    (tmp_path / "sh").mkdir()
+    for name, data in renamed(old).items():  # an earlier dataset, which must survive
+        (tmp_path / name).write_bytes(data)
+    for index in (0, 2):
+        ok(sharded(corpus, tokenizer_dir, "--shard-index", str(index), shards=4))
+    result = sharded(corpus, tokenizer_dir, "--merge", shards=4)
+    assert result.returncode == 2 and result.stdout == ""
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert re.search(r"2 of 4 shards are missing .* \(shard 1, 3 in sh/ds\.shards\)", line)
+    assert "--shards 4 --shard-index I" in line and "--launch local" in line
+    assert files_of(tmp_path / "sh" / "ds") == renamed(old)
+    assert [p.name for p in (tmp_path / "sh").iterdir() if p.name.startswith(".")] == []
+
+
+def test_changed_inputs_or_tokenizer_invalidate_every_shard(tmp_path, tokenizer_dir) -> None:
+    corpus = write_corpus(tmp_path)
+    ok(sharded(corpus, tokenizer_dir, "--launch", "local"))
+    # An input edited in place: every shard is stale (the plan depends on every size).
+    with (corpus / "4.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    failed = sharded(corpus, tokenizer_dir, "--merge")
+    assert failed.returncode == 2 and "3 of 3 shards are missing" in failed.stderr
+    out = ok(sharded(corpus, tokenizer_dir, "--launch", "local"))
+    assert "preparing shards 0, 1, 2 of 3" in out
+    assert files_of(tmp_path / "sh" / "ds") == renamed(one_process(tmp_path, corpus, tokenizer_dir))
+    # Another tokenizer: stale again, and a shard run alone redoes itself.
+    other = tmp_path / "other-tok"
+    save_tokenizer(train_tokenizer(builtin_documents(), 600), other / "tokenizer.json")
+    failed = prepare("corpus", "--tokenizer", str(other), "--out", "sh/ds", "--shards", "3",
+                     "--merge", cwd=tmp_path)  # fmt: skip
+    assert failed.returncode == 2 and "3 of 3 shards are missing" in failed.stderr
+    out = ok(prepare("corpus", "--tokenizer", str(other), "--out", "sh/ds", "--shards", "3",
+                     "--shard-index", "0", cwd=tmp_path))  # fmt: skip
+    assert out.startswith("prepared shard 0 of 3")
+
+
+def test_more_shards_than_files_is_one_clear_line(tmp_path, tokenizer_dir) -> None:
+    corpus = write_corpus(tmp_path)
+    result = sharded(corpus, tokenizer_dir, "--launch", "local", shards=6)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: 6 shards of 5 input file(s): a shard is a run of whole files, so use "
+        "--shards 5 or fewer, or split the input into more files"
+    )
+    assert not shards_dir(tmp_path / "sh" / "ds").exists()
+
+
+# ----- the real Slurm ---------------------------------------------------------------------------
+def wait_for_job(cluster, job_id: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=cluster.env,
+                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+        if not state:
+            return
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=cluster.env, timeout=30)
+            raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+        time.sleep(0.5)
+
+
+def submit(cluster, corpus: Path, tokenizer_dir: Path) -> tuple[str | None, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
+         str(tokenizer_dir), "--out", "sh/ds", *SPLIT, "--shards", "3", "--launch", "slurm",
+         "--time", "10", "--cpus-per-task", "1"],
+        cwd=corpus.parent, env={**cluster.env, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    array = re.search(r"submitted job array (\d+)", result.stdout)
+    merge = re.search(r"submitted merge job (\d+)", result.stdout).group(1)
+    return (array.group(1) if array else None), merge
+
+
+def merge_log(tmp_path: Path, job: str) -> str:
+    return (tmp_path / "sh" / "ds.shards" / "slurm" / job / f"{job}_0_log.out").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_a_slurm_job_array_prepares_the_same_bytes_and_a_failed_task_is_redone_alone(
+    slurm_cluster, tmp_path, tokenizer_dir
+) -> None:
+    corpus = write_corpus(tmp_path)
+    expected = one_process(tmp_path, corpus, tokenizer_dir)
+    prefix = tmp_path / "sh" / "ds"
+    # A real failure of one array task: a directory squats on shard 1's metadata path, so
+    # its publication fails (an I/O error, as from a full or broken file system).
+    squatter = Path(f"{shard_prefix(prefix, 1, 3)}.json")
+    (squatter / "x").mkdir(parents=True)
+    array, merge = submit(slurm_cluster, corpus, tokenizer_dir)
+    assert array is not None
+    wait_for_job(slurm_cluster, merge)
+    assert not (tmp_path / "sh" / "ds.json").exists()
+    assert "(shard 1 in sh/ds.shards)" in merge_log(tmp_path, merge)
+    stats = shard_stats(prefix, 3, (0, 2))
+
+    (squatter / "x").rmdir()
+    squatter.rmdir()
+    array2, merge2 = submit(slurm_cluster, corpus, tokenizer_dir)
+    assert array2 is not None and array2 != array
+    wait_for_job(slurm_cluster, merge2)
+    assert "merged 3 shards" in merge_log(tmp_path, merge2)
+    task_logs = sorted((prefix.parent / "ds.shards" / "slurm").glob(f"{array2}_*/*_log.out"))
+    assert len(task_logs) == 1 and "prepared shard 1 of 3" in task_logs[0].read_text()
+    assert shard_stats(prefix, 3, (0, 2)) == stats
+    assert files_of(prefix) == renamed(expected)
