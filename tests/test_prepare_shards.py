@@ -245,7 +245,7 @@ def wait_for_job(cluster, job_id: str, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
-def submit(cluster, corpus: Path, tokenizer_dir: Path) -> tuple[str | None, str]:
+def submit(cluster, corpus: Path, tokenizer_dir: Path) -> tuple[str | None, str, str]:
     result = subprocess.run(
         [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
          str(tokenizer_dir), "--out", "sh/ds", *SPLIT, "--shards", "3", "--launch", "slurm",
@@ -256,7 +256,7 @@ def submit(cluster, corpus: Path, tokenizer_dir: Path) -> tuple[str | None, str]
     assert result.returncode == 0, result.stdout + result.stderr
     array = re.search(r"submitted job array (\d+)", result.stdout)
     merge = re.search(r"submitted merge job (\d+)", result.stdout).group(1)
-    return (array.group(1) if array else None), merge
+    return (array.group(1) if array else None), merge, result.stdout
 
 
 def merge_log(tmp_path: Path, job: str) -> str:
@@ -275,20 +275,25 @@ def test_a_slurm_job_array_prepares_the_same_bytes_and_a_failed_task_is_redone_a
     # its publication fails (an I/O error, as from a full or broken file system).
     squatter = Path(f"{shard_prefix(prefix, 1, 3)}.json")
     (squatter / "x").mkdir(parents=True)
-    array, merge = submit(slurm_cluster, corpus, tokenizer_dir)
-    assert array is not None
+    array, merge, out = submit(slurm_cluster, corpus, tokenizer_dir)
+    assert array is not None and all(f"{array}_{i} (shard {i})" in out for i in range(3))
     wait_for_job(slurm_cluster, merge)
     assert not (tmp_path / "sh" / "ds.json").exists()
-    assert "(shard 1 in sh/ds.shards)" in merge_log(tmp_path, merge)
+    log = merge_log(tmp_path, merge)
+    assert (
+        "(shard 1 in sh/ds.shards)" in log and "--time 10 --cpus-per-task 1 --launch slurm`" in log
+    )
     stats = shard_stats(prefix, 3, (0, 2))
 
     (squatter / "x").rmdir()
     squatter.rmdir()
-    array2, merge2 = submit(slurm_cluster, corpus, tokenizer_dir)
+    array2, merge2, out2 = submit(slurm_cluster, corpus, tokenizer_dir)
     assert array2 is not None and array2 != array
     wait_for_job(slurm_cluster, merge2)
     assert "merged 3 shards" in merge_log(tmp_path, merge2)
-    task_logs = sorted((prefix.parent / "ds.shards" / "slurm").glob(f"{array2}_*/*_log.out"))
+    assert f"{array2} (shard 1)" in out2  # one task: submitit submits it as a plain job
+    logs = (prefix.parent / "ds.shards" / "slurm").glob("*/*_log.out")
+    task_logs = [p for p in logs if p.parent.name.split("_")[0] == array2]
     assert len(task_logs) == 1 and "prepared shard 1 of 3" in task_logs[0].read_text()
     assert shard_stats(prefix, 3, (0, 2)) == stats
     assert files_of(prefix) == renamed(expected)

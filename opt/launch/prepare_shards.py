@@ -63,6 +63,8 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
         help="local: the missing shards in N processes here, then the merge; slurm: a job "
         "array of the missing shards and a merge job after it",
     )
+    # The merge job that --launch slurm submits: its message names the slurm command.
+    g.add_argument("--launched-by", choices=LAUNCHERS, help=argparse.SUPPRESS)
     g.add_argument("--partition", help="Slurm partition")
     g.add_argument("--time", type=int, metavar="MIN", default=240,
                    help="Slurm time limit per job in minutes (default: 240)")  # fmt: skip
@@ -96,7 +98,19 @@ def shard_command(args: argparse.Namespace, *mode: str) -> list[str]:
         command += ["--split-seed", str(args.split_seed)]
     if "--merge" not in mode and args.no_word_cache:
         command.append("--no-word-cache")
+    if "slurm" in mode:
+        command += _slurm_options(args)
     return [*command, *mode]
+
+
+def _slurm_options(args: argparse.Namespace) -> list[str]:
+    options = ["--time", str(args.time)]
+    for flag in ("partition", "cpus_per_task", "mem", "account", "qos"):
+        if getattr(args, flag) is not None:
+            options += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for option in args.sbatch:
+        options += ["--sbatch", option]
+    return options
 
 
 def run_sharded(
@@ -131,7 +145,8 @@ def _merge(args: argparse.Namespace, recipe: dict, tokenizer, source: dict) -> i
     rerun = ""
     if missing:
         one = shlex.join(shard_command(args, "--shard-index", "I"))
-        everything = shlex.join(shard_command(args, "--launch", "local"))
+        launcher = args.launched_by or "local"
+        everything = shlex.join(shard_command(args, "--launch", launcher))
         rerun = f"prepare each with `{one}` or all and merge with `{everything}`"
     meta = merge_shards(args.out, recipe, tokenizer, source=source,
                         valid_fraction=args.valid_fraction, split_seed=args.split_seed,
@@ -239,20 +254,21 @@ def _submit_slurm(args: argparse.Namespace, missing: list[int]) -> int:
     dependency = {}
     if missing:
         array = _executor(args, folder, name)
+        # submitit submits a single task as a plain job, more as one array.
         jobs = array.map_array(ShardTask([*base, "--no-progress"]),
-                               *[[("--shard-index", str(i)) for i in missing]])  # fmt: skip
+                               [("--shard-index", str(i)) for i in missing])  # fmt: skip
         array_id = jobs[0].job_id.split("_")[0]
         dependency = {"dependency": f"afterany:{array_id}"}
-        print(f"submitted job array {array_id} for shards {', '.join(map(str, missing))} of "
-              f"{args.shards}: tasks {array_id}_0 to {array_id}_{len(missing) - 1}; "
-              f"logs {folder}/{array_id}_<task>/")  # fmt: skip
+        ids = ", ".join(f"{j.job_id} (shard {i})" for j, i in zip(jobs, missing, strict=True))
+        print(f"submitted job array {array_id} for {len(missing)} of {args.shards} shards: "
+              f"{ids}; logs {folder}/<job id>/<job id>_0_log.out")  # fmt: skip
     else:
         print(f"all {args.shards} shards are prepared already")
     merge = _executor(args, folder, f"{name}-merge")
     merge.update_parameters(
         additional_parameters={**merge.parameters["additional_parameters"], **dependency}
     )
-    merge_argv = shard_command(args, "--merge")[1:]
+    merge_argv = shard_command(args, "--merge", "--launched-by", "slurm")[1:]
     job = merge.submit(ShardTask(merge_argv))
     print(f"submitted merge job {job.job_id} (after the array, whatever its outcome); "
           f"log {folder}/{job.job_id}/{job.job_id}_0_log.out")  # fmt: skip
