@@ -18,9 +18,12 @@
    /usr/share/doc and the man pages, deduplicated by content hash, built once under
    $TMPDIR/opt-bench-corpus and reused), with the tokenizer the demo trains (vocabulary
    8192). MB of document text per second, divided by the cores this process may run on;
-   the default (word cache, one worker process per core) against ``--workers 1`` and
-   ``--no-word-cache`` (``tokenizers`` alone, the peer). The word cache's hit rate on the
-   corpus is measured by running it once, in one process, with its lookups counted.
+   the default (word cache, one worker process per core) against ``--workers 1``,
+   ``--no-word-cache`` (``tokenizers`` alone) and ``--shards 2 --launch local``; and tokens
+   per second per core against the peer, ``tokenizers``' ``encode_batch_fast`` run in this
+   process on the documents already in memory (no file I/O, its thread pool on every core).
+   The word cache's hit rate on the corpus is measured by running it once, in one process,
+   with its lookups counted.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,9 +231,14 @@ CORPUS_DIR = Path(tempfile.gettempdir()) / "opt-bench-corpus"
 TOKENIZE_ROWS = {
     "prepare": "`opt data prepare` (the default: word cache, {workers})",
     "prepare_1": "`opt data prepare --workers 1` (word cache, one process)",
-    "prepare_nocache": "`opt data prepare --no-word-cache` (the peer: `tokenizers` alone)",
+    "prepare_shards2": "`opt data prepare --shards 2 --launch local` (2 shard processes of "
+    "1 worker each, then the merge; the corpus cut in 2 files)",
+    "prepare_nocache": "`opt data prepare --no-word-cache` (`tokenizers` alone, whole command)",
+    "encode_fast": "peer: `tokenizers`' `encode_batch_fast` in-process (documents in memory, "
+    "no file I/O, its thread pool on every core)",
 }
 PREPARE_FLAGS = {"prepare": [], "prepare_1": ["--workers", "1"],
+                 "prepare_shards2": ["--shards", "2", "--launch", "local"],
                  "prepare_nocache": ["--no-word-cache"]}  # fmt: skip
 
 
@@ -408,7 +417,7 @@ def word_cache_stats(docs: list[str], tokenizer: Tokenizer) -> WordStats:
 class TokenizeResult:
     kind: str  # of CORPUS_KINDS
     corpus: Corpus
-    n_tokens: int
+    n_tokens: int  # ids and one EOS per document, as the dataset holds them
     times: dict[str, list[float]]  # wall seconds per run, and "<name>_cpu": CPU seconds
     words: WordStats
     cores: int
@@ -427,6 +436,10 @@ class TokenizeResult:
             / statistics.median(self.times[f"{name}_cpu" if cpu else name])
         )
 
+    def tokens_s(self, name: str, cpu: bool = False) -> float:
+        """Tokens (EOS included) per second of wall time, or per CPU-second."""
+        return self.n_tokens / statistics.median(self.times[f"{name}_cpu" if cpu else name])
+
 
 def prepare_command(corpus: Path, tokenizer: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "opt", "data", "prepare", str(corpus), "--tokenizer",
@@ -441,8 +454,34 @@ def _output_digests(prefix: Path) -> dict[str, str]:
 
 
 # The rows timed on each kind of corpus: all of them on the main one, the default and the
-# peer on the other.
-ROWS_OF_KIND = {"mixed": tuple(TOKENIZE_ROWS), "doc and man": ("prepare", "prepare_nocache")}
+# peers on the other.
+ROWS_OF_KIND = {
+    "mixed": tuple(TOKENIZE_ROWS),
+    "doc and man": ("prepare", "prepare_nocache", "encode_fast"),
+}
+
+
+def split_corpus(corpus: Path, directory: Path) -> Path:
+    """The corpus cut at the line nearest its middle byte into two JSON-lines files (the same
+    documents in the same order) under ``directory``, for the sharded row."""
+    data = corpus.read_bytes()
+    cut = data.index(b"\n", len(data) // 2) + 1
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "part-0.jsonl").write_bytes(data[:cut])
+    (directory / "part-1.jsonl").write_bytes(data[cut:])
+    return directory
+
+
+def encode_in_process(corpus: Path, tokenizer_path: Path, check: Path | None, eos: int) -> dict:
+    """The peer, bench/tokenizers_peer.py, in a process of its own; its timing and tokens."""
+    command = [sys.executable, str(Path(__file__).with_name("tokenizers_peer.py")),
+               str(corpus), str(tokenizer_path)]  # fmt: skip
+    if check is not None:
+        command += ["--check", str(check), "--eos", str(eos)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the tokenizers peer failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
 
 
 def measure_tokenize(args: argparse.Namespace, tmp: Path) -> list[TokenizeResult]:
@@ -458,8 +497,8 @@ def measure_tokenize(args: argparse.Namespace, tmp: Path) -> list[TokenizeResult
             flush=True,
         )
         docs = [json.loads(line)["text"] for line in corpus.path.open(encoding="utf-8")]
+        docs = [d for d in docs if d]  # what prepare tokenizes
         words = word_cache_stats(docs, Tokenizer.from_file(str(tokenizer_path)))
-        del docs
         print(
             f"[tokenize] {kind}: {words.words:,} words, {words.distinct:,} distinct "
             f"({words.distinct / words.words:.2%}); word cache hit rate {words.hit_rate:.2%}",
@@ -467,15 +506,30 @@ def measure_tokenize(args: argparse.Namespace, tmp: Path) -> list[TokenizeResult
         )
         times = {f"{n}{cpu}": [] for n in ROWS_OF_KIND[kind] for cpu in ("", "_cpu")}
         results.append(TokenizeResult(kind, corpus, 0, times, words, _cores(), {}))
+        del docs
+    split = split_corpus(results[0].corpus.path, tmp / "split")
+    eos = json.loads((tmp / "pydoc" / "train.json").read_text())["eos_id"]
     for run in range(args.runs):  # alternating, so noise from other processes hits all rows
         for r in results:
             digests = {}
             for name in ROWS_OF_KIND[r.kind]:
+                if name == "encode_fast":
+                    if run == 0:  # untimed: the peer's ids are the dataset's tokens
+                        encode_in_process(
+                            r.corpus.path, tokenizer_path, tmp / "prepare" / "corpus", eos
+                        )
+                    peer = encode_in_process(r.corpus.path, tokenizer_path, None, eos)
+                    if peer["n_tokens"] != r.n_tokens:
+                        raise SystemExit(
+                            f"encode_batch_fast: {peer['n_tokens']} tokens, not {r.n_tokens}"
+                        )
+                    r.times[name].append(peer["wall"])
+                    r.times[name + "_cpu"].append(peer["cpu"])
+                    continue
                 out = tmp / name / "corpus"
-                command = [
-                    *prepare_command(r.corpus.path, tokenizer_path, out),
-                    *PREPARE_FLAGS[name],
-                ]
+                shutil.rmtree(out.parent, ignore_errors=True)  # the shards too: all redone
+                path = split if name == "prepare_shards2" else r.corpus.path
+                command = [*prepare_command(path, tokenizer_path, out), *PREPARE_FLAGS[name]]
                 with _timed(r.times, name):
                     done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -570,16 +624,18 @@ def wait_body(args, results: list[WaitResult], command: str, load: tuple) -> str
 
 def _tokenize_table(r: TokenizeResult) -> list[str]:
     rows = [
-        "| | median time | MB/s | MB/s per core | MB per CPU-second | target >= 5 MB/s per core |",
-        "|---|---|---|---|---|---|",
+        "| | median time | tokens/s per core | tokens per CPU-second | MB/s | MB/s per core | "
+        "MB per CPU-second | target >= 5 MB/s per core |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ROWS_OF_KIND[r.kind]:
         per_core = r.mb_s(name) / r.cores
         target = _met(per_core >= TOKENIZE_TARGET) if name == "prepare" else ""
         rows.append(
             f"| {TOKENIZE_ROWS[name].format(workers=r.workers)} | "
-            f"{statistics.median(r.times[name]):.3f} s | {r.mb_s(name):.2f} | {per_core:.2f} | "
-            f"{r.mb_s(name, cpu=True):.2f} | {target} |"
+            f"{statistics.median(r.times[name]):.3f} s | "
+            f"{r.tokens_s(name) / r.cores / 1e6:.2f} M | {r.tokens_s(name, cpu=True) / 1e6:.2f} M | "
+            f"{r.mb_s(name):.2f} | {per_core:.2f} | {r.mb_s(name, cpu=True):.2f} | {target} |"
         )
     return rows
 
@@ -636,6 +692,8 @@ def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple
             f"{r.mb_s('prepare_1', True) / r.mb_s('prepare_nocache', True):.2f}x per "
             f"CPU-second. {verdict}",
             "",
+            _peer_line(r),
+            "",
             "The same, on fresh text without the Python packages: the /usr/share/doc and man-page "
             f"documents only, drawn the same way ({other.corpus.text_bytes / MB:.1f} MB, "
             f"{other.corpus.n_docs:,} documents, sha256 {other.corpus.sha256[:16]}..., "
@@ -646,7 +704,7 @@ def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple
             f"Here the default command is {other.mb_s('prepare') / other.mb_s('prepare_nocache'):.2f}x "
             f"the peer (wall), {other.mb_s('prepare', True) / other.mb_s('prepare_nocache', True):.2f}x "
             f"per CPU-second; {other.mb_s('prepare') / other.cores:.2f} MB/s per core, target "
-            f"{_met(other.mb_s('prepare') / other.cores >= TOKENIZE_TARGET)}.",
+            f"{_met(other.mb_s('prepare') / other.cores >= TOKENIZE_TARGET)}. {_peer_line(other)}",
             "",
             f"Medians of {args.runs} runs, each running every row of both tables in turn. Each "
             "row runs "
@@ -657,10 +715,24 @@ def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple
             "splits words with numpy and looks them up in a dict of the ids `tokenizers` gave "
             "them; only new words go to `tokenizers`. By default one worker process per usable "
             "core runs it (`opt/data/encode_pool.py`), each with its own cache, with the parent "
-            "reading and writing. The peer, `--no-word-cache`, is `tokenizers`' "
+            "reading and writing. `--no-word-cache` is `tokenizers`' "
             "`encode_batch_fast` on batches of 1024 documents, parallel on every core by its "
-            "own thread pool. All three rows wrote byte-identical PREFIX.bin and PREFIX.idx in "
-            "every run, and so did the two rows of the second table (sha256 compared: "
+            "own thread pool. The peer row runs that encoder alone (bench/tokenizers_peer.py, "
+            "in a process of its own, timed inside it) on the non-empty documents already in "
+            "memory as a list of str (no process start, no reading or JSON parsing, no writing "
+            "in the timed part): `Tokenizer.from_file` afresh each run (untimed, so its BPE "
+            "cache starts empty), then `encode_batch_fast(batch, add_special_tokens=False)` on "
+            "batches of 1024 documents and `.ids` of each (batches of 256 up to all documents "
+            "in one call measured within 10% of each other on a 20 MB cut of this corpus); "
+            "before the first timed run, an untimed one's ids, EOS after each document, were "
+            "checked equal to PREFIX.bin token for token. Tokens count the ids and one EOS per "
+            "document, as the dataset holds them. The sharded row runs the whole command on "
+            "the same corpus cut at its middle line into two files (the same documents in "
+            "order), its shards deleted before every run: two `--shard-index` processes at once "
+            "(`--workers 1` each, one per core), each writing its shard, then the merge reading "
+            "both and writing PREFIX. The prepare rows wrote byte-identical PREFIX.bin and "
+            "PREFIX.idx in every run, the sharded row included, and so did the two prepare "
+            "rows of the second table (sha256 compared: "
             f"{r.digests['.bin'][:16]}... and {r.digests['.idx'][:16]}...). MB/s per core "
             f"divides by every core the process may use ({r.cores}), also for the one-process "
             "row. MB per CPU-second divides by the CPU time (user + system) of every thread "
@@ -690,6 +762,35 @@ def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple
             f"{taken(other.corpus)}.",
         ]
     )
+
+
+def _peer_line(r: TokenizeResult) -> str:
+    """The default command against `tokenizers`' batch encoder in-process (and the sharded
+    run against the single command, where it was timed)."""
+    line = (
+        f"Against the peer, `tokenizers`' `encode_batch_fast` in-process: the default command "
+        f"(file to dataset) makes {r.tokens_s('prepare') / r.cores / 1e6:.2f} M tokens/s per "
+        f"core, {r.tokens_s('prepare') / r.tokens_s('encode_fast'):.2f}x the peer's "
+        f"{r.tokens_s('encode_fast') / r.cores / 1e6:.2f} M (wall), "
+        f"{r.tokens_s('prepare', True) / r.tokens_s('encode_fast', True):.2f}x per CPU-second"
+    )
+    if "prepare_1" in r.times:
+        line += (
+            f"; one process with the cache is "
+            f"{r.tokens_s('prepare_1') / r.tokens_s('encode_fast'):.2f}x (wall), "
+            f"{r.tokens_s('prepare_1', True) / r.tokens_s('encode_fast', True):.2f}x per "
+            "CPU-second"
+        )
+    if "prepare_shards2" in r.times:
+        line += (
+            f". Sharded, `--shards 2 --launch local` takes "
+            f"{statistics.median(r.times['prepare_shards2']):.2f} s against the single "
+            f"command's {statistics.median(r.times['prepare']):.2f} s "
+            f"({r.tokens_s('prepare_shards2') / r.tokens_s('prepare'):.2f}x its throughput; "
+            f"{r.tokens_s('prepare_shards2', True) / r.tokens_s('prepare', True):.2f}x per "
+            "CPU-second: the merge reads and writes every token once more)"
+        )
+    return line + "."
 
 
 # ----- command line --------------------------------------------------------------------------
