@@ -684,11 +684,11 @@ def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple
             *_tokenize_table(r),
             "",
             f"Word cache's benefit on this text: the default command is "
-            f"{r.mb_s('prepare') / r.mb_s('prepare_nocache'):.2f}x the peer's throughput "
-            f"(wall), {r.mb_s('prepare', True) / r.mb_s('prepare_nocache', True):.2f}x per "
+            f"{r.mb_s('prepare') / r.mb_s('prepare_nocache'):.2f}x `--no-word-cache`'s "
+            f"throughput (wall), {r.mb_s('prepare', True) / r.mb_s('prepare_nocache', True):.2f}x per "
             f"CPU-second; one process with the cache is "
-            f"{r.mb_s('prepare_1') / r.mb_s('prepare_nocache'):.2f}x the peer (wall, the peer "
-            f"using `tokenizers`' own threads on every core), "
+            f"{r.mb_s('prepare_1') / r.mb_s('prepare_nocache'):.2f}x `--no-word-cache` (wall, "
+            f"that using `tokenizers`' own threads on every core), "
             f"{r.mb_s('prepare_1', True) / r.mb_s('prepare_nocache', True):.2f}x per "
             f"CPU-second. {verdict}",
             "",
@@ -702,7 +702,7 @@ def tokenize_body(args, results: list[TokenizeResult], command: str, load: tuple
             *_tokenize_table(other),
             "",
             f"Here the default command is {other.mb_s('prepare') / other.mb_s('prepare_nocache'):.2f}x "
-            f"the peer (wall), {other.mb_s('prepare', True) / other.mb_s('prepare_nocache', True):.2f}x "
+            f"`--no-word-cache` (wall), {other.mb_s('prepare', True) / other.mb_s('prepare_nocache', True):.2f}x "
             f"per CPU-second; {other.mb_s('prepare') / other.cores:.2f} MB/s per core, target "
             f"{_met(other.mb_s('prepare') / other.cores >= TOKENIZE_TARGET)}. {_peer_line(other)}",
             "",

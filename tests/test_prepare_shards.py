@@ -167,8 +167,10 @@ def test_a_killed_shard_is_redone_alone_and_the_others_are_untouched(
     assert failed.returncode == 2 and not (tmp_path / "sh" / "ds.json").exists()
     assert "(shard 2 in sh/ds.shards)" in failed.stderr
 
+    assert list(shards_dir(prefix).glob(f".{name}.*.tmp"))  # what the killed one left
     out = ok(sharded(corpus, tokenizer_dir, "--launch", "local", shards=count))
     assert f"preparing shards 2 of {count} in 1 processes" in out
+    assert list(shards_dir(prefix).glob(".*.tmp")) == []  # cleared by the redone shard
     assert shard_stats(prefix, count, (0, 1, 3, 4, 5)) == before
     assert files_of(prefix) == renamed(expected)
     # Everything is there now: the same command prepares nothing and merges the same bytes.

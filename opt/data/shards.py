@@ -161,6 +161,11 @@ def prepare_shard(
         raise OptError(f"--shard-index must be in [0, {count}), not {index}")
     if shard_is_complete(prefix, index, recipe):
         return None
+    # A shard killed while it wrote (SIGKILL, a lost node) left its temp files: clear them,
+    # as only one process prepares a shard at a time (two at once would still publish whole
+    # files: the one whose temp files went fails, the other publishes).
+    for stale in shards_dir(prefix).glob(f".{shard_prefix(prefix, index, count).name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     plan = plan_shards([i["bytes"] for i in recipe["inputs"]], count)
     start, stop = plan[index]
     mine = list(sources[start:stop])
