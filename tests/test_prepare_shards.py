@@ -50,7 +50,7 @@ def write_corpus(root: Path, big_mb: float = 0.0) -> Path:
     if big_mb:
         words = " ".join(docs).split()
         rng = random.Random(0)
-        with (corpus / "2b-big.jsonl").open("w") as f:  # sorts between 2 and 3
+        with (corpus / "2b-big.jsonl").open("w") as f:  # sorts after 2.jsonl: file 3 of 6
             written = 0
             while written < big_mb * 1e6:
                 line = json.dumps({"text": " ".join(rng.choices(words, k=400))}) + "\n"
@@ -144,34 +144,34 @@ def test_a_killed_shard_is_redone_alone_and_the_others_are_untouched(
     expected = one_process(tmp_path, corpus, tokenizer_dir)
     count = 6
     prefix = tmp_path / "sh" / "ds"
-    for index in (0, 1, 3, 4, 5):
+    for index in (0, 1, 2, 4, 5):
         ok(sharded(corpus, tokenizer_dir, "--shard-index", str(index), shards=count))
-    # Shard 2 (the big file) in a real process, SIGKILLed while it writes.
+    # Shard 3 (the big file) in a real process, SIGKILLed while it writes.
     argv = [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
-            str(tokenizer_dir), "--out", "sh/ds", "--shards", str(count), "--shard-index", "2",
+            str(tokenizer_dir), "--out", "sh/ds", "--shards", str(count), "--shard-index", "3",
             "--workers", "1", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    name = shard_prefix(prefix, 2, count).name
+    name = shard_prefix(prefix, 3, count).name
     deadline = time.monotonic() + 120
     while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
         assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline, "shard 2 never started writing"
+        assert time.monotonic() < deadline, "shard 3 never started writing"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not Path(f"{shard_prefix(prefix, 2, count)}.json").exists()
-    before = shard_stats(prefix, count, (0, 1, 3, 4, 5))
+    assert not Path(f"{shard_prefix(prefix, 3, count)}.json").exists()
+    before = shard_stats(prefix, count, (0, 1, 2, 4, 5))
 
     failed = sharded(corpus, tokenizer_dir, "--merge", shards=count)
     assert failed.returncode == 2 and not (tmp_path / "sh" / "ds.json").exists()
-    assert "(shard 2 in sh/ds.shards)" in failed.stderr
+    assert "(shard 3 in sh/ds.shards)" in failed.stderr
 
     assert list(shards_dir(prefix).glob(f".{name}.*.tmp"))  # what the killed one left
     out = ok(sharded(corpus, tokenizer_dir, "--launch", "local", shards=count))
-    assert f"preparing shards 2 of {count} in 1 processes" in out
+    assert f"preparing shards 3 of {count} in 1 processes" in out
     assert list(shards_dir(prefix).glob(".*.tmp")) == []  # cleared by the redone shard
-    assert shard_stats(prefix, count, (0, 1, 3, 4, 5)) == before
+    assert shard_stats(prefix, count, (0, 1, 2, 4, 5)) == before
     assert files_of(prefix) == renamed(expected)
     # Everything is there now: the same command prepares nothing and merges the same bytes.
     stats = shard_stats(prefix, count)
@@ -298,4 +298,43 @@ def test_a_slurm_job_array_prepares_the_same_bytes_and_a_failed_task_is_redone_a
     task_logs = [p for p in logs if p.parent.name.split("_")[0] == array2]
     assert len(task_logs) == 1 and "prepared shard 1 of 3" in task_logs[0].read_text()
     assert shard_stats(prefix, 3, (0, 2)) == stats
+    assert files_of(prefix) == renamed(expected)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_a_preempted_slurm_shard_task_is_requeued_and_the_merge_waits_for_it(
+    slurm_cluster, tmp_path, tokenizer_dir
+) -> None:
+    write_corpus(tmp_path, big_mb=12)
+    ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds", "--shards", "6",
+               "--launch", "local", *SPLIT, cwd=tmp_path))  # fmt: skip
+    expected = files_of(tmp_path / "one" / "ds")
+    result = subprocess.run(
+        [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
+         str(tokenizer_dir), "--out", "sh/ds", *SPLIT, "--shards", "6", "--launch", "slurm",
+         "--time", "10", "--cpus-per-task", "1"],
+        cwd=tmp_path, env={**slurm_cluster.env, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    array = re.search(r"submitted job array (\d+)", result.stdout).group(1)
+    merge = re.search(r"submitted merge job (\d+)", result.stdout).group(1)
+    prefix = tmp_path / "sh" / "ds"
+    name = shard_prefix(prefix, 3, 6).name  # the big file's shard
+    deadline = time.monotonic() + 120
+    while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
+        assert time.monotonic() < deadline, "shard 3 never started writing"
+        time.sleep(0.01)
+    # What Slurm sends before preempting a job (or at its time limit), to its tasks.
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_3"], env=slurm_cluster.env,
+                   check=True, timeout=30)  # fmt: skip
+    wait_for_job(slurm_cluster, merge, timeout=300)
+    log = (shards_dir(prefix) / "slurm" / f"{array}_3" / f"{array}_3_0_log.out").read_text()
+    # submitit may take the signal for the time limit's (then it counts it against the
+    # timeouts it requeues): either way the shard is requeued, and redone from its start.
+    assert "Caught signal SIGUSR2" in log and f"Requeued job {array}_3" in log, log
+    assert log.count("Starting with JobEnvironment") == 2, log
+    assert "prepared shard 3 of 6" in log
+    assert "merged 6 shards" in merge_log(tmp_path, merge)
     assert files_of(prefix) == renamed(expected)

@@ -14,8 +14,11 @@ One command line, four modes (:mod:`opt.data.shards` does the work):
 Slurm jobs go through submitit, as training's do: ``map_array`` submits one array, and the
 merge job's dependency is an ordinary sbatch option. Each array task runs the shard in
 the task's own Python process (``opt.cli.main``), so submitit's handler catches Slurm's
-warning signal: a preempted or timed-out shard is requeued (and redone from its start:
-a shard is written atomically or not at all).
+warning signal (USR2, sent before a preemption or the time limit): the task is requeued and
+redoes its shard from the start (a shard is written atomically or not at all; a killed
+one's temp files are cleared). submitit counts what it takes for a time limit against its
+3 timeout requeues, preemptions without limit; sbatch's ``--requeue`` lets Slurm requeue
+a task whose node fails. Where Slurm itself ends a task for good, the merge names its shard.
 """
 
 from __future__ import annotations
