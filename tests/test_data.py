@@ -27,6 +27,7 @@ from opt.data.corpus import (
     total_bytes,
 )
 from opt.data.dataset import DatasetPaths, TokenDataset, token_dtype, valid_prefix
+from opt.data.loader import BatchLoader
 from opt.data.prepare import (
     BUILTIN_SPLIT_SEED,
     BUILTIN_VALID_FRACTION,
@@ -35,7 +36,7 @@ from opt.data.prepare import (
     prepare_dataset,
     save_tokenizer,
 )
-from opt.data.sampler import BatchLoader, SampleStream
+from opt.data.sampler import SampleStream
 from opt.data.tokenizer import SPECIAL_TOKENS, eos_id, load_tokenizer, train_tokenizer
 from opt.errors import OptError
 
@@ -491,9 +492,9 @@ def test_resume_never_repeats_or_drops_a_sample(dataset_prefix: Path) -> None:
             loader = make_loader(dataset_prefix)
             loader.load_state_dict(state)
         seen += [row.tolist() for x, _ in loader.next_microbatches(4) for row in x]
-    rest = loader.stream.next_indices(n - len(seen))
-    ds = loader.dataset
-    seen += [ds.sample(i, 32)[:-1].tolist() for i in rest]
+    rest = loader.stream.next_samples(n - len(seen))
+    ds = loader.datasets[0]
+    seen += [ds.sample(i, 32)[:-1].tolist() for _, i in rest]
     all_samples = [ds.sample(i, 32)[:-1].tolist() for i in range(n)]
     assert sorted(seen) == sorted(all_samples)
 
