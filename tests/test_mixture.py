@@ -18,6 +18,7 @@ from helpers import REPO, TINY_OVERRIDES, metrics_losses, run_cli
 
 from opt.config import load_config, to_toml
 from opt.data.blend import MAX_PERIOD, BlendedStream, BlendSource, integer_weights
+from opt.data.dataset import TokenDataset
 from opt.data.sampler import SampleStream
 from opt.errors import OptError
 
@@ -253,3 +254,33 @@ def test_bad_mixtures_fail_with_one_line(tmp_path: Path, three_sources: dict[str
     assert done.stderr.strip().splitlines()[-1].startswith("error: dataset not found")
     assert not (tmp_path / "runs" / "bad").exists()
     assert REPO.is_dir()
+
+
+@pytest.mark.slow
+def test_a_mixture_resumes_exactly_across_a_rollback_that_skips_data(
+    tmp_path: Path, three_sources: dict[str, Path]
+) -> None:
+    """A spike drill at step 12: the supervisor rolls back and skips the samples of the
+    steps around it, in every source. A stop after it and a resume in a new process give
+    the same losses as the run that never stopped."""
+    drill = ["--supervisor.drill", "spike@12", "--supervisor.ladder",
+             '["rollback+lower_lr_clip+skip_data"]', "--supervisor.skip_data_steps", "2",
+             "--supervisor.skip_data_ahead", "2", "--supervisor.healthy_margin", "2",
+             "--model.dropout", "0.0"]  # fmt: skip
+    for run, stops in (("straight", ["20"]), ("stopped", ["16", "20"])):
+        config = mixture_config(tmp_path, three_sources, run)
+        for steps in stops:
+            done = run_cli("train", str(config), "--max-steps", steps, *drill, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert metrics_losses(runs / "stopped") == metrics_losses(runs / "straight")
+    events = [json.loads(line) for line in (tmp_path / "logbook" / "straight" / "events.jsonl")
+              .read_text().splitlines()]  # fmt: skip
+    (rollback,) = [e for e in events if e["kind"] == "intervention"]
+    start, end = rollback["skipped_data"]
+    assert (start, end) == (10 * 8, 14 * 8)  # steps 11-12 (up to the spike) and 13-14 after
+    # Every position read or skipped is a draw: 20 steps read 160, 32 were skipped.
+    last = [r for r in records(runs / "straight") if r.get("step") == 20 and "epochs" in r][-1]
+    for name, weight in WEIGHTS.items():
+        samples = TokenDataset(three_sources[name]).num_samples(32)
+        assert abs(last["epochs"][name] * samples - 192 * weight) < 1, name
