@@ -96,9 +96,9 @@ class Blend:
         # ones with denominators this small differ far above float64's resolution: sorting
         # the doubles sorts the exact keys. Ties go to the source listed first.
         self.pattern = owners[np.lexsort((owners, keys))]
-        prefix = np.zeros((len(weights), self.period + 1), dtype=np.int64)
+        prefix = np.zeros((len(weights), self.period + 1), dtype=np.int32)
         prefix[self.pattern, np.arange(1, self.period + 1)] = 1
-        self.prefix = np.cumsum(prefix, axis=1)
+        self.prefix = np.cumsum(prefix, axis=1, dtype=np.int32)  # 256 KiB a source at most
 
     def draws(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each position, the source it reads and that source's draw number."""
