@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from opt.data.corpus import iter_documents, resolve_inputs, total_bytes
+from opt.data.corpus import BadRecords, iter_documents, parse_limit, resolve_inputs, total_bytes
 from opt.data.dataset import DatasetPaths, valid_prefix
 from opt.data.prepare import prepare_dataset, save_tokenizer
 from opt.data.tokenizer import load_tokenizer, train_tokenizer
@@ -18,8 +18,18 @@ from opt.host_memory import retain_freed_memory
 _PARALLEL_MIN_BYTES = 32 << 20
 
 _INPUTS_HELP = (
-    "a .txt file (one document), a .jsonl/.json file (one JSON object per line), a directory "
-    "of such files, or builtin:pydoc (Python's own documentation, no download needed)"
+    "a .txt file (one document); JSON lines, one object per line (.jsonl/.json, gzipped "
+    ".jsonl.gz/.json.gz, or zstd .jsonl.zst/.json.zst as the Pile ships); a .parquet file; a "
+    "directory that datasets' save_to_disk wrote (one split: not a DatasetDict); a directory "
+    "of any of these (read in sorted order); or builtin:pydoc (Python's own documentation, no "
+    "download needed). The text is under --text-key. A malformed record is skipped with a "
+    "warning naming its file and line (or row, from 0), and counted"
+)
+_TEXT_KEY_HELP = "JSON field or Parquet/dataset column holding the text (default: text)"
+_MAX_BAD_HELP = (
+    "fail, publishing nothing, past this many malformed records (a count: 10), or at the end "
+    "if more than this fraction (0.001) or percentage (0.1%%) of the records were malformed "
+    "(default: skip any number)"
 )
 
 
@@ -55,7 +65,8 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
         help="tokenizer.json, or a directory with it or with GPT-2 vocab.json + merges.txt",
     )
     p.add_argument("--out", required=True, type=Path, metavar="PREFIX", help="output prefix")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--text-key", default="text", help=_TEXT_KEY_HELP)
+    p.add_argument("--max-bad-records", type=_limit, metavar="N", help=_MAX_BAD_HELP)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--no-word-cache",
@@ -100,8 +111,16 @@ def _add_train_tokenizer(commands: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
     p.add_argument("--vocab-size", required=True, type=int, help="largest vocabulary to learn")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--text-key", default="text", help=_TEXT_KEY_HELP)
+    p.add_argument("--max-bad-records", type=_limit, metavar="N", help=_MAX_BAD_HELP)
     p.set_defaults(func=_train_tokenizer)
+
+
+def _limit(text: str) -> int | float:
+    try:
+        return parse_limit(text)
+    except OptError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -111,16 +130,24 @@ def _prepare(args: argparse.Namespace) -> int:
         raise OptError(f"--valid-fraction must be in [0, 1), not {args.valid_fraction}")
     sources = resolve_inputs(args.inputs)
     tokenizer = load_tokenizer(args.tokenizer)
-    size = total_bytes(sources)
+    size = total_bytes(sources, args.text_key)
     retain_freed_memory()  # batches allocate and free the same large arrays (see workers)
     workers = args.workers or (len(os.sched_getaffinity(0)) if size >= _PARALLEL_MIN_BYTES else 1)
+    bad = BadRecords(args.max_bad_records)
+    source = {"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)}
+
+    def documents():
+        yield from iter_documents(sources, args.text_key, bad)
+        # prepare_dataset records `source` once the documents are exhausted.
+        source["bad_records"] = bad.as_meta()
+
     meta = prepare_dataset(
-        iter_documents(sources, args.text_key),
+        documents(),
         tokenizer,
         args.out,
         total_bytes=size,
         show_progress=not args.no_progress,
-        source={"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)},
+        source=source,
         word_cache=not args.no_word_cache,
         workers=workers,
         valid_fraction=args.valid_fraction,
@@ -137,12 +164,17 @@ def _prepare(args: argparse.Namespace) -> int:
             f"held out {split['valid_tokens']:,} tokens in {split['valid_docs']:,} documents: "
             f"{held.bin}, {held.idx}, {held.meta}"
         )
+    if bad.count:
+        print(bad.summary())
     return 0
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
     sources = resolve_inputs(args.inputs)
-    tokenizer = train_tokenizer(iter_documents(sources, args.text_key), args.vocab_size)
+    bad = BadRecords(args.max_bad_records)
+    tokenizer = train_tokenizer(iter_documents(sources, args.text_key, bad), args.vocab_size)
     path = save_tokenizer(tokenizer, args.out / "tokenizer.json")
     print(f"trained a {tokenizer.get_vocab_size():,}-token tokenizer: {path}")
+    if bad.count:
+        print(bad.summary())
     return 0
