@@ -262,15 +262,28 @@ def malformed(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
     good += ["p0", "p2", "p3"]
     where += [f"{root / 'd.parquet'}: row 1", f"{root / 'd.parquet'}: row 4"]
 
-    ds = datasets.Dataset.from_dict({"text": ["s0", "s1", None, "s3"]})
-    ds.save_to_disk(str(root / "e_saved"), num_shards=2)
+    ds = datasets.Dataset.from_dict({"text": ["s0", "s1", None, "s3", None]})
+    ds.save_to_disk(str(root / "e_saved"), num_shards=2)  # rows 0-2 and 3-4
     good += ["s0", "s1", "s3"]
-    where.append(f"{root / 'e_saved'}: row 2")
+    where += [f"{root / 'e_saved' / 'data-00000-of-00002.arrow'}: row 2",
+              f"{root / 'e_saved' / 'data-00001-of-00002.arrow'}: row 1"]  # fmt: skip
 
     (root / "f_latin1.txt").write_bytes("line one\nna\xefve\n".encode("latin-1"))
     where.append(f"{root / 'f_latin1.txt'}:2")
     (root / "g_fine.txt").write_text("a fine text file")
     good.append("a fine text file")
+
+    pq.write_table(pa.table({"text": ["lost"] * 10}), root / "h_cut.parquet")
+    data = (root / "h_cut.parquet").read_bytes()
+    (root / "h_cut.parquet").write_bytes(data[: len(data) // 2])  # no footer: nothing to read
+    where.append(f"{root / 'h_cut.parquet'}: row 0")
+
+    ds = datasets.Dataset.from_dict({"text": ["i0", "i1", "i2", "i3"]})
+    ds.save_to_disk(str(root / "i_saved"), num_shards=2)
+    second = root / "i_saved" / "data-00001-of-00002.arrow"
+    second.write_bytes(second.read_bytes()[:-40])  # its one batch cut short
+    good += ["i0", "i1"]
+    where.append(f"{second}: row 0")
     return root, good, where
 
 
@@ -290,6 +303,7 @@ def test_bad_records_are_skipped_named_and_counted(malformed) -> None:
         assert reason in reasons
     assert "cut short" in lines[7] and "cut short" in lines[8]
     assert "null 'text'" in lines[9]
+    assert "unreadable Parquet" in lines[-2] and "unreadable Arrow" in lines[-1]
 
 
 def test_cli_prepare_skips_bad_records_and_records_them(
