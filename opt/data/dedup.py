@@ -170,7 +170,7 @@ class SignatureMaker:
     """MinHash signatures of batches of documents: ``num_perm`` uint32 per document, equal to
     ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32)`` fed ``shingles_of``."""
 
-    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1, chunk: int = 4096):
+    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1, chunk: int = 16384):
         from datasketch import MinHash  # its permutations, so that the signatures are its own
 
         if num_perm < 2:
@@ -180,7 +180,7 @@ class SignatureMaker:
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
         a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
         self.a, self.b = a.astype(np.uint32), b.astype(np.uint32)
-        self.chunk = chunk  # shingles per (chunk, num_perm) block: a few MB, cache-sized
+        self.chunk = chunk  # shingles per (num_perm, chunk) block: 8 MB at 128 permutations
         self._bytes = _PowerTable(_P, _P_INV)
         self._words = _PowerTable(_Q, _Q_INV)
 
@@ -229,19 +229,21 @@ class SignatureMaker:
         hv = _fmix32(hashes)
         nonempty = np.flatnonzero(np.diff(offsets) > 0)
         doc_start, doc_end = offsets[nonempty], offsets[nonempty + 1]
-        block = np.empty((self.chunk, self.num_perm), dtype=np.uint32)
+        # One permutation per row, shingles along it: numpy broadcasts a scalar down each
+        # contiguous row and reduces along it, 4x faster than shingles as rows (measured).
+        block = np.empty((self.num_perm, self.chunk), dtype=np.uint32)
+        a, b = self.a[:, None], self.b[:, None]
         for s0 in range(0, len(hv), self.chunk):
             s1 = min(s0 + self.chunk, len(hv))
-            rows = block[: s1 - s0]
-            np.multiply(hv[s0:s1, None], self.a[None, :], out=rows)  # wraps mod 2^32
-            rows += self.b
+            rows = block[:, : s1 - s0]
+            np.multiply(a, hv[None, s0:s1], out=rows)  # wraps mod 2^32, as datasketch's
+            rows += b
             lo = np.searchsorted(doc_end, s0, side="right")
             hi = np.searchsorted(doc_start, s1, side="left")
             docs = nonempty[lo:hi]
             local = np.maximum(doc_start[lo:hi], s0) - s0
-            mins = np.minimum.reduceat(rows, local, axis=0)
-            np.minimum(out[docs], mins, out=mins)
-            out[docs] = mins
+            mins = np.minimum.reduceat(rows, local, axis=1).T  # (docs, num_perm)
+            out[docs] = np.minimum(out[docs], mins)
         return out, np.diff(offsets) > 0
 
 
