@@ -203,6 +203,15 @@ def test_the_first_named_source_keeps_its_copy(corpus: dict, tmp_path: Path) -> 
     assert removed[0]["jaccard"] == removed[2]["jaccard"] >= 0.95
 
 
+def test_worker_processes_change_nothing(corpus: dict, tmp_path: Path) -> None:
+    """Signatures in two spawned processes, with batches small enough that several are in
+    flight: the same files, byte for byte, as one process."""
+    specs = list(corpus["inputs"].items())
+    dedup_sources(specs, tmp_path / "one", workers=1, batch_docs=2)
+    dedup_sources(specs, tmp_path / "two", workers=2, batch_docs=2)
+    assert listing(tmp_path / "one") == listing(tmp_path / "two")
+
+
 def test_parse_sources() -> None:
     assert parse_sources(["cc=a", "books=b", "cc=c=d"]) == [("cc", ["a", "c=d"]), ("books", ["b"])]
     for bad in (["a.jsonl"], ["=a"], ["cc="], ["removed=a"], ["-x=a"], ["a b=c"]):

@@ -186,6 +186,13 @@ def _add_dedup(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=1, help="MinHash permutations' seed (default: 1)")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes computing signatures (default: every usable core, or 1 for inputs "
+        "under 32 MB); the output does not depend on it",
+    )
     p.set_defaults(func=_dedup)
 
 
@@ -193,7 +200,7 @@ def _dedup(args: argparse.Namespace) -> int:
     from opt.data.dedup import REPORT_JSON, REPORT_MD, DedupSettings, dedup_sources, parse_sources
 
     settings = DedupSettings(args.threshold, args.num_perm, args.ngram, args.seed, args.text_key)
-    report = dedup_sources(parse_sources(args.sources), args.out, settings)
+    report = dedup_sources(parse_sources(args.sources), args.out, settings, workers=args.workers)
     print(report.markdown(), end="")
     total = report.total()
     print(

@@ -47,7 +47,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from opt.data.corpus import iter_documents, resolve_inputs
+from opt.data.corpus import iter_documents, resolve_inputs, total_bytes
 from opt.errors import OptError
 from opt.fsutil import fsync_dir
 
@@ -66,6 +66,9 @@ LSH_WEIGHTS = (0.05, 0.95)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RESERVED = {REMOVED.removesuffix(OUTPUT_SUFFIX)}
 _ZSTD_LEVEL = 3
+# Below this much input one process signs about as soon as two: a worker takes about half a
+# second to start (spawned, importing numpy), and the parent reads and writes meanwhile.
+PARALLEL_MIN_BYTES = 32 << 20
 
 # ----- the shingle hash -------------------------------------------------------------------
 _M64 = (1 << 64) - 1
@@ -170,16 +173,25 @@ class SignatureMaker:
     """MinHash signatures of batches of documents: ``num_perm`` uint32 per document, equal to
     ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32)`` fed ``shingles_of``."""
 
-    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1, chunk: int = 16384):
-        from datasketch import MinHash  # its permutations, so that the signatures are its own
-
+    def __init__(
+        self,
+        num_perm: int = 128,
+        ngram: int = 5,
+        seed: int = 1,
+        chunk: int = 16384,
+        permutations: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         if num_perm < 2:
             raise OptError(f"--num-perm must be at least 2, not {num_perm}")
         if ngram < 1:
             raise OptError(f"--ngram must be at least 1, not {ngram}")
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-        self.a, self.b = a.astype(np.uint32), b.astype(np.uint32)
+        if permutations is None:  # datasketch's own, so that the signatures are its own
+            from datasketch import MinHash
+
+            permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        a, b = permutations
+        self.a, self.b = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
         self.chunk = chunk  # shingles per (num_perm, chunk) block: 8 MB at 128 permutations
         self._bytes = _PowerTable(_P, _P_INV)
         self._words = _PowerTable(_Q, _Q_INV)
@@ -245,6 +257,63 @@ class SignatureMaker:
             mins = np.minimum.reduceat(rows, local, axis=1).T  # (docs, num_perm)
             out[docs] = np.minimum(out[docs], mins)
         return out, np.diff(offsets) > 0
+
+
+# ----- signatures on every core ------------------------------------------------------------
+_worker: dict = {}  # in a worker process: its SignatureMaker
+
+
+def _start_worker(num_perm: int, ngram: int, seed: int, permutations: tuple) -> None:
+    _worker["maker"] = SignatureMaker(num_perm, ngram, seed, permutations=permutations)
+
+
+def _sign_in_worker(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    return _worker["maker"].sign(encoded)
+
+
+class _SignPool:
+    """Batches signed in order, in this process (``workers=1``) or in ``workers`` spawned
+    processes (they import numpy and this module, not datasketch) with at most two batches
+    per worker in flight, so a large corpus is never read far ahead."""
+
+    def __init__(self, maker: SignatureMaker, workers: int) -> None:
+        self.maker, self.workers = maker, workers
+        self._executor = None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._executor = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(maker.num_perm, maker.ngram, maker.seed, (maker.a, maker.b)),
+            )
+
+    def map(self, jobs: Iterable[tuple[object, list[bytes]]]) -> Iterator[tuple[object, tuple]]:
+        """``(tag, encoded)`` in, ``(tag, (signatures, has_words))`` out, in order."""
+        if self._executor is None:
+            for tag, encoded in jobs:
+                yield tag, self.maker.sign(encoded)
+            return
+        from collections import deque
+
+        pending: deque = deque()
+        for tag, encoded in jobs:
+            pending.append((tag, self._executor.submit(_sign_in_worker, encoded)))
+            if len(pending) >= 2 * self.workers:
+                tag, future = pending.popleft()
+                yield tag, future.result()
+        while pending:
+            tag, future = pending.popleft()
+            yield tag, future.result()
+
+    def __enter__(self) -> _SignPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
 
 
 # ----- the LSH index -----------------------------------------------------------------------
@@ -529,9 +598,12 @@ def dedup_sources(
     *,
     batch_docs: int = 2048,
     batch_bytes: int = 8 << 20,
+    workers: int | None = None,
 ) -> DedupReport:
     """Deduplicate the sources ``(name, inputs)`` together into ``out`` (see the module doc).
-    Every input is resolved before anything is written; any error publishes nothing."""
+    Every input is resolved before anything is written; any error publishes nothing.
+    ``workers`` processes compute the signatures (default: every usable core, or one for
+    inputs under ``PARALLEL_MIN_BYTES``); the outputs do not depend on it."""
     settings.check()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -552,20 +624,19 @@ def dedup_sources(
     verdicts: dict[bytes, tuple[str, tuple[int, int], float]] = {}
     near_owner: list[tuple[int, int]] = []  # index key -> (source, number)
 
-    with _Outputs(out) as outputs:
+    if workers is None:
+        workers = _default_workers(resolved)
+    elif workers < 1:
+        raise OptError(f"--workers must be at least 1, not {workers}")
+    with _Outputs(out) as outputs, _SignPool(maker, workers) as pool:
         removed = _ZstdLines(outputs.open(REMOVED))
         writers: list[_ZstdLines] = []
         try:
-            for batch in _batches(_documents(resolved, settings.text_key), batch_docs, batch_bytes):
-                # Signatures, in one go, for the batch's texts not seen before; then each
-                # document decided in order, against everything decided before it.
-                digests = [hashlib.blake2b(d.encoded, digest_size=16).digest() for d in batch]
-                new = {}
-                for doc, digest in zip(batch, digests, strict=True):
-                    if digest not in verdicts and digest not in new:
-                        new[digest] = doc.encoded
-                signed, worded = maker.sign(list(new.values()))
-                row = {digest: i for i, digest in enumerate(new)}
+            jobs = _sign_jobs(
+                _batches(_documents(resolved, settings.text_key), batch_docs, batch_bytes)
+            )
+            for (batch, digests, row), (signed, worded) in pool.map(jobs):
+                # Each document decided in order, against everything decided before it.
                 for doc, digest in zip(batch, digests, strict=True):
                     c = counts[doc.source]
                     c.documents += 1
@@ -617,6 +688,27 @@ def dedup_sources(
         outputs.write(REPORT_JSON, report.to_json().encode())
         outputs.publish()
     return report
+
+
+def _default_workers(resolved: list[tuple[str, list]]) -> int:
+    size = sum(total_bytes(sources) for _, sources in resolved)
+    return len(os.sched_getaffinity(0)) if size >= PARALLEL_MIN_BYTES else 1
+
+
+def _sign_jobs(batches: Iterable[list[_Doc]]) -> Iterator[tuple[tuple, list[bytes]]]:
+    """For each batch: the texts to sign, those not seen before (in this batch or an earlier
+    one): a text's first copy is signed in its own batch, its later copies copy its verdict."""
+    submitted: set[bytes] = set()
+    for batch in batches:
+        digests = [hashlib.blake2b(d.encoded, digest_size=16).digest() for d in batch]
+        row: dict[bytes, int] = {}
+        encoded = []
+        for doc, digest in zip(batch, digests, strict=True):
+            if digest not in submitted:
+                submitted.add(digest)
+                row[digest] = len(encoded)
+                encoded.append(doc.encoded)
+        yield (batch, digests, row), encoded
 
 
 def _remove(removed: _ZstdLines, c: SourceCounts, counts: list[SourceCounts], doc: _Doc,
