@@ -288,7 +288,7 @@ def render(
         f"{total['near_within'] + total['near_across']:,} near duplicates "
         f"({total['near_across']:,} across sources), {total['kept']:,} documents kept; LSH "
         f"candidates {report['lsh']['candidates']:,}, of which {report['lsh']['rejected']:,} "
-        "were below the threshold on their signatures and kept.",
+        "were below the threshold on their signatures (not duplicates).",
     ])  # fmt: skip
 
 
