@@ -19,7 +19,9 @@ from opt.data.dedup import (
     REPORT_JSON,
     REPORT_MD,
     DedupSettings,
+    NearIndex,
     SignatureMaker,
+    _Sketch,
     dedup_sources,
     parse_sources,
     shingle_hash32,
@@ -210,6 +212,33 @@ def test_worker_processes_change_nothing(corpus: dict, tmp_path: Path) -> None:
     dedup_sources(specs, tmp_path / "one", workers=1, batch_docs=2)
     dedup_sources(specs, tmp_path / "two", workers=2, batch_docs=2)
     assert listing(tmp_path / "one") == listing(tmp_path / "two")
+
+
+def test_an_lsh_candidate_below_the_threshold_is_not_a_duplicate() -> None:
+    """A signature sharing one whole band with a kept one is an LSH candidate, but its
+    estimated Jaccard (that band's share of the slots) is far below 0.95: not a match."""
+    index = NearIndex(0.95, 128)
+    rng = np.random.default_rng(0)
+    kept = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+    index.add(kept)
+    other = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+    other[: index.rows] = kept[: index.rows]  # the first band equal
+    assert index.lsh.query(_Sketch(other)) == [0]
+    assert index.match(other) is None
+    assert (index.candidates, index.rejected) == (1, 1)
+    assert index.match(kept.copy()) == (0, 1.0)
+
+
+def test_a_near_duplicate_within_a_source(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    original, other = " ".join(words(rng, 2000)), " ".join(words(rng, 2000))
+    copy = edit(original, [1000])
+    assert true_jaccard(original, copy) >= 0.99
+    write_jsonl(tmp_path / "wiki.jsonl", [original, other, copy])
+    report = dedup_sources([("wiki", [str(tmp_path / "wiki.jsonl")])], tmp_path / "out")
+    assert (report.sources[0].near_within, report.sources[0].kept) == (1, 2)
+    assert texts_of(tmp_path / "out" / "wiki.jsonl.zst") == [original, other]
+    assert "| wiki " in (tmp_path / "out" / REPORT_MD).read_text()
 
 
 def test_parse_sources() -> None:
