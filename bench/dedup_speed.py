@@ -38,6 +38,7 @@ import tempfile
 import time
 import zlib
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,7 @@ def render(
     return "\n".join([
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
         f"- Machine: {info['cpu']}; {info['software']}, numpy {np.__version__}, datasketch "
-        f"2.0.0; load average {fmt(la)} at start, {fmt(lb)} at the end (the machine is shared; "
+        f"{version('datasketch')}; load average {fmt(la)} at start, {fmt(lb)} at the end (the machine is shared; "
         "measured holding the CPU lock that the other benchmarks of this session take)",
         f"- Command: `{command_line(argv)}`",
         f"- Corpus: {docs:,} documents, {mb:.1f} MB of text (MB = 10^6 bytes of UTF-8), no "
