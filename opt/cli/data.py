@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_prepare(commands)
     _add_train_tokenizer(commands)
+    _add_dedup(commands)
 
 
 def _add_prepare(commands: argparse._SubParsersAction) -> None:
@@ -177,4 +178,66 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     print(f"trained a {tokenizer.get_vocab_size():,}-token tokenizer: {path}")
     if bad.count:
         print(bad.summary())
+    return 0
+
+
+def _add_dedup(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "dedup",
+        help="remove exact and near-duplicate documents across sources (MinHash LSH)",
+        description=(
+            "Deduplicate several sources together, as OPT-175B did (MinHash LSH, Jaccard >= "
+            "0.95 across all sources). Exact duplicates: identical text. Near duplicates: "
+            "estimated Jaccard of word n-gram shingles (ASCII-lowercased, split on whitespace) "
+            "at or above --threshold, every LSH candidate confirmed by its signature. The first "
+            "copy is kept: sources in the order first named, each source's inputs in the order "
+            "given. Writes DIR/NAME.jsonl.zst (kept documents, input order) per source, "
+            "DIR/removed.jsonl.zst (every removed document and what it duplicates) and "
+            "DIR/dedup-report.json/.md, all renamed into place at the end; nothing on error."
+        ),
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="NAME=INPUT",
+        help=f"a source name and one input ({_INPUTS_HELP}); repeat NAME= for more inputs",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="remove a document whose estimated Jaccard with a kept one is at least this "
+        "(default: 0.95, as OPT)",
+    )
+    p.add_argument(
+        "--num-perm", type=int, default=128, metavar="N", help="MinHash permutations (default: 128)"
+    )
+    p.add_argument(
+        "--ngram", type=int, default=5, metavar="N", help="words per shingle (default: 5)"
+    )
+    p.add_argument("--seed", type=int, default=1, help="MinHash permutations' seed (default: 1)")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes computing signatures (default: every usable core, or 1 for inputs "
+        "under 32 MB); the output does not depend on it",
+    )
+    p.set_defaults(func=_dedup)
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from opt.data.dedup import REPORT_JSON, REPORT_MD, DedupSettings, dedup_sources, parse_sources
+
+    settings = DedupSettings(args.threshold, args.num_perm, args.ngram, args.seed, args.text_key)
+    report = dedup_sources(parse_sources(args.sources), args.out, settings, workers=args.workers)
+    print(report.markdown(), end="")
+    total = report.total()
+    print(
+        f"kept {total.kept:,} of {total.documents:,} documents in "
+        f"{', '.join(str(args.out / s.output) for s in report.sources)}; "
+        f"report: {args.out / REPORT_MD}, {args.out / REPORT_JSON}"
+    )
     return 0
