@@ -113,9 +113,38 @@ class ModelConfig(Section):
     """Custom shape: the vocabulary size (not set keeps the size's)."""
 
 
+class DataSource(Section):
+    """One dataset of a weighted mixture (``[[data.sources]]``)."""
+
+    path: str
+    """Prefix of its token files, written by `opt data prepare`; its held-out set, if it
+    has one, is <path>-valid."""
+    name: str | None = None
+    """Its name in metrics, logs and the logbook; not set: the prefix's last part."""
+    weight: float | None = Field(None, gt=0)
+    """Its share of the samples, relative to the others' weights (0.3 and 0.7, or 3 and 7)."""
+    tokens: int | None = Field(None, gt=0)
+    """Instead of a weight: the tokens to draw from it over the run; the shares are these
+    counts' ratios (epochs = tokens over its size)."""
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else Path(self.path).name
+
+    @model_validator(mode="after")
+    def _one_share(self) -> DataSource:
+        if (self.weight is None) == (self.tokens is None):
+            raise ValueError(f"source {self.label!r}: give weight or tokens (one of them)")
+        return self
+
+
 class DataConfig(Section):
     path: str | None = None
     """Prefix of the token files written by `opt data prepare` (PREFIX.bin/.idx/.json)."""
+    sources: list[DataSource] | None = None
+    """Instead of path: several prepared datasets drawn in proportion, each a
+    ``[[data.sources]]`` table with path and weight (or tokens); validation reads each one's
+    <path>-valid and reports a loss per source."""
     builtin: BuiltinCorpus | None = None
     """'pydoc' builds the embedded CPython-docs corpus at `path` when it is missing."""
     tokenizer: str | None = None
@@ -129,6 +158,21 @@ class DataConfig(Section):
     """Build the next step's batches in a background thread while this step computes."""
     pin_memory: bool = True
     """On GPUs, stage batches in page-locked host memory so the copy to the device is async."""
+
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> DataConfig:
+        if self.sources is None:
+            return self
+        if self.path is not None or self.builtin is not None:
+            raise ValueError("data.sources replaces data.path and data.builtin: set one")
+        if not self.sources:
+            raise ValueError("data.sources is empty")
+        labels = [s.label for s in self.sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"data.sources need distinct names (set name), not {labels}")
+        if len({s.weight is None for s in self.sources}) > 1:
+            raise ValueError("data.sources: give every source a weight, or every one tokens")
+        return self
 
 
 class OptimConfig(Section):
@@ -662,11 +706,16 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
 
 def to_toml(config: JobConfig) -> str:
     """The resolved tree as TOML, None fields left out; load_config reads it back equal."""
-    tables = {
-        section: {key: value for key, value in table.items() if value is not None}
-        for section, table in config.model_dump().items()
-    }
-    return tomli_w.dumps(tables)
+    return tomli_w.dumps(_without_none(config.model_dump()))
+
+
+def _without_none(value: object) -> object:
+    """``value`` with every None-valued key dropped, also inside lists of tables."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 # ----- parsing and errors -------------------------------------------------------------------

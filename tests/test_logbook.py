@@ -23,6 +23,7 @@ from opt.run.logbook.events import (
     AllocationStart,
     CheckpointSkipped,
     ConfigChange,
+    DataEpoch,
     DownstreamEval,
     GaveUp,
     Hyperparameters,
@@ -94,6 +95,7 @@ def one_of_each() -> list:
         DownstreamEval(step=200, tokens=409600, split="validation", shots=0, seconds=2.5,
                        tasks={"rte": TaskAccuracy(median=0.52, iqr=0.04, min=0.47, max=0.6,
                                                   prompts=10, examples=64)}),
+        DataEpoch(step=120, tokens=245760, source="wiki", epochs=2, samples=5120),
     ]  # fmt: skip
 
 
@@ -279,6 +281,7 @@ V0 = {
     "downstream_eval": {"step": 200, "split": "validation", "shots": 0, "seconds": 2.5,
                         "tasks": {"rte": {"median": 0.5, "iqr": 0.0, "min": 0.5, "max": 0.5,
                                           "prompts": 1, "examples": 8}}},
+    "data_epoch": {"step": 120, "source": "wiki", "epochs": 1, "samples": 5120},
 }  # fmt: skip
 
 

@@ -38,7 +38,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def write_corpus(root: Path, big_mb: float = 0.0) -> Path:
-    """Five JSON-lines files of pydoc topics (empty documents among them); with ``big_mb``,
+    """Five JSON-lines files of pydoc topics (empty documents and, in two files, a malformed
+    record among them); with ``big_mb``,
     a sixth file, ``big.jsonl``, of that many MB of random word sequences (distinct text)."""
     corpus = root / "corpus"
     corpus.mkdir(parents=True)
@@ -46,6 +47,8 @@ def write_corpus(root: Path, big_mb: float = 0.0) -> Path:
     for i, name in enumerate(FILES):
         lines = [json.dumps({"text": d}) for d in docs[i * 16 : (i + 1) * 16]]
         lines.insert(3, json.dumps({"text": ""}))
+        if i in (0, 3):
+            lines.insert(5, '{"text": "a record cut sh')  # malformed: skipped and counted
         (corpus / name.replace(".txt", ".jsonl")).write_text("\n".join(lines) + "\n")
     if big_mb:
         words = " ".join(docs).split()
@@ -220,6 +223,28 @@ def test_changed_inputs_or_tokenizer_invalidate_every_shard(tmp_path, tokenizer_
     out = ok(prepare("corpus", "--tokenizer", str(other), "--out", "sh/ds", "--shards", "3",
                      "--shard-index", "0", cwd=tmp_path))  # fmt: skip
     assert out.startswith("prepared shard 0 of 3")
+
+
+def test_bad_records_are_counted_and_limited_over_the_whole_corpus(tmp_path, tokenizer_dir):
+    corpus = write_corpus(tmp_path)  # 2 bad records of 82, one in shard 0, one in shard 2
+    # A fraction of the whole corpus: shard 0 alone has 1 in 18 bad, more than 3%; the whole
+    # corpus 2.4%, which one process accepts, and so does the merge.
+    limit = ["--max-bad-records", "0.03"]
+    ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds", *SPLIT, *limit,
+               cwd=tmp_path))  # fmt: skip
+    expected = files_of(tmp_path / "one" / "ds")
+    meta = json.loads((tmp_path / "one" / "ds.json").read_text())
+    assert meta["source"]["bad_records"]["count"] == 2
+    out = ok(sharded(corpus, tokenizer_dir, "--launch", "local", *limit))
+    assert "skipped 2 bad records: " in out
+    assert files_of(tmp_path / "sh" / "ds") == renamed(expected)
+    # A count: one process stops at the second; each shard has one, the merge sees two.
+    assert prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds",
+                   "--max-bad-records", "1", cwd=tmp_path).returncode == 2  # fmt: skip
+    failed = sharded(corpus, tokenizer_dir, "--merge", "--max-bad-records", "1")
+    assert failed.returncode == 2
+    assert "error: 2 bad records in the shards, more than 1" in failed.stderr
+    assert files_of(tmp_path / "sh" / "ds") == renamed(expected)  # the old one stays
 
 
 def test_more_shards_than_files_is_one_clear_line(tmp_path, tokenizer_dir) -> None:

@@ -284,7 +284,7 @@ def test_skip_data_removes_exactly_the_logged_samples_from_the_stream(runs):
     its tokens."""
     trainer = runs("rollback+lower_lr_clip+skip_data")
     cfg = trainer.cfg
-    dataset, seq_len = trainer.loader.dataset, trainer.loader.seq_len
+    dataset, seq_len = trainer.loader.datasets[0], trainer.loader.seq_len
 
     def tokens(sample_id: int) -> bytes:
         return dataset.sample(sample_id, seq_len).astype("int64").tobytes()

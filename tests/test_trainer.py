@@ -190,7 +190,7 @@ def test_batch_that_does_not_divide_is_refused(tiny_config):
 def _held_out_losses(trainer: Trainer) -> tuple[float, int]:
     """The held-out loss computed here, apart from the trainer's evaluator: every token of
     the first ``n_batches`` global batches, summed in float64, by the plain model."""
-    batches = trainer.evaluator.batches
+    batches = trainer.evaluator.sets[0].batches
     rows = [batches.dataset.sample(i, batches.seq_len) for i in range(batches.n_batches * 8)]
     tokens = torch.from_numpy(np.stack(rows))
     model = trainer.model
@@ -208,7 +208,7 @@ def _held_out_losses(trainer: Trainer) -> tuple[float, int]:
 def test_validation_loss_is_the_mean_over_every_held_out_token(tiny_config, loss_chunk):
     trainer = Trainer(tiny_config(train__loss_chunk=loss_chunk, validation__tokens=768))
     assert trainer.fused_loss is (loss_chunk > 0)
-    batches = trainer.evaluator.batches
+    batches = trainer.evaluator.sets[0].batches
     assert (batches.n_batches, batches.tokens) == (3, 768)  # 768 tokens: 3 batches of 256
     for _ in range(3):
         trainer.train_step()
@@ -288,7 +288,7 @@ def test_without_a_held_out_set_there_is_no_validation(tiny_config, tmp_path, py
         Trainer(tiny_config(data__path=str(bare / "train"), validation__path=str(bare / "v")))
     # Named explicitly, another set serves: here the training set itself.
     named = Trainer(tiny_config(validation__path=str(pydoc_dataset)))
-    assert named.evaluator.batches.dataset.prefix == pydoc_dataset
+    assert named.evaluator.sets[0].batches.dataset.prefix == pydoc_dataset
 
 
 def test_a_held_out_set_that_does_not_belong_is_refused(tiny_config, tmp_path, pydoc_dataset):

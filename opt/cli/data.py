@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from opt.data.corpus import iter_documents, resolve_inputs, total_bytes
+from opt.data.corpus import BadRecords, iter_documents, parse_limit, resolve_inputs, total_bytes
 from opt.data.dataset import DatasetPaths, valid_prefix
 from opt.data.prepare import prepare_dataset, save_tokenizer
 from opt.data.tokenizer import load_tokenizer, train_tokenizer
@@ -19,8 +19,18 @@ from opt.launch.prepare_shards import add_shard_arguments, run_sharded, sharded
 _PARALLEL_MIN_BYTES = 32 << 20
 
 _INPUTS_HELP = (
-    "a .txt file (one document), a .jsonl/.json file (one JSON object per line), a directory "
-    "of such files, or builtin:pydoc (Python's own documentation, no download needed)"
+    "a .txt file (one document); JSON lines, one object per line (.jsonl/.json, gzipped "
+    ".jsonl.gz/.json.gz, or zstd .jsonl.zst/.json.zst as the Pile ships); a .parquet file; a "
+    "directory that datasets' save_to_disk wrote (one split: not a DatasetDict); a directory "
+    "of any of these (read in sorted order); or builtin:pydoc (Python's own documentation, no "
+    "download needed). The text is under --text-key. A malformed record is skipped with a "
+    "warning naming its file and line (or row, from 0), and counted"
+)
+_TEXT_KEY_HELP = "JSON field or Parquet/dataset column holding the text (default: text)"
+_MAX_BAD_HELP = (
+    "fail, publishing nothing, past this many malformed records (a count: 10), or at the end "
+    "if more than this fraction (0.001) or percentage (0.1%%) of the records were malformed "
+    "(default: skip any number)"
 )
 
 
@@ -34,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_prepare(commands)
     _add_train_tokenizer(commands)
+    _add_dedup(commands)
 
 
 def _add_prepare(commands: argparse._SubParsersAction) -> None:
@@ -56,7 +67,8 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
         help="tokenizer.json, or a directory with it or with GPT-2 vocab.json + merges.txt",
     )
     p.add_argument("--out", required=True, type=Path, metavar="PREFIX", help="output prefix")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--text-key", default="text", help=_TEXT_KEY_HELP)
+    p.add_argument("--max-bad-records", type=_limit, metavar="N", help=_MAX_BAD_HELP)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--no-word-cache",
@@ -102,8 +114,16 @@ def _add_train_tokenizer(commands: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
     p.add_argument("--vocab-size", required=True, type=int, help="largest vocabulary to learn")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--text-key", default="text", help=_TEXT_KEY_HELP)
+    p.add_argument("--max-bad-records", type=_limit, metavar="N", help=_MAX_BAD_HELP)
     p.set_defaults(func=_train_tokenizer)
+
+
+def _limit(text: str) -> int | float:
+    try:
+        return parse_limit(text)
+    except OptError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -113,14 +133,21 @@ def _prepare(args: argparse.Namespace) -> int:
         raise OptError(f"--valid-fraction must be in [0, 1), not {args.valid_fraction}")
     sources = resolve_inputs(args.inputs)
     tokenizer = load_tokenizer(args.tokenizer)
-    size = total_bytes(sources)
+    size = total_bytes(sources, args.text_key)
     retain_freed_memory()  # batches allocate and free the same large arrays (see workers)
     workers = args.workers or (len(os.sched_getaffinity(0)) if size >= _PARALLEL_MIN_BYTES else 1)
     source = {"inputs": list(args.inputs), "tokenizer": str(args.tokenizer)}
     if sharded(args):
         return run_sharded(args, sources, tokenizer, source, workers)
+    bad = BadRecords(args.max_bad_records)
+
+    def documents():
+        yield from iter_documents(sources, args.text_key, bad)
+        # prepare_dataset records `source` once the documents are exhausted.
+        source["bad_records"] = bad.as_meta()
+
     meta = prepare_dataset(
-        iter_documents(sources, args.text_key),
+        documents(),
         tokenizer,
         args.out,
         total_bytes=size,
@@ -142,12 +169,79 @@ def _prepare(args: argparse.Namespace) -> int:
             f"held out {split['valid_tokens']:,} tokens in {split['valid_docs']:,} documents: "
             f"{held.bin}, {held.idx}, {held.meta}"
         )
+    if bad.count:
+        print(bad.summary())
     return 0
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
     sources = resolve_inputs(args.inputs)
-    tokenizer = train_tokenizer(iter_documents(sources, args.text_key), args.vocab_size)
+    bad = BadRecords(args.max_bad_records)
+    tokenizer = train_tokenizer(iter_documents(sources, args.text_key, bad), args.vocab_size)
     path = save_tokenizer(tokenizer, args.out / "tokenizer.json")
     print(f"trained a {tokenizer.get_vocab_size():,}-token tokenizer: {path}")
+    if bad.count:
+        print(bad.summary())
+    return 0
+
+
+def _add_dedup(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "dedup",
+        help="remove exact and near-duplicate documents across sources (MinHash LSH)",
+        description=(
+            "Deduplicate several sources together, as OPT-175B did (MinHash LSH, Jaccard >= "
+            "0.95 across all sources). Exact duplicates: identical text. Near duplicates: "
+            "estimated Jaccard of word n-gram shingles (ASCII-lowercased, split on whitespace) "
+            "at or above --threshold, every LSH candidate confirmed by its signature. The first "
+            "copy is kept: sources in the order first named, each source's inputs in the order "
+            "given. Writes DIR/NAME.jsonl.zst (kept documents, input order) per source, "
+            "DIR/removed.jsonl.zst (every removed document and what it duplicates) and "
+            "DIR/dedup-report.json/.md, all renamed into place at the end; nothing on error."
+        ),
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="NAME=INPUT",
+        help=f"a source name and one input ({_INPUTS_HELP}); repeat NAME= for more inputs",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="remove a document whose estimated Jaccard with a kept one is at least this "
+        "(default: 0.95, as OPT)",
+    )
+    p.add_argument(
+        "--num-perm", type=int, default=128, metavar="N", help="MinHash permutations (default: 128)"
+    )
+    p.add_argument(
+        "--ngram", type=int, default=5, metavar="N", help="words per shingle (default: 5)"
+    )
+    p.add_argument("--seed", type=int, default=1, help="MinHash permutations' seed (default: 1)")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes computing signatures (default: every usable core, or 1 for inputs "
+        "under 32 MB); the output does not depend on it",
+    )
+    p.set_defaults(func=_dedup)
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from opt.data.dedup import REPORT_JSON, REPORT_MD, DedupSettings, dedup_sources, parse_sources
+
+    settings = DedupSettings(args.threshold, args.num_perm, args.ngram, args.seed, args.text_key)
+    report = dedup_sources(parse_sources(args.sources), args.out, settings, workers=args.workers)
+    print(report.markdown(), end="")
+    total = report.total()
+    print(
+        f"kept {total.kept:,} of {total.documents:,} documents in "
+        f"{', '.join(str(args.out / s.output) for s in report.sources)}; "
+        f"report: {args.out / REPORT_MD}, {args.out / REPORT_JSON}"
+    )
     return 0

@@ -10,7 +10,7 @@ The names below are imported on first use: the tokenizing worker processes of
 import importlib
 
 _EXPORTS = {
-    "BatchLoader": "opt.data.sampler",
+    "BatchLoader": "opt.data.loader",
     "SampleStream": "opt.data.sampler",
     "TokenDataset": "opt.data.dataset",
     "builtin_documents": "opt.data.corpus",

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from opt.data.sampler import BatchLoader
+from opt.data.loader import BatchLoader
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -78,8 +78,9 @@ def prepare_dataset(
     """Tokenize ``documents`` (EOS after each) into ``<out_prefix>.{bin,idx,json}``.
 
     ``total_bytes`` sizes the progress bar; ``source`` (e.g. the inputs and tokenizer used) is
-    recorded under ``"source"`` in the metadata. Empty documents are skipped. Returns the
-    metadata that was written. ``word_cache`` encodes through
+    recorded under ``"source"`` in the metadata, as it is once ``documents`` are exhausted
+    (the CLI adds the readers' bad-record tally to it then). Empty documents are skipped.
+    Returns the metadata that was written. ``word_cache`` encodes through
     :class:`~opt.data.fast_encode.CachedByteLevelEncoder` where the tokenizer allows it (same
     ids, several times faster); off, or for other tokenizers, ``tokenizers`` encodes alone.
     With the word cache, ``workers`` > 1 encodes in that many processes

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from opt.data.corpus import BUILTIN_SCHEME, Source, iter_documents, total_bytes
+from opt.data.corpus import BUILTIN_SCHEME, BadRecords, Source, iter_documents, total_bytes
 from opt.data.dataset import DatasetPaths, token_dtype
 from opt.data.encode_pool import Block
 from opt.data.prepare import prepare_dataset, write_dataset
@@ -153,9 +153,12 @@ def prepare_shard(
     show_progress: bool = True,
     word_cache: bool = True,
     workers: int = 1,
+    bad_limit: int | float | None = None,
 ) -> dict[str, Any] | None:
     """Tokenize shard ``index`` of ``recipe`` into its place beside ``prefix``; return its
-    metadata, or None when it was already complete (then nothing is touched)."""
+    metadata, or None when it was already complete (then nothing is touched). Its malformed
+    records are counted into its metadata; a count ``bad_limit`` stops it early (the whole
+    corpus has more then), a fraction is the whole corpus's: :func:`merge_shards` checks it."""
     count = recipe["shards"]
     if not 0 <= index < count:
         raise OptError(f"--shard-index must be in [0, {count}), not {index}")
@@ -176,8 +179,15 @@ def prepare_shard(
         "recipe_sha256": recipe_sha256(recipe),
         "recipe": recipe,
     }
+    bad = BadRecords(bad_limit if isinstance(bad_limit, int) else None)
+
+    def documents() -> Iterator[str]:
+        yield from iter_documents(mine, recipe["text_key"], bad)
+        # Read into the metadata once the documents are exhausted, as prepare_dataset does.
+        shard["bad_records"] = {**bad.as_meta(), "records": bad.records}
+
     return prepare_dataset(
-        iter_documents(mine, recipe["text_key"]),
+        documents(),
         tokenizer,
         shard_prefix(prefix, index, count),
         total_bytes=sum(i["bytes"] for i in recipe["inputs"][start:stop]),
@@ -197,12 +207,15 @@ def merge_shards(
     valid_fraction: float = 0.0,
     split_seed: int = 0,
     rerun: str = "",
+    bad: BadRecords | None = None,
 ) -> dict[str, Any]:
     """Concatenate every shard of ``recipe`` in order into the dataset ``prefix`` (and its
     held-out split), published atomically; return its metadata. With ``source`` and the
     split of the single-process command, every file is byte-identical to what that command
     writes. A missing or stale shard stops it before anything is written: one line naming
-    them, then ``rerun`` (the command that prepares them)."""
+    them, then ``rerun`` (the command that prepares them). The shards' malformed records are
+    added up into ``bad`` (its limit applies to the whole corpus) and, with ``source``,
+    recorded as one process records them."""
     missing = missing_shards(prefix, recipe)
     if missing:
         count = recipe["shards"]
@@ -212,10 +225,30 @@ def merge_shards(
             f"from other inputs or another tokenizer (shard {names} in {shards_dir(prefix)}); "
             f"{rerun}".rstrip("; ")
         )
+    _add_bad_records(prefix, recipe["shards"], bad if bad is not None else BadRecords())
+    if source is not None and bad is not None:
+        source = {**source, "bad_records": bad.as_meta()}
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     blocks = _shard_blocks(prefix, recipe["shards"], token_dtype(vocab_size))
     return write_dataset(blocks, prefix, vocab_size, eos_id(tokenizer), source=source,
                          valid_fraction=valid_fraction, split_seed=split_seed)  # fmt: skip
+
+
+def _add_bad_records(prefix: str | Path, count: int, bad: BadRecords) -> None:
+    """Count every shard's malformed records into ``bad``, in order (so its first few are
+    the corpus's first few), and apply its limit to the whole corpus."""
+    for index in range(count):
+        meta = _read_meta(DatasetPaths.of(shard_prefix(prefix, index, count)).meta)
+        shard = meta["shard"].get("bad_records", {"count": 0, "first": [], "records": 0})
+        bad.count += shard["count"]
+        bad.records += shard["records"]
+        bad.first.extend(shard["first"][: bad.KEEP - len(bad.first)])
+    if isinstance(bad.limit, int) and bad.count > bad.limit:
+        raise OptError(
+            f"{bad.count} bad records in the shards, more than {bad.limit} (the limit set by "
+            f"max-bad-records); the first: {bad.first[0]}"
+        )
+    bad.finish()
 
 
 def _shard_blocks(prefix: str | Path, count: int, dtype: np.dtype) -> Iterator[tuple[Block, int]]:

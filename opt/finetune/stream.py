@@ -348,6 +348,11 @@ class FinetuneLoader:
             for i in range(0, per_rank, self.micro_batch_size)
         ]
 
+    def source_epochs(self) -> dict[str, float]:
+        """Epochs of the prompted mixture so far: every epoch is one permutation of all its
+        (example, template) entries, so all its datasets share the count."""
+        return {"mixture": self.stream.pos / self.stream.mixture.num_examples}
+
     def step_positions(
         self, pos: int, done_steps: int, first: int, last: int, grad_accum: int
     ) -> tuple[int, int]:

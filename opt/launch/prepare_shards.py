@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opt.data.corpus import Source
+from opt.data.corpus import BadRecords, Source
 from opt.data.dataset import DatasetPaths, valid_prefix
 from opt.data.shards import (
     merge_shards,
@@ -96,6 +96,8 @@ def shard_command(args: argparse.Namespace, *mode: str) -> list[str]:
                "--out", str(args.out), "--shards", str(args.shards)]  # fmt: skip
     if args.text_key != "text":
         command += ["--text-key", args.text_key]
+    if args.max_bad_records is not None:
+        command += ["--max-bad-records", str(args.max_bad_records)]
     if ("--merge" in mode or "--launch" in mode) and args.valid_fraction:
         command += ["--valid-fraction", repr(args.valid_fraction)]
         command += ["--split-seed", str(args.split_seed)]
@@ -128,13 +130,17 @@ def run_sharded(
     if args.shard_index is not None:
         meta = prepare_shard(sources, tokenizer, args.out, args.shard_index, recipe,
                              show_progress=not args.no_progress,
-                             word_cache=not args.no_word_cache, workers=workers)  # fmt: skip
+                             word_cache=not args.no_word_cache, workers=workers,
+                             bad_limit=args.max_bad_records)  # fmt: skip
         name = shard_prefix(args.out, args.shard_index, args.shards)
         if meta is None:
             print(f"shard {args.shard_index} of {args.shards} is already prepared: {name}")
         else:
             print(f"prepared shard {args.shard_index} of {args.shards}: {meta['n_tokens']:,} "
                   f"tokens in {meta['n_docs']:,} documents: {name}.{{bin,idx,json}}")  # fmt: skip
+            skipped = meta["shard"]["bad_records"]
+            if skipped["count"]:
+                print(f"skipped {skipped['count']:,} bad record(s) (see the warnings above)")
         return 0
     if args.launch == "local":
         _run_local(args, missing_shards(args.out, recipe))
@@ -151,9 +157,10 @@ def _merge(args: argparse.Namespace, recipe: dict, tokenizer, source: dict) -> i
         launcher = args.launched_by or "local"
         everything = shlex.join(shard_command(args, "--launch", launcher))
         rerun = f"prepare each with `{one}` or all and merge with `{everything}`"
+    bad = BadRecords(args.max_bad_records)
     meta = merge_shards(args.out, recipe, tokenizer, source=source,
                         valid_fraction=args.valid_fraction, split_seed=args.split_seed,
-                        rerun=rerun)  # fmt: skip
+                        rerun=rerun, bad=bad)  # fmt: skip
     paths = DatasetPaths.of(args.out)
     print(f"merged {args.shards} shards: {meta['n_tokens']:,} tokens in {meta['n_docs']:,} "
           f"documents: {paths.bin}, {paths.idx}, {paths.meta}")  # fmt: skip
@@ -161,6 +168,8 @@ def _merge(args: argparse.Namespace, recipe: dict, tokenizer, source: dict) -> i
         split, held = meta["split"], DatasetPaths.of(valid_prefix(args.out))
         print(f"held out {split['valid_tokens']:,} tokens in {split['valid_docs']:,} "
               f"documents: {held.bin}, {held.idx}, {held.meta}")  # fmt: skip
+    if bad.count:
+        print(bad.summary())
     print(f"the shards in {shards_dir(args.out)} may be deleted")
     return 0
 

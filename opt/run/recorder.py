@@ -25,6 +25,7 @@ from opt.run.energy import EnergyMeter
 from opt.run.logbook.events import (
     CheckpointSkipped,
     ConfigChange,
+    DataEpoch,
     DownstreamEval,
     Event,
     InterventionCompletedAfterRestart,
@@ -162,6 +163,11 @@ class RunRecorder:
         error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         self.log(RunStop(step=step, tokens=tokens, reason=f"error: {error}", **self.energy.usage()))
         self.status(status.FAILED, step, tokens, max_steps, error=error)
+
+    def data_epoch(self, source: str, epochs: int, samples: int, step: int, tokens: int) -> None:
+        """A mixture source drawn ``epochs`` times over: into the logbook."""
+        self.log(DataEpoch(source=source, epochs=epochs, samples=samples, step=step,
+                           tokens=tokens))  # fmt: skip
 
     def validated(self, step: int, loss: float) -> None:
         """The newest validation loss: status.json carries it from its next write on."""

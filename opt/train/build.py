@@ -24,8 +24,8 @@ from opt.parallel.parallelize import (
     tied_embedding_group,
 )
 from opt.parallel.pipeline import build_schedule
-from opt.train.data_setup import build_loader, held_out_dataset, resolve_tokenizer_file
-from opt.train.evaluate import HeldOutBatches
+from opt.train.data_setup import build_loader, held_out_dataset, resolve_tokenizer_file, share
+from opt.train.evaluate import HeldOutBatches, HeldOutSet
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,10 @@ def build_data(job: Job, where: Placement) -> tuple[PrefetchingLoader, Path]:
 
 def build_validation(
     job: Job, where: Placement, train_prefix: Path
-) -> tuple[HeldOutBatches | None, str]:
-    """This rank's share of the held-out batches one evaluation reads, or None without
-    validation; and the line that says which (the first line of a run)."""
+) -> tuple[HeldOutBatches | list[HeldOutSet] | None, str]:
+    """This rank's share of the held-out batches one evaluation reads (a mixture: each
+    source's), or None without validation; and the line that says which (the first line
+    of a run)."""
     cfg, valid = job.cfg, job.cfg.validation
     if not valid.enabled:
         return None, "validation: off (validation.enabled = false)"
@@ -118,6 +119,8 @@ def build_validation(
             "validation: off: fine-tuning has no held-out token set; held-out tasks are "
             "evaluated by [downstream]"
         )
+    if cfg.data.sources is not None:
+        return _mixture_validation(job, where)
     dataset = held_out_dataset(cfg, train_prefix)
     if dataset is None:
         return None, (
@@ -138,6 +141,42 @@ def build_validation(
     return batches, (
         f"validation: {batches.tokens:,} tokens ({batches.n_batches} batch(es)) of "
         f"{dataset.prefix} every {valid.every} steps and at every checkpoint save"
+    )
+
+
+def _mixture_validation(job: Job, where: Placement) -> tuple[list[HeldOutSet] | None, str]:
+    """Each mixture source's held-out set (``<path>-valid``) that holds a global batch."""
+    cfg, valid = job.cfg, job.cfg.validation
+    if valid.path is not None:
+        raise OptError(
+            "validation.path names one held-out set; with data.sources each source's "
+            "<path>-valid is evaluated: unset validation.path"
+        )
+    seq_len, batch_tokens = cfg.data.seq_len, cfg.train.batch_tokens
+    sets, missing = [], []
+    for source in cfg.data.sources:
+        dataset = held_out_dataset(cfg, Path(source.path), derived=True)
+        if dataset is None or HeldOutBatches.available(dataset, seq_len, batch_tokens) == 0:
+            missing.append(source.label)
+            continue
+        batches = HeldOutBatches.of(
+            dataset, seq_len=seq_len, batch_tokens=batch_tokens, tokens=valid.tokens,
+            micro_batch_size=cfg.train.micro_batch_size, grad_accum=job.grad_accum,
+            dp_rank=where.dp_rank, dp_size=job.dims.dp,
+        )  # fmt: skip
+        sets.append(HeldOutSet(batches, source.label, share(source)))
+    without = (
+        f"; none for {', '.join(missing)} (no <path>-valid holding a global batch of "
+        f"{batch_tokens:,} tokens: `opt data prepare --valid-fraction F` makes one)"
+        if missing else ""
+    )  # fmt: skip
+    if not sets:
+        return None, f"validation: off{without}"
+    each = ", ".join(f"{s.name} {s.batches.tokens:,}" for s in sets)
+    return sets, (
+        f"validation: the held-out tokens of each source ({each}) every {valid.every} steps "
+        f"and at every checkpoint save; the run's loss weights them by their mixture "
+        f"shares{without}"
     )
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opt.config import JobConfig
+from opt.config import DataSource, JobConfig
+from opt.data.blend import BlendedStream, BlendSource
 from opt.data.dataset import DatasetPaths, TokenDataset, valid_prefix
+from opt.data.loader import BatchLoader
 from opt.data.prepare import ensure_builtin_dataset
-from opt.data.sampler import BatchLoader, SampleStream
+from opt.data.sampler import SampleStream
 from opt.errors import OptError
 from opt.finetune.mixture import load_mixture
 from opt.finetune.stream import FinetuneLoader, PromptedStream, survey
@@ -77,13 +79,11 @@ def build_loader(
     """This rank's loader and the token files' prefix (fine-tuning: the tokenizer file)."""
     if cfg.finetune.mixture is not None:
         return build_finetune_loader(cfg, model_args, dp_rank, dp_size)
+    if cfg.data.sources is not None:
+        return build_blend_loader(cfg, model_args, dp_rank, dp_size)
     prefix = dataset_prefix(cfg, model_args)
     dataset = TokenDataset(prefix)
-    if dataset.vocab_size > model_args.vocab_size:
-        raise OptError(
-            f"dataset {prefix} was tokenized with a {dataset.vocab_size}-token vocabulary, "
-            f"larger than {cfg.model.name}'s {model_args.vocab_size}"
-        )
+    _check_vocabulary(dataset, cfg, model_args)
     stream = SampleStream(
         dataset.num_samples(cfg.data.seq_len), seed=cfg.run.seed, shuffle=cfg.data.shuffle
     )
@@ -98,13 +98,56 @@ def build_loader(
     return loader, prefix
 
 
-def held_out_dataset(cfg: JobConfig, train_prefix: Path) -> TokenDataset | None:
-    """The held-out set validation reads (``validation.path``, or ``<data.path>-valid``
+def build_blend_loader(
+    cfg: JobConfig, model_args: ModelArgs, dp_rank: int = 0, dp_size: int = 1
+) -> tuple[BatchLoader, Path]:
+    """The loader of a weighted mixture (``data.sources``) and its first source's prefix
+    (where the tokenizer is looked for). Every source must be tokenized alike."""
+    sources = cfg.data.sources
+    datasets = [TokenDataset(source.path) for source in sources]
+    first = datasets[0]
+    for source, dataset in zip(sources, datasets, strict=True):
+        _check_vocabulary(dataset, cfg, model_args)
+        if (dataset.vocab_size, dataset.eos_id) != (first.vocab_size, first.eos_id):
+            raise OptError(
+                f"data.sources {source.label!r} ({source.path}) was tokenized with another "
+                f"vocabulary than {sources[0].label!r} ({dataset.vocab_size} tokens, EOS "
+                f"{dataset.eos_id}, against {first.vocab_size}, EOS {first.eos_id})"
+            )
+    stream = BlendedStream(
+        [BlendSource(source.label, dataset.num_samples(cfg.data.seq_len), share(source))
+         for source, dataset in zip(sources, datasets, strict=True)],
+        seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+    )  # fmt: skip
+    loader = BatchLoader(datasets, stream, cfg.data.seq_len, cfg.train.micro_batch_size,
+                         dp_rank, dp_size)  # fmt: skip
+    return loader, Path(sources[0].path)
+
+
+def share(source: DataSource) -> float:
+    """A source's weight in the blend: its weight, or its target token count."""
+    return float(source.weight if source.weight is not None else source.tokens)
+
+
+def _check_vocabulary(dataset: TokenDataset, cfg: JobConfig, model_args: ModelArgs) -> None:
+    if dataset.vocab_size > model_args.vocab_size:
+        raise OptError(
+            f"dataset {dataset.prefix} was tokenized with a {dataset.vocab_size}-token "
+            f"vocabulary, larger than {cfg.model.name}'s {model_args.vocab_size}"
+        )
+
+
+def held_out_dataset(
+    cfg: JobConfig, train_prefix: Path, derived: bool | None = None
+) -> TokenDataset | None:
+    """The held-out set validation reads (``validation.path``, or ``<train_prefix>-valid``
     where it exists), or None: validation off, or no held-out set to derive. It must be
-    tokenized like the training set; a derived one must be the split of this very set."""
+    tokenized like the training set; a derived one must be the split of this very set.
+    ``derived`` forces the derived set (a mixture source's)."""
     if not cfg.validation.enabled:
         return None
-    derived = cfg.validation.path is None
+    if derived is None:
+        derived = cfg.validation.path is None
     prefix = valid_prefix(train_prefix) if derived else Path(cfg.validation.path)
     if derived and not DatasetPaths.of(prefix).meta.is_file():
         return None

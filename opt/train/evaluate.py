@@ -14,14 +14,19 @@ The loss is the mean over every evaluated token. Each rank that holds the loss (
 pipeline stage's first tensor-parallel rank of each data-parallel replica, as for the
 step's loss) sums its micro-batches' mean losses weighted by their token counts, in
 float64; one all-reduce of (sum, tokens) gives every rank the same value.
+
+A mixture of sources (``data.sources``) has a held-out set per source: each is evaluated
+as above, one all-reduce for all of them, and the run's held-out loss is the mean of the
+sources' losses weighted by their shares of the training mixture (the loss the mixture's
+own distribution would see), over the sources that have a held-out set.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +48,8 @@ class Evaluation:
     loss: float
     tokens: int
     seconds: float
+    sources: dict[str, float] = field(default_factory=dict)
+    """A mixture's loss on each source's held-out set (empty for one dataset)."""
 
     @property
     def ppl(self) -> float:
@@ -131,6 +138,16 @@ class HeldOutBatches:
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) inputs, targets
 
 
+@dataclass(frozen=True)
+class HeldOutSet:
+    """A held-out set to evaluate: a mixture source's (its name and share of the training
+    mixture) or the one dataset's (no name, share 1)."""
+
+    batches: HeldOutBatches
+    name: str | None = None
+    share: float = 1.0
+
+
 class Evaluator:
     """Evaluates the held-out loss with the trainer's forward, and remembers the last one.
 
@@ -140,7 +157,7 @@ class Evaluator:
 
     def __init__(
         self,
-        batches: HeldOutBatches,
+        sets: HeldOutBatches | Sequence[HeldOutSet],
         forward: Callable[[MicroBatches], torch.Tensor],
         parts: list[nn.Module],
         *,
@@ -148,7 +165,7 @@ class Evaluator:
         device: torch.device,
         report: Callable[[Evaluation], None] | None = None,
     ) -> None:
-        self.batches = batches
+        self.sets = [HeldOutSet(sets)] if isinstance(sets, HeldOutBatches) else list(sets)
         self.forward = forward
         self.parts = parts
         self.holds_loss = holds_loss
@@ -160,19 +177,16 @@ class Evaluator:
         """The held-out loss of the model as it is, recorded as of ``step`` (collective:
         every rank calls it at the same point)."""
         start = time.perf_counter()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, tokens
+        # Per held-out set: loss sum, tokens
+        totals = torch.zeros(len(self.sets), 2, dtype=torch.float64, device=self.device)
         modes = [part.training for part in self.parts]
         devices = [self.device] if self.device.type != "cpu" else []
         try:
             for part in self.parts:
                 part.eval()
             with torch.no_grad(), torch.random.fork_rng(devices, device_type=self.device.type):
-                for microbatches in self.batches:
-                    losses = self.forward(microbatches)  # (micro-batches,) mean losses
-                    if self.holds_loss:
-                        micro_tokens = microbatches[0][1].numel()  # all are the same size
-                        total[0] += losses.double().sum() * micro_tokens
-                        total[1] += micro_tokens * len(losses)
+                for held_out, total in zip(self.sets, totals, strict=True):
+                    self._score(held_out.batches, total)
         finally:
             for part, mode in zip(self.parts, modes, strict=True):
                 part.train(mode)
@@ -180,13 +194,27 @@ class Evaluator:
                     if isinstance(module, FSDPModule):
                         module.reshard()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        loss_sum, tokens = total.tolist()
-        if round(tokens) != self.batches.tokens:
-            raise RuntimeError(f"evaluated {tokens} tokens, expected {self.batches.tokens}")
-        evaluation = Evaluation(step, loss_sum / tokens, self.batches.tokens,
-                                time.perf_counter() - start)  # fmt: skip
+            dist.all_reduce(totals)
+        losses = {}
+        for held_out, (loss_sum, tokens) in zip(self.sets, totals.tolist(), strict=True):
+            if round(tokens) != held_out.batches.tokens:
+                raise RuntimeError(f"evaluated {tokens} tokens, expected {held_out.batches.tokens}")
+            losses[held_out.name] = loss_sum / tokens
+        weight = sum(held_out.share for held_out in self.sets)
+        loss = sum(held_out.share * losses[held_out.name] for held_out in self.sets) / weight
+        n_tokens = sum(held_out.batches.tokens for held_out in self.sets)
+        named = {name: value for name, value in losses.items() if name is not None}
+        evaluation = Evaluation(step, loss, n_tokens, time.perf_counter() - start, named)
         self.last = evaluation
         if self.report is not None:
             self.report(evaluation)
         return evaluation
+
+    def _score(self, batches: HeldOutBatches, total: torch.Tensor) -> None:
+        """Add this rank's (loss sum, tokens) over ``batches`` into ``total``."""
+        for microbatches in batches:
+            losses = self.forward(microbatches)  # (micro-batches,) mean losses
+            if self.holds_loss:
+                micro_tokens = microbatches[0][1].numel()  # all are the same size
+                total[0] += losses.double().sum() * micro_tokens
+                total[1] += micro_tokens * len(losses)

@@ -26,7 +26,7 @@ import torch
 from opt import dist
 from opt.checkpoint.manager import CheckpointManager, step_of
 from opt.config import SupervisorConfig
-from opt.data.sampler import BatchLoader
+from opt.data.loader import BatchLoader
 from opt.faults import maybe_inject_fault
 from opt.run.control import ControlFiles
 from opt.run.logbook.events import (

@@ -4,7 +4,9 @@
 value at full precision (JSON floats round-trip exactly): the record to compare runs by,
 or to plot without TensorBoard. A resumed run appends to it, so a step trained twice (after
 a crash) appears twice; the later line is the one the run kept. Each validation is a line
-of its own, ``{"step", "val_loss", "val_ppl", "val_tokens", "val_seconds"}`` (no ``loss``).
+of its own, ``{"step", "val_loss", "val_ppl", "val_tokens", "val_seconds"}`` (no ``loss``),
+with ``"val_sources"`` ({source: loss}) for a mixture; a logged step of a mixture carries
+``"epochs"`` ({source: epochs drawn so far}).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 from opt.run.logbook.events import DownstreamEval
-from opt.train.evaluate import Evaluation
+from opt.train.evaluate import Evaluation, perplexity
 
 
 class MetricsLogger:
@@ -49,8 +51,12 @@ class MetricsLogger:
     def resume(self) -> None:
         self.mark = time.perf_counter()
 
-    def log(self, step: int, tokens: int, values: dict[str, float]) -> dict[str, float]:
-        """Record ``tokens`` processed since the last call; emit the interval's rates."""
+    def log(
+        self, step: int, tokens: int, values: dict[str, float],
+        epochs: dict[str, float] | None = None,
+    ) -> dict[str, float]:  # fmt: skip
+        """Record ``tokens`` processed since the last call; emit the interval's rates, and
+        each data source's epochs so far (TensorBoard ``data/epochs/<source>``)."""
         self.pause()
         self.tokens += tokens
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -59,11 +65,14 @@ class MetricsLogger:
             values["mfu"] = rate * self.flops_per_token / self.peak_flops
         print(format_line(step, values), flush=True)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            extra = {"epochs": epochs} if epochs else {}
+            self.jsonl.write(json.dumps({"step": step, **values, **extra}) + "\n")
             self.jsonl.flush()
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
+            for source, value in (epochs or {}).items():
+                self.writer.add_scalar(f"data/epochs/{source}", value, step)
             self.writer.flush()
         self._reset()
         return values
@@ -73,19 +82,25 @@ class MetricsLogger:
         valid/ppl). Its time is not training time: it is taken out of the throughput clock."""
         self.mark += evaluation.seconds
         step, loss, ppl = evaluation.step, evaluation.loss, evaluation.ppl
+        each = "".join(f" | {name} {value:.4f}" for name, value in evaluation.sources.items())
         print(
-            f"step {step:>7d} | val_loss {loss:.4f} | val_ppl {ppl:.2f} | "
+            f"step {step:>7d} | val_loss {loss:.4f} | val_ppl {ppl:.2f}{each} | "
             f"{evaluation.tokens:,} tokens in {evaluation.seconds:.2f} s",
             flush=True,
         )
         if self.jsonl is not None:
             record = {"step": step, "val_loss": loss, "val_ppl": ppl,
                       "val_tokens": evaluation.tokens, "val_seconds": evaluation.seconds}  # fmt: skip
+            if evaluation.sources:
+                record["val_sources"] = evaluation.sources
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         if self.writer is not None:
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/ppl", ppl, step)
+            for name, value in evaluation.sources.items():  # a mixture's sources
+                self.writer.add_scalar(f"valid/{name}/loss", value, step)
+                self.writer.add_scalar(f"valid/{name}/ppl", perplexity(value), step)
             self.writer.flush()
 
     def log_downstream(self, event: DownstreamEval) -> None:

@@ -23,6 +23,7 @@ from opt import dist
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.manager import CheckpointManager
 from opt.config import JobConfig
+from opt.data.blend import mixture_plan
 from opt.data.prefetch import PrefetchingLoader
 from opt.device import mfu_peak
 from opt.faults import maybe_inject_fault
@@ -468,6 +469,10 @@ class Trainer:
         metrics = self.metrics = self._metrics_logger() if lead else None
         if lead:
             print(self.validation_plan, flush=True)
+            if self.cfg.data.sources is not None and self.cfg.finetune.mixture is None:
+                print(mixture_plan(self.loader.stream, self.max_steps - self.step,
+                                   self.loader.samples_per_step(self.grad_accum)), flush=True)  # fmt: skip
+        self._epochs_done = self._data_epochs()
         if self.step == 0 and self.supervisor is not None and cfg.checkpoint.initial:
             self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
             self._beat()
@@ -494,12 +499,14 @@ class Trainer:
                     if anomalous:  # the step the run abandons, onto the report's curve
                         self._log_point(result, *before)
                     continue  # stopped, or rolled back: nothing of this step to log or save
+                self._note_epochs()
                 tokens_since_log += cfg.train.batch_tokens
                 last = self.step == self.max_steps
                 logged = self.step % cfg.metrics.log_every == 0 or last or anomalous
                 if logged:
                     if metrics is not None:
-                        metrics.log(self.step, tokens_since_log, _log_values(result))
+                        metrics.log(self.step, tokens_since_log, _log_values(result),
+                                    epochs=self.loader.source_epochs())  # fmt: skip
                     tokens_since_log = 0
                 saved = self.checkpoints.due(self.step, last)
                 if saved:
@@ -545,6 +552,25 @@ class Trainer:
         ended = self.stop or Stop(FINISHED, "finished: reached max_steps")
         self.recorder.stopped(ended, self.step, self.tokens_seen, self.max_steps)
         return results
+
+    def _data_epochs(self) -> dict[str, int]:
+        """Whole epochs each source of a mixture (``data.sources``) has been drawn; {}
+        without one."""
+        if self.cfg.data.sources is None or self.cfg.finetune.mixture is not None:
+            return {}
+        return {name: math.floor(e) for name, e in self.loader.source_epochs().items()}
+
+    def _note_epochs(self) -> None:
+        """Log every source drawn one more time over since the last step into the logbook
+        (a rollback lowers the counts; drawing past them again logs again)."""
+        done = self._data_epochs()
+        if not done:
+            return
+        sizes = {s.name: s.num_samples for s in self.loader.stream.sources}
+        for name, epochs in done.items():
+            if epochs > self._epochs_done.get(name, 0):
+                self.recorder.data_epoch(name, epochs, sizes[name], self.step, self.tokens_seen)
+        self._epochs_done = done
 
     def _act_on(self, result: StepResult) -> None:
         """Carry out the supervisor's decision for the step just taken."""

@@ -12,6 +12,7 @@ from opt.run.logbook.events import (
     AllocationEnd,
     AllocationStart,
     CheckpointSkipped,
+    DataEpoch,
     DownstreamEval,
     Event,
     GaveUp,
@@ -201,6 +202,12 @@ def _(e: DownstreamEval) -> str:
         for name, t in e.tasks.items()
     )
     return f"downstream accuracy ({e.split}, {e.shots}-shot, median over prompts): {tasks}"
+
+
+@describe.register
+def _(e: DataEpoch) -> str:
+    passes = "once" if e.epochs == 1 else f"{e.epochs} times"
+    return f"data source {e.source!r}: all {e.samples:,} of its samples drawn {passes} over"
 
 
 @describe.register

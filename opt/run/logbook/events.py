@@ -133,6 +133,17 @@ class DownstreamEval(Event):
     seconds: float
 
 
+class DataEpoch(Event):
+    """A source of the training mixture (``data.sources``) has been drawn ``epochs`` times
+    over, as of ``step``: its draws reached ``epochs`` times its samples (a skipped draw
+    counts: its sample is used up unread). After a rollback the same epoch may end again."""
+
+    kind: Literal["data_epoch"] = "data_epoch"
+    source: str
+    epochs: int
+    samples: int
+
+
 # ----- the supervisor --------------------------------------------------------------------
 class Intervention(Event):
     """An automatic intervention. The rollback fields are set when the action rolled back;
@@ -297,6 +308,6 @@ AnyEvent = Annotated[
     RunStart | ConfigChange | RunStop | CheckpointSkipped | Intervention | ManualIntervention
     | StopForHuman | Outcome | InterventionCompletedAfterRestart | Note | JobSubmitted
     | AllocationStart | AllocationEnd | Requeue | NodeExcluded | GaveUp | StragglerDetected
-    | DownstreamEval,
+    | DownstreamEval | DataEpoch,
     Field(discriminator="kind"),
 ]  # fmt: skip
