@@ -50,8 +50,10 @@ from report import aligned_table, command_line, machine_info, write_section
 
 from opt.data.corpus import iter_documents
 from opt.data.dedup import (
-    PARALLEL_MIN_BYTES,
     DedupSettings,
+)
+from opt.data.minhash import (
+    PARALLEL_MIN_BYTES,
     NearIndex,
     SignatureMaker,
     shingle_hash32,

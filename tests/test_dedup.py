@@ -19,11 +19,13 @@ from opt.data.dedup import (
     REPORT_JSON,
     REPORT_MD,
     DedupSettings,
+    dedup_sources,
+    parse_sources,
+)
+from opt.data.minhash import (
     NearIndex,
     SignatureMaker,
     _Sketch,
-    dedup_sources,
-    parse_sources,
     shingle_hash32,
     shingles_of,
 )
@@ -292,3 +294,22 @@ def test_a_failing_run_publishes_nothing(corpus: dict, tmp_path: Path) -> None:
         result = run_cli("data", "dedup", *bad, "--out", str(fresh))
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, bad
     assert not fresh.exists()
+
+
+def test_bad_records_are_skipped_counted_and_limited(tmp_path: Path) -> None:
+    good = ["alpha beta gamma delta epsilon zeta", "one two three four five six seven"]
+    src = tmp_path / "src.jsonl"
+    src.write_text(
+        json.dumps({"text": good[0]}) + "\n{not json\n" + json.dumps({"text": good[1]}) + "\n"
+    )
+    out = tmp_path / "out"
+    result = run_cli("data", "dedup", f"web={src}", "--out", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{src}:2" in result.stderr and "skipped 1 bad record" in result.stdout
+    assert texts_of(out / "web.jsonl.zst") == good
+    report = json.loads((out / REPORT_JSON).read_text())
+    assert report["bad_records"]["count"] == 1 and f"{src}:2" in report["bad_records"]["first"][0]
+    strict = tmp_path / "strict"
+    result = run_cli("data", "dedup", f"web={src}", "--out", str(strict), "--max-bad-records", "0")
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not strict.exists()

@@ -1,4 +1,5 @@
-"""The ``opt data`` commands: train a tokenizer, and tokenize a corpus into a dataset."""
+"""The ``opt data`` commands: train a tokenizer, deduplicate sources, and tokenize a corpus into a
+dataset (in one process, or in shards over local processes or a Slurm array)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command group to the main CLI's subparsers."""
     data = subparsers.add_parser(
         "data",
-        help="prepare training data: tokenizers and tokenized datasets",
-        description="Train a tokenizer, or tokenize text into a memory-mapped dataset.",
+        help="prepare training data: tokenizers, deduplication and tokenized datasets",
+        description="Train a tokenizer, deduplicate sources, or tokenize text into a memory-mapped dataset.",
     )
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_prepare(commands)
@@ -229,6 +230,7 @@ def _add_dedup(commands: argparse._SubParsersAction) -> None:
         help="processes computing signatures (default: every usable core, or 1 for inputs "
         "under 32 MB); the output does not depend on it",
     )
+    p.add_argument("--max-bad-records", type=_limit, metavar="N", help=_MAX_BAD_HELP)
     p.set_defaults(func=_dedup)
 
 
@@ -236,8 +238,12 @@ def _dedup(args: argparse.Namespace) -> int:
     from opt.data.dedup import REPORT_JSON, REPORT_MD, DedupSettings, dedup_sources, parse_sources
 
     settings = DedupSettings(args.threshold, args.num_perm, args.ngram, args.seed, args.text_key)
-    report = dedup_sources(parse_sources(args.sources), args.out, settings, workers=args.workers)
+    bad = BadRecords(args.max_bad_records)
+    report = dedup_sources(parse_sources(args.sources), args.out, settings, workers=args.workers,
+                           bad=bad)  # fmt: skip
     print(report.markdown(), end="")
+    if bad.count:
+        print(bad.summary())
     total = report.total()
     print(
         f"kept {total.kept:,} of {total.documents:,} documents in "
