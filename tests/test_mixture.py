@@ -284,3 +284,26 @@ def test_a_mixture_resumes_exactly_across_a_rollback_that_skips_data(
     for name, weight in WEIGHTS.items():
         samples = TokenDataset(three_sources[name]).num_samples(32)
         assert abs(last["epochs"][name] * samples - 192 * weight) < 1, name
+
+
+def test_token_counts_set_the_shares_and_are_compared_with_the_run(
+    three_sources: dict[str, Path],
+) -> None:
+    from opt.job import check_job
+    from opt.train.data_setup import build_loader, mixture_lines
+
+    counts = {"prose": 2560, "reference": 1536, "code": 1024}  # 5:3:2, 5120 tokens in all
+    cfg = load_config(None, values={
+        **TINY_OVERRIDES, "train.max_steps": 20,
+        "data.sources": [{"path": str(three_sources[n]), "name": n, "tokens": t}
+                         for n, t in counts.items()],
+    })  # fmt: skip
+    job = check_job(cfg, 1)
+    loader, _ = build_loader(cfg, job.model_args)
+    assert loader.stream.shares == [0.5, 0.3, 0.2]
+    (line,) = mixture_lines(cfg, loader, 0, 20, job.grad_accum)  # 20 steps x 256 = 5120
+    assert line.startswith("data: 3 sources by share of the samples: prose 50.00%")
+    longer = mixture_lines(cfg, loader, 0, 40, job.grad_accum)
+    assert longer[1].endswith(
+        "each source gives 2x the tokens it names (the counts set the shares)"
+    )

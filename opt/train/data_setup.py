@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opt.config import DataSource, JobConfig
-from opt.data.blend import BlendedStream, BlendSource
+from opt.data.blend import BlendedStream, BlendSource, mixture_plan
 from opt.data.dataset import DatasetPaths, TokenDataset, valid_prefix
 from opt.data.loader import BatchLoader
 from opt.data.prepare import ensure_builtin_dataset
@@ -122,6 +122,24 @@ def build_blend_loader(
     loader = BatchLoader(datasets, stream, cfg.data.seq_len, cfg.train.micro_batch_size,
                          dp_rank, dp_size)  # fmt: skip
     return loader, Path(sources[0].path)
+
+
+def mixture_lines(
+    cfg: JobConfig, loader: BatchLoader, step: int, max_steps: int, grad_accum: int
+) -> list[str]:
+    """What a mixture's run says first: each source's share, size and epochs by the last
+    step; and, where the sources name token counts, how they compare with the run's."""
+    lines = [mixture_plan(loader.stream, max_steps - step, loader.samples_per_step(grad_accum))]
+    sources = cfg.data.sources
+    if sources[0].tokens is not None:
+        wanted, trained = sum(s.tokens for s in sources), max_steps * cfg.train.batch_tokens
+        if wanted != trained:
+            lines.append(
+                f"data: the sources' token counts add up to {wanted:,}, and the run trains "
+                f"{trained:,} tokens: each source gives {trained / wanted:.3g}x the tokens it "
+                "names (the counts set the shares)"
+            )
+    return lines
 
 
 def share(source: DataSource) -> float:

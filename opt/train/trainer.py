@@ -23,7 +23,6 @@ from opt import dist
 from opt.checkpoint.checkpointer import checkpoint_path
 from opt.checkpoint.manager import CheckpointManager
 from opt.config import JobConfig
-from opt.data.blend import mixture_plan
 from opt.data.prefetch import PrefetchingLoader
 from opt.device import mfu_peak
 from opt.faults import maybe_inject_fault
@@ -49,7 +48,7 @@ from opt.supervisor.supervisor import Decision, Supervisor
 from opt.train import build
 from opt.train.activation_watch import LastLayerWatch
 from opt.train.agreement import Shares, agree
-from opt.train.data_setup import resolve_tokenizer_file
+from opt.train.data_setup import mixture_lines, resolve_tokenizer_file
 from opt.train.downstream import DownstreamEvaluator, plan_downstream
 from opt.train.evaluate import Evaluation, Evaluator, MicroBatches
 from opt.train.interventions import Interventions
@@ -470,8 +469,9 @@ class Trainer:
         if lead:
             print(self.validation_plan, flush=True)
             if self.cfg.data.sources is not None and self.cfg.finetune.mixture is None:
-                print(mixture_plan(self.loader.stream, self.max_steps - self.step,
-                                   self.loader.samples_per_step(self.grad_accum)), flush=True)  # fmt: skip
+                for line in mixture_lines(self.cfg, self.loader, self.step, self.max_steps,
+                                          self.grad_accum):  # fmt: skip
+                    print(line, flush=True)
         self._epochs_done = self._data_epochs()
         if self.step == 0 and self.supervisor is not None and cfg.checkpoint.initial:
             self.checkpoints.save(0)  # somewhere to roll back to from a blow-up in warmup
