@@ -211,15 +211,15 @@ def _run_local(args: argparse.Namespace, missing: list[int]) -> None:
 # ----- Slurm -------------------------------------------------------------------------------
 @dataclass
 class ShardTask:
-    """What submitit runs in each array task (and in the merge job): one ``opt`` command in
-    this Python process, so submitit's signal handler requeues it on preemption."""
+    """What submitit runs in each array task (and in the merge job): one ``opt`` command, in
+    a child process (``python -m opt``: this driver does not import the CLI above it). The
+    signal of a preemption or a time limit reaches submitit's handler here, which requeues
+    the task; the child ends with the job, and the requeued task redoes the shard."""
 
     argv: list[str]
 
     def __call__(self, mode: tuple[str, ...] = ()) -> int:
-        from opt.cli import main
-
-        code = main([*self.argv, *mode])
+        code = subprocess.run([sys.executable, "-m", "opt", *self.argv, *mode]).returncode
         if code:
             sys.exit(code)  # a failed task in Slurm's view
         return code
