@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, run_cli
+from slurm_cluster import CPUS_PER_NODE
 
 from opt.data.corpus import builtin_documents
 from opt.data.prepare import save_tokenizer
@@ -328,7 +329,7 @@ def test_a_slurm_job_array_prepares_the_same_bytes_and_a_failed_task_is_redone_a
 
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
-def test_a_preempted_slurm_shard_task_is_requeued_and_the_merge_waits_for_it(
+def test_a_really_preempted_slurm_shard_task_and_the_merge_waits_for_it(
     slurm_cluster, tmp_path, tokenizer_dir
 ) -> None:
     write_corpus(tmp_path, big_mb=12)
@@ -351,7 +352,57 @@ def test_a_preempted_slurm_shard_task_is_requeued_and_the_merge_waits_for_it(
     while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
         assert time.monotonic() < deadline, "shard 3 never started writing"
         time.sleep(0.01)
-    # What Slurm sends before preempting a job (or at its time limit), to its tasks.
+    # A real preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE): a job in
+    # the higher-tier partition needs every CPU of the node shard 3 runs on. Slurm sends the
+    # task its --signal (USR2, submitit's) and requeues it.
+    node = subprocess.run(["squeue", "-h", "-j", f"{array}_3", "-o", "%N"], env=slurm_cluster.env,
+                          capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    assert node, "shard 3's task is not running"
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "-p", "urgent", "-N", "1", "-w", node, "-n", str(CPUS_PER_NODE),
+         "-t", "2", "-o", "/dev/null", "--wrap", "sleep 5"],
+        env=slurm_cluster.env, capture_output=True, text=True, timeout=30,
+    ).stdout.strip()  # fmt: skip
+    assert urgent.isdigit(), urgent
+    wait_for_job(slurm_cluster, merge, timeout=300)
+    log = (shards_dir(prefix) / "slurm" / f"{array}_3" / f"{array}_3_0_log.out").read_text()
+    # The preemption reached the running task. Within the partition's grace time (30 s) a
+    # shard this small finishes; a longer one is killed at its end, requeued by Slurm and
+    # redone from its start (the signal test below takes that path).
+    assert "CANCELLED AT" in log and "Bypassing signal SIGTERM" in log, log
+    attempts = log.count("Starting with JobEnvironment")
+    assert attempts == 1 or attempts == 2, log
+    assert "prepared shard 3 of 6" in log
+    assert "merged 6 shards" in merge_log(tmp_path, merge)
+    assert files_of(prefix) == renamed(expected)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_a_shard_task_signalled_as_before_a_time_limit_is_requeued_and_redone(
+    slurm_cluster, tmp_path, tokenizer_dir
+) -> None:
+    write_corpus(tmp_path, big_mb=12)
+    ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds", "--shards", "6",
+               "--launch", "local", *SPLIT, cwd=tmp_path))  # fmt: skip
+    expected = files_of(tmp_path / "one" / "ds")
+    result = subprocess.run(
+        [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
+         str(tokenizer_dir), "--out", "sh/ds", *SPLIT, "--shards", "6", "--launch", "slurm",
+         "--time", "10", "--cpus-per-task", "1"],
+        cwd=tmp_path, env={**slurm_cluster.env, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    array = re.search(r"submitted job array (\d+)", result.stdout).group(1)
+    merge = re.search(r"submitted merge job (\d+)", result.stdout).group(1)
+    prefix = tmp_path / "sh" / "ds"
+    name = shard_prefix(prefix, 3, 6).name  # the big file's shard
+    deadline = time.monotonic() + 120
+    while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
+        assert time.monotonic() < deadline, "shard 3 never started writing"
+        time.sleep(0.01)
+    # What Slurm sends a job before its time limit (submitit's --signal=USR2@90), sent by hand.
     subprocess.run(["scancel", "--signal=USR2", f"{array}_3"], env=slurm_cluster.env,
                    check=True, timeout=30)  # fmt: skip
     wait_for_job(slurm_cluster, merge, timeout=300)

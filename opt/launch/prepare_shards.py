@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -212,14 +213,29 @@ def _run_local(args: argparse.Namespace, missing: list[int]) -> None:
 @dataclass
 class ShardTask:
     """What submitit runs in each array task (and in the merge job): one ``opt`` command, in
-    a child process (``python -m opt``: this driver does not import the CLI above it). The
-    signal of a preemption or a time limit reaches submitit's handler here, which requeues
-    the task; the child ends with the job, and the requeued task redoes the shard."""
+    a child process (``python -m opt``: this driver does not import the CLI above it).
+
+    The child ignores SIGTERM and SIGUSR2 (an ignored disposition survives exec), so that
+    Slurm's signals are handled here, by submitit: a preemption's SIGTERM must not end the
+    task as failed before Slurm requeues it (the grace time ends in SIGKILL and the requeue),
+    and the USR2 of a time limit or a preemption makes submitit requeue the task. A
+    requeued task prepares its shard again from the start."""
 
     argv: list[str]
 
     def __call__(self, mode: tuple[str, ...] = ()) -> int:
-        code = subprocess.run([sys.executable, "-m", "opt", *self.argv, *mode]).returncode
+        ignored = (signal.SIGTERM, signal.SIGUSR2)
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "opt", *self.argv, *mode])
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:  # submitit's handler is requeueing this task
+                child.kill()
         if code:
             sys.exit(code)  # a failed task in Slurm's view
         return code
