@@ -120,7 +120,8 @@ class DataSource(Section):
     """Prefix of its token files, written by `opt data prepare`; its held-out set, if it
     has one, is <path>-valid."""
     name: str | None = None
-    """Its name in metrics, logs and the logbook; not set: the prefix's last part."""
+    """Its name in metrics, logs and the logbook; not set: the prefix's last part, or, for
+    a prefix ending in /train (`opt data prepare --out DIR/train`), DIR's name."""
     weight: float | None = Field(None, gt=0)
     """Its share of the samples, relative to the others' weights (0.3 and 0.7, or 3 and 7)."""
     tokens: int | None = Field(None, gt=0)
@@ -129,7 +130,10 @@ class DataSource(Section):
 
     @property
     def label(self) -> str:
-        return self.name if self.name is not None else Path(self.path).name
+        if self.name is not None:
+            return self.name
+        path = Path(self.path)
+        return path.parent.name if path.name == "train" and path.parent.name else path.name
 
     @model_validator(mode="after")
     def _one_share(self) -> DataSource:

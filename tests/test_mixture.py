@@ -127,7 +127,10 @@ def test_config_refuses_mixed_or_ambiguous_sources() -> None:
     with pytest.raises(OptError, match="every one tokens"):
         sources({"path": "x/a", "weight": 1.0}, {"path": "y/b", "tokens": 10})
     with pytest.raises(OptError, match="distinct names"):
-        sources({"path": "x/train", "weight": 1.0}, {"path": "y/train", "weight": 1.0})
+        sources({"path": "x/a", "weight": 1.0}, {"path": "y/a", "weight": 1.0})
+    named = load_config(None, values={"data.sources": [
+        {"path": "data/cc/train", "weight": 1.0}, {"path": "data/books", "weight": 1.0}]})  # fmt: skip
+    assert [s.label for s in named.data.sources] == ["cc", "books"]
     with pytest.raises(OptError, match=r"replaces data\.path"):
         load_config(None, values={"data.path": "p", "data.sources": [{"path": "a", "weight": 1}]})
 
