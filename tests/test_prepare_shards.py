@@ -327,11 +327,9 @@ def test_a_slurm_job_array_prepares_the_same_bytes_and_a_failed_task_is_redone_a
     assert files_of(prefix) == renamed(expected)
 
 
-@pytest.mark.slurm
-@pytest.mark.timeout(600)
-def test_a_really_preempted_slurm_shard_task_and_the_merge_waits_for_it(
-    slurm_cluster, tmp_path, tokenizer_dir
-) -> None:
+def six_shards_on_slurm(slurm_cluster, tmp_path: Path, tokenizer_dir: Path):
+    """A 6-shard preparation submitted to Slurm, returned once shard 3 (the big file's) is
+    writing: (the one-process files to expect, the array's id, the merge's id, the prefix)."""
     write_corpus(tmp_path, big_mb=12)
     ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds", "--shards", "6",
                "--launch", "local", *SPLIT, cwd=tmp_path))  # fmt: skip
@@ -352,9 +350,19 @@ def test_a_really_preempted_slurm_shard_task_and_the_merge_waits_for_it(
     while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
         assert time.monotonic() < deadline, "shard 3 never started writing"
         time.sleep(0.01)
+    return expected, array, merge, prefix
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_a_really_preempted_slurm_shard_task_and_the_merge_waits_for_it(
+    slurm_cluster, tmp_path, tokenizer_dir
+) -> None:
+    expected, array, merge, prefix = six_shards_on_slurm(slurm_cluster, tmp_path, tokenizer_dir)
     # A real preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE): a job in
-    # the higher-tier partition needs every CPU of the node shard 3 runs on. Slurm sends the
-    # task its --signal (USR2, submitit's) and requeues it.
+    # the higher-tier partition needs every CPU of the node shard 3 runs on. Slurm cancels
+    # the task's step (SIGTERM, which submitit and the opt child ignore) and, if it has not
+    # ended by the end of the grace time, kills and requeues it.
     node = subprocess.run(["squeue", "-h", "-j", f"{array}_3", "-o", "%N"], env=slurm_cluster.env,
                           capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
     assert node, "shard 3's task is not running"
@@ -382,26 +390,7 @@ def test_a_really_preempted_slurm_shard_task_and_the_merge_waits_for_it(
 def test_a_shard_task_signalled_as_before_a_time_limit_is_requeued_and_redone(
     slurm_cluster, tmp_path, tokenizer_dir
 ) -> None:
-    write_corpus(tmp_path, big_mb=12)
-    ok(prepare("corpus", "--tokenizer", str(tokenizer_dir), "--out", "one/ds", "--shards", "6",
-               "--launch", "local", *SPLIT, cwd=tmp_path))  # fmt: skip
-    expected = files_of(tmp_path / "one" / "ds")
-    result = subprocess.run(
-        [sys.executable, "-m", "opt", "data", "prepare", "corpus", "--tokenizer",
-         str(tokenizer_dir), "--out", "sh/ds", *SPLIT, "--shards", "6", "--launch", "slurm",
-         "--time", "10", "--cpus-per-task", "1"],
-        cwd=tmp_path, env={**slurm_cluster.env, "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    array = re.search(r"submitted job array (\d+)", result.stdout).group(1)
-    merge = re.search(r"submitted merge job (\d+)", result.stdout).group(1)
-    prefix = tmp_path / "sh" / "ds"
-    name = shard_prefix(prefix, 3, 6).name  # the big file's shard
-    deadline = time.monotonic() + 120
-    while not list(shards_dir(prefix).glob(f".{name}.bin.*.tmp")):
-        assert time.monotonic() < deadline, "shard 3 never started writing"
-        time.sleep(0.01)
+    expected, array, merge, prefix = six_shards_on_slurm(slurm_cluster, tmp_path, tokenizer_dir)
     # What Slurm sends a job before its time limit (submitit's --signal=USR2@90), sent by hand.
     subprocess.run(["scancel", "--signal=USR2", f"{array}_3"], env=slurm_cluster.env,
                    check=True, timeout=30)  # fmt: skip
