@@ -398,8 +398,12 @@ def test_a_shard_task_signalled_as_before_a_time_limit_is_requeued_and_redone(
     log = (shards_dir(prefix) / "slurm" / f"{array}_3" / f"{array}_3_0_log.out").read_text()
     # submitit may take the signal for the time limit's (then it counts it against the
     # timeouts it requeues): either way the shard is requeued, and redone from its start.
-    assert "Caught signal SIGUSR2" in log and f"Requeued job {array}_3" in log, log
-    assert log.count("Starting with JobEnvironment") == 2, log
+    # Every start but the last was requeued. In one CI run the requeued start caught USR2
+    # again 0.2 s in (scancel itself returns at once, without retrying), and was requeued
+    # once more: there can be more than two starts, each ending the same way.
+    starts = log.count("Starting with JobEnvironment")
+    assert starts >= 2 and log.count(f"Requeued job {array}_3") == starts - 1, log
+    assert "Caught signal SIGUSR2" in log
     assert "prepared shard 3 of 6" in log
     assert "merged 6 shards" in merge_log(tmp_path, merge)
     assert files_of(prefix) == renamed(expected)
